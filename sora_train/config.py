@@ -1,0 +1,248 @@
+"""The typed source of truth for a run.
+
+Hydra composes `configs/train.yaml` with its groups over the `TrainConfig` schema
+registered here; `to_train_config` turns the result into dataclasses and `validate`
+rejects bad combinations with one clear line, before any process group exists.
+Nothing downstream sees a raw DictConfig.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported to the user as one line."""
+
+
+@dataclass
+class ModelConfig:
+    """DiT shape, latent space and text encoder. Presets live in configs/model/*.yaml."""
+
+    preset: str = MISSING
+    hidden_size: int = MISSING
+    depth: int = MISSING
+    num_heads: int = MISSING
+    mlp_ratio: float = 4.0
+    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])  # (pt, ph, pw)
+    qk_norm: bool = True
+    rope_theta: float = 10000.0
+    latent_space: str = "pixel"
+    text_vocab_size: int = 4096
+    text_max_length: int = 16
+    text_dim: int = 128
+    text_depth: int = 2
+    text_heads: int = 4
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how clips are cut from them."""
+
+    name: str = "synthetic"
+    train: str = MISSING  # a shard directory (with manifest.json or *.tar), a .tar file, or a brace pattern
+    val: str | None = None
+    generate_if_missing: bool = False  # synthetic corpus only: write it when `train` does not exist
+    num_frames: int = 8
+    frame_stride: int = 2
+    fps: float = 8.0  # source frame rate; clips play back at fps / frame_stride
+    height: int = 32
+    width: int = 32
+    num_workers: int = 1
+    shuffle_buffer: int = 256
+    caption_dropout: float = 0.1
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to `min_lr_ratio · lr`."""
+
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    eps: float = 1e-8
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class DiffusionConfig:
+    """Rectified flow with logit-normal timesteps; Euler sampling with classifier-free guidance."""
+
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    sample_steps: int = 25
+    cfg_scale: float = 4.0
+
+
+@dataclass
+class TrainLoopConfig:
+    """The loop: length, batch, precision, logging and sampling cadence."""
+
+    max_steps: int = 100
+    global_batch_size: int = 8  # samples per optimizer step over all data-parallel ranks
+    grad_accum_steps: int = 1
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto: bf16 on a GPU that supports it, fp32 otherwise; or fp32 / bf16
+    activation_checkpointing: bool = False
+    ema_decay: float = 0.999
+    log_every: int = 10  # console lines; metrics.jsonl gets every step
+    sample_every: int = 0  # 0: only at the end
+    sample_prompts: list[str] = field(
+        default_factory=lambda: [
+            "a red square moving right on a black background",
+            "a blue circle moving up on a black background",
+        ]
+    )
+    threads_per_rank: int = 0  # torch intra-op threads per process on CPU; 0: cores / local processes
+
+
+@dataclass
+class CheckpointConfig:
+    """How often to save; checkpoints go to RUN_DIR/checkpoints/step_XXXXXXX."""
+
+    every: int = 100
+    save_final: bool = True
+
+
+@dataclass
+class ParallelConfig:
+    """Data-parallel sharding with DeepSpeed ZeRO."""
+
+    zero_stage: int = 2
+
+
+@dataclass
+class LaunchConfig:
+    """How many local processes `sora-train` starts when it is not already under torchrun."""
+
+    nproc_per_node: int = 1
+
+
+@dataclass
+class WandbConfig:
+    """Experiment tracking on rank 0. auto: online when a key is configured, offline otherwise."""
+
+    mode: str = "auto"  # auto | online | offline | disabled
+    project: str = "sora_train"
+    entity: str | None = None
+
+
+@dataclass
+class EvalConfig:
+    """The synthetic task's prompt-following evaluation, run at the end of training."""
+
+    synthetic: bool = False
+    num_prompts: int = 48
+    batch_size: int = 16
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run_dir: str = MISSING
+    resume: str = "auto"  # auto | never | PATH to a checkpoint directory
+    seed: int = 0
+
+
+def register_schema() -> None:
+    """Register `TrainConfig` as the schema that configs/train.yaml extends."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def config_dir() -> Path:
+    """The recipes: inside the installed package, or the repository's top-level configs/."""
+    packaged = Path(__file__).resolve().parent / "configs"
+    if (packaged / "train.yaml").exists():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def to_train_config(cfg: DictConfig) -> TrainConfig:
+    """Resolve a composed DictConfig into a `TrainConfig` (interpolations resolved, types checked)."""
+    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg))
+
+
+def expected_world_size(cfg: TrainConfig) -> int:
+    """World size this run will have: torchrun's WORLD_SIZE, or the processes `sora-train` will start."""
+    return int(os.environ.get("WORLD_SIZE", cfg.launch.nproc_per_node))
+
+
+def micro_batch_size(cfg: TrainConfig, world_size: int) -> int:
+    """Samples per rank per forward pass."""
+    return cfg.train.global_batch_size // (world_size * cfg.train.grad_accum_steps)
+
+
+def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
+    """Reject a bad configuration with one clear line (raises ConfigError)."""
+    world_size = world_size or expected_world_size(cfg)
+    model, data, train = cfg.model, cfg.data, cfg.train
+    if len(model.patch_size) != 3 or min(model.patch_size) < 1:
+        raise ConfigError(f"model.patch_size must be three positive ints (pt, ph, pw), got {model.patch_size}")
+    for name, side, patch in zip(
+        ("data.num_frames", "data.height", "data.width"),
+        (data.num_frames, data.height, data.width),
+        model.patch_size,
+        strict=True,
+    ):
+        if side % patch:
+            raise ConfigError(f"{name}={side} is not divisible by the patch size {patch} (model.patch_size)")
+    if model.hidden_size % model.num_heads:
+        raise ConfigError(f"model.hidden_size={model.hidden_size} is not divisible by model.num_heads={model.num_heads}")
+    if (model.hidden_size // model.num_heads) % 2:
+        raise ConfigError("model head dim (hidden_size / num_heads) must be even for RoPE")
+    if model.text_dim % model.text_heads:
+        raise ConfigError(f"model.text_dim={model.text_dim} is not divisible by model.text_heads={model.text_heads}")
+    if model.latent_space != "pixel":
+        raise ConfigError(f"model.latent_space={model.latent_space!r} is not available; use 'pixel'")
+    per_step = world_size * train.grad_accum_steps
+    if train.global_batch_size < per_step or train.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={train.global_batch_size} does not divide across {world_size} ranks "
+            f"× {train.grad_accum_steps} accumulation steps; use a multiple of {per_step}"
+        )
+    if train.max_steps < 1:
+        raise ConfigError(f"train.max_steps must be at least 1, got {train.max_steps}")
+    if train.precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {train.precision!r}")
+    if cfg.parallel.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage must be 1, 2 or 3, got {cfg.parallel.zero_stage}")
+    if cfg.wandb.mode not in ("auto", "online", "offline", "disabled"):
+        raise ConfigError(f"wandb.mode must be auto, online, offline or disabled, got {cfg.wandb.mode!r}")
+    if data.num_workers < 0 or data.frame_stride < 1 or data.num_frames < 1:
+        raise ConfigError("data.num_workers must be >= 0, data.frame_stride and data.num_frames >= 1")
+    if not 0.0 <= data.caption_dropout < 1.0:
+        raise ConfigError(f"data.caption_dropout must be in [0, 1), got {data.caption_dropout}")
+    if cfg.checkpoint.every < 0:
+        raise ConfigError(f"checkpoint.every must be >= 0 (0: no periodic checkpoints), got {cfg.checkpoint.every}")
+    if cfg.resume not in ("auto", "never") and not Path(cfg.resume).exists():
+        raise ConfigError(f"resume={cfg.resume}: no such checkpoint")
+    if not (data.generate_if_missing and data.name == "synthetic"):
+        for split in ("train", "val"):
+            path = getattr(data, split)
+            if path is not None and not _shard_source_exists(path):
+                raise ConfigError(f"data.{split}={path}: no such file or directory")
+
+
+def _shard_source_exists(source: str) -> bool:
+    """A shard source exists when its path (or, for a brace pattern, its directory) does."""
+    if "{" in source:
+        return Path(source.split("{", 1)[0]).parent.exists()
+    return Path(source).exists()

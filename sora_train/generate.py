@@ -1,0 +1,47 @@
+"""Prompts in, video frames out: tokenize, integrate the flow with CFG, decode to uint8."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from einops import rearrange
+
+from .config import DiffusionConfig, ModelConfig
+from .diffusion.sampler import euler_sample
+from .models.denoiser import VideoDenoiser, build_tokenizer
+from .models.vae import build_latent_space
+
+
+@torch.no_grad()
+def generate_videos(
+    model: VideoDenoiser,
+    model_cfg: ModelConfig,
+    prompts: list[str],
+    shape: tuple[int, int, int],
+    diffusion: DiffusionConfig,
+    seed: int = 0,
+) -> np.ndarray:
+    """Sample one clip per prompt at (F, H, W) pixels: (B, F, H, W, 3) uint8 frames.
+
+    Noise comes from a generator seeded with `seed`, so the same seed gives the same clips.
+    The unconditional branch of classifier-free guidance uses the empty caption.
+    """
+    latent_space = build_latent_space(model_cfg.latent_space)
+    tokenizer = build_tokenizer(model_cfg)
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    ids, mask = (x.to(device) for x in tokenizer(prompts))
+    null_ids, null_mask = (x.to(device) for x in tokenizer([""] * len(prompts)))
+
+    def velocity(x: torch.Tensor, t: torch.Tensor, conditional: bool) -> torch.Tensor:
+        return model(x, t.to(dtype), ids if conditional else null_ids, mask if conditional else null_mask)
+
+    frames, height, width = shape
+    t_c, t_h, t_w = latent_space.compression
+    latent_shape = (len(prompts), latent_space.channels, frames // t_c, height // t_h, width // t_w)
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(latent_shape, generator=generator).to(device=device, dtype=dtype)
+    latents = euler_sample(velocity, noise, diffusion.sample_steps, diffusion.cfg_scale)
+    pixels = latent_space.decode(latents.float())  # (B, 3, F, H, W) in [-1, 1]
+    video = ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return rearrange(video, "b c f h w -> b f h w c").cpu().numpy()

@@ -1,0 +1,105 @@
+"""What a run reports: console lines, RUN_DIR/metrics.jsonl (every step), and wandb (rank 0 only)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from .config import TrainConfig
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def keys_hash(keys: list[str]) -> str:
+    """A short hash of a batch's sample keys in order, to compare two runs step by step."""
+    return hashlib.sha1("\n".join(keys).encode()).hexdigest()[:12]
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """All rows of a run's metrics.jsonl."""
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def wandb_mode(mode: str) -> str:
+    """auto -> online when an API key is configured, offline otherwise."""
+    if mode != "auto":
+        return mode
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+class MetricsLogger:
+    """Rank 0's reporter. On resume, metrics.jsonl keeps only the rows up to the resumed step."""
+
+    def __init__(self, cfg: TrainConfig, start_step: int, wandb_id: str | None):
+        self.path = Path(cfg.run_dir) / METRICS_FILE
+        self.log_every = cfg.train.log_every
+        self.max_steps = cfg.train.max_steps
+        self._truncate_after(start_step)
+        self.file = self.path.open("a")
+        self.started = time.monotonic()
+        self.start_step = start_step
+        self.wandb_run = None
+        self.wandb_id = wandb_id
+        mode = wandb_mode(cfg.wandb.mode)
+        if mode != "disabled":
+            import wandb
+
+            self.wandb_run = wandb.init(
+                project=cfg.wandb.project, entity=cfg.wandb.entity, dir=cfg.run_dir, id=wandb_id, resume="allow",
+                mode=mode, config=asdict(cfg), settings=wandb.Settings(console="off", x_disable_stats=True),
+            )  # fmt: skip
+            self.wandb_run.define_metric("train/step")
+            self.wandb_run.define_metric("*", step_metric="train/step")
+            self.wandb_id = self.wandb_run.id
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = [row for row in read_metrics(self.path.parent) if row.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+
+    def log(self, row: dict) -> None:
+        """Append a row (it must hold "step"); print a console line every `log_every` steps."""
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log({"train/step": row["step"], **{f"train/{k}": v for k, v in row.items() if k != "step"
+                                                               and isinstance(v, int | float)}})
+        step = row["step"]
+        if "loss" in row and (step % self.log_every == 0 or step == self.max_steps):
+            elapsed = time.monotonic() - self.started
+            eta = elapsed / max(1, step - self.start_step) * (self.max_steps - step)
+            print(
+                f"step {step}/{self.max_steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
+                f"grad {row['grad_norm']:.3f}  {row['samples_per_s']:.1f} samples/s  "
+                f"data wait {100 * row['data_wait']:.0f}%  eta {eta / 60:.1f} min",
+                flush=True,
+            )
+
+    def log_event(self, event: str, step: int, values: dict) -> None:
+        """A non-step row (evaluation, samples); printed and logged."""
+        self.file.write(json.dumps({"event": event, "step": step, **values}) + "\n")
+        self.file.flush()
+        print(f"[{event}] step {step}: " + "  ".join(f"{k}={v}" for k, v in values.items()), flush=True)
+        if self.wandb_run is not None:
+            numeric = {f"{event}/{k}": v for k, v in values.items() if isinstance(v, int | float)}
+            self.wandb_run.log({"train/step": step, **numeric})
+
+    def log_videos(self, step: int, paths: list[Path], captions: list[str]) -> None:
+        """Sample videos to wandb (files are already in the run dir)."""
+        if self.wandb_run is None:
+            return
+        import wandb
+
+        videos = [wandb.Video(str(p), caption=c, format="mp4") for p, c in zip(paths, captions, strict=True)]
+        self.wandb_run.log({"train/step": step, "samples": videos})
+
+    def close(self) -> None:
+        self.file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()

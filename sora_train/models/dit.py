@@ -1,0 +1,199 @@
+"""A diffusion transformer over spacetime patches, with cross-attention to text.
+
+Shape legend: B batch, C channels, F frames, H height, W width, L = f·h·w video tokens,
+T text tokens, D hidden size, N heads, K head dim, P = pt·ph·pw·C values per patch.
+
+Each block: adaLN-Zero-modulated self-attention (3D RoPE, QK RMSNorm) → cross-attention
+to the text tokens → adaLN-Zero-modulated MLP. The output layer is zero-initialised, so a
+fresh model predicts zero velocity. The module is plain torch: parallelism, activation
+checkpointing and compilation are applied from `sora_train.parallel`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .attention import attention
+from .patch import grid_size, patchify, unpatchify
+from .rope import apply_rope, grid_positions, rope_angles
+
+
+@dataclass(frozen=True)
+class DiTShape:
+    """The numbers that fix a DiT's parameter shapes."""
+
+    hidden_size: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float
+    patch_size: tuple[int, int, int]
+    in_channels: int
+    text_dim: int
+    qk_norm: bool = True
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: x (B, L, D) scaled and shifted per sample by (B, D) vectors."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> sinusoidal features -> MLP -> (B, D)."""
+
+    def __init__(self, hidden_size: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = 1000.0 * t.float()[:, None] * freqs[None]  # (B, freq_dim/2)
+        features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over video tokens with 3D RoPE and optional QK RMSNorm."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.RMSNorm(dim // num_heads) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(dim // num_heads) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+        q, k, v = rearrange(self.qkv(x), "b l (three n k) -> three b n l k", three=3, n=self.num_heads)
+        q, k = apply_rope(self.q_norm(q), angles), apply_rope(self.k_norm(k), angles)
+        out = attention(q, k, v)  # (B, N, L, K)
+        return self.proj(rearrange(out, "b n l k -> b l (n k)"))
+
+
+class CrossAttention(nn.Module):
+    """Video tokens (queries) attend to text tokens (keys/values), masked by the text mask."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.q_norm = nn.RMSNorm(dim // num_heads) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(dim // num_heads) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        q = rearrange(self.q(x), "b l (n k) -> b n l k", n=self.num_heads)
+        k, v = rearrange(self.kv(text), "b t (two n k) -> two b n t k", two=2, n=self.num_heads)
+        out = attention(self.q_norm(q), self.k_norm(k), v, key_mask=text_mask)  # (B, N, L, K)
+        return self.proj(rearrange(out, "b n l k -> b l (n k)"))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero self-attention, cross-attention, adaLN-Zero MLP."""
+
+    def __init__(self, shape: DiTShape):
+        super().__init__()
+        dim = shape.hidden_size
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.self_attn = SelfAttention(dim, shape.num_heads, shape.qk_norm)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.cross_attn = CrossAttention(dim, shape.num_heads, shape.qk_norm)
+        self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(dim * shape.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(
+        self, x: torch.Tensor, cond: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, angles: torch.Tensor
+    ) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond).chunk(6, dim=-1)  # six (B, D)
+        x = x + gate1[:, None] * self.self_attn(modulate(self.norm1(x), shift1, scale1), angles)
+        x = x + self.cross_attn(self.norm2(x), text, text_mask)
+        return x + gate2[:, None] * self.mlp(modulate(self.norm3(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated norm and a zero-initialised projection to patch values."""
+
+    def __init__(self, dim: int, patch_values: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, patch_values)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.modulation(cond).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """Predicts the flow-matching velocity of a (B, C, F, H, W) video given t and text tokens."""
+
+    def __init__(self, shape: DiTShape):
+        super().__init__()
+        if shape.hidden_size % shape.num_heads:
+            raise ValueError(f"hidden_size {shape.hidden_size} is not divisible by num_heads {shape.num_heads}")
+        self.shape = shape
+        patch_values = math.prod(shape.patch_size) * shape.in_channels
+        self.patch_embed = nn.Linear(patch_values, shape.hidden_size)
+        self.time_embed = TimestepEmbedder(shape.hidden_size)
+        self.text_proj = nn.Sequential(
+            nn.Linear(shape.text_dim, shape.hidden_size), nn.GELU(approximate="tanh"),
+            nn.Linear(shape.hidden_size, shape.hidden_size),
+        )  # fmt: skip
+        self.blocks = nn.ModuleList(DiTBlock(shape) for _ in range(shape.depth))
+        self.final = FinalLayer(shape.hidden_size, patch_values)
+        initialize_weights(self)
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """x (B, C, F, H, W), t (B,) in [0, 1], text (B, T, text_dim), text_mask (B, T) bool -> (B, C, F, H, W)."""
+        patch = self.shape.patch_size
+        grid = grid_size(tuple(x.shape[2:]), patch)
+        angles = rope_angles(grid_positions(grid, x.device), self.shape.head_dim, self.shape.rope_theta)
+        tokens = self.patch_embed(patchify(x, patch))  # (B, L, D)
+        cond = self.time_embed(t)  # (B, D)
+        text = self.text_proj(text)  # (B, T, D)
+        for block in self.blocks:
+            tokens = block(tokens, cond, text, text_mask, angles)
+        return unpatchify(self.final(tokens, cond), grid, patch)  # (B, C, F, H, W)
+
+
+def initialize_weights(model: DiT) -> None:
+    """All weight init in one place.
+
+    Linear layers: Xavier-uniform weights, zero biases. Zero-initialised (adaLN-Zero):
+    every block's modulation, the final modulation and the final projection, so each
+    block starts as the identity and the model's first prediction is zero.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+    nn.init.normal_(model.time_embed.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.time_embed.mlp[2].weight, std=0.02)
+    for block in model.blocks:
+        nn.init.zeros_(block.modulation[-1].weight)
+        nn.init.zeros_(block.modulation[-1].bias)
+    for layer in (model.final.modulation[-1], model.final.linear):
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters (works on the meta device)."""
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,75 @@
+"""The DeepSpeed engine for a run: its JSON config generated from `TrainConfig`, never hand-kept."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..config import TrainConfig, micro_batch_size
+
+
+def use_bf16(cfg: TrainConfig) -> bool:
+    """bf16 when asked for, or on `auto` when a CUDA device supports it; fp32 on CPU."""
+    if cfg.train.precision == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return cfg.train.precision == "bf16"
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+    """The DeepSpeed config dict for this run and world size."""
+    on_gpu = torch.cuda.is_available()
+    return {
+        "train_batch_size": cfg.train.global_batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size(cfg, world_size),
+        "gradient_accumulation_steps": cfg.train.grad_accum_steps,
+        "gradient_clipping": cfg.train.grad_clip,
+        "bf16": {"enabled": use_bf16(cfg)},
+        "zero_optimization": {
+            "stage": cfg.parallel.zero_stage,
+            "overlap_comm": on_gpu,
+            "contiguous_gradients": True,
+            "reduce_bucket_size": 50_000_000,
+            "allgather_bucket_size": 50_000_000,
+        },
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on norms, biases or 1-D parameters)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=torch.cuda.is_available()
+    )
+
+
+def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1, then cosine decay to `min_ratio` at `max_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_engine(model: nn.Module, cfg: TrainConfig, world_size: int):
+    """Wrap `model` in a DeepSpeed engine with AdamW and the warmup + cosine schedule."""
+    import deepspeed
+
+    optimizer = build_optimizer(model, cfg)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: warmup_cosine(step, cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio),
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(cfg, world_size)
+    )
+    return engine

@@ -1,0 +1,303 @@
+"""sora-train: build → one explicit loop → close.
+
+`sora-train [overrides]` composes configs/train.yaml with Hydra, validates it, and then
+either trains in this process, or (with launch.nproc_per_node > 1 outside torchrun) starts
+that many local processes with torchrun, all sharing one run dir computed here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+from safetensors.torch import load_file
+
+from .checkpoint import EMA_WEIGHTS, capture_rng, find_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from .config import ConfigError, TrainConfig, config_dir, micro_batch_size, register_schema, to_train_config, validate
+from .data.decode import ClipSpec
+from .data.loader import Batch, VideoLoader
+from .data.shards import ShardError, resolve_shards
+from .diffusion.flow import flow_loss, sample_timesteps
+from .ema import EMA
+from .generate import generate_videos
+from .metrics import MetricsLogger, keys_hash
+from .models.denoiser import VideoDenoiser, build_denoiser, build_tokenizer
+from .models.patch import grid_size
+from .models.text import HashTokenizer
+from .models.vae import PixelSpace, build_latent_space
+from .parallel.checkpointing import apply_activation_checkpointing
+from .parallel.dist import DistInfo, all_gather_objects, all_reduce_mean, barrier, init_distributed
+from .parallel.zero import build_engine, use_bf16
+from .pretrained import inference_config
+from .run_info import write_run_info
+from .video_io import write_mp4
+
+
+def drop_captions(captions: list[str], probability: float, generator: torch.Generator) -> list[str]:
+    """Replace each caption by the empty one with `probability` (for classifier-free guidance)."""
+    dropped = torch.rand(len(captions), generator=generator) < probability
+    return ["" if drop else caption for caption, drop in zip(captions, dropped.tolist(), strict=True)]
+
+
+def forward_backward(
+    engine, batch: Batch, tokenizer: HashTokenizer, latent_space: PixelSpace, generator: torch.Generator,
+    cfg: TrainConfig, dtype: torch.dtype,
+) -> float:  # fmt: skip
+    """One micro-batch: encode, noise at logit-normal t, flow-matching loss, backward. Returns the loss."""
+    device = engine.device
+    x0 = latent_space.encode(batch["x"].to(device=device, dtype=dtype))  # (B, C, F, H, W)
+    captions = drop_captions(batch["caption"], cfg.data.caption_dropout, generator)
+    ids, mask = (tensor.to(device) for tensor in tokenizer(captions))
+    t = sample_timesteps(len(captions), generator, cfg.diffusion.logit_mean, cfg.diffusion.logit_std)
+    noise = torch.randn(x0.shape, generator=generator)
+    loss = flow_loss(lambda x_t, t_: engine(x_t, t_, ids, mask), x0, noise.to(device, dtype), t.to(device, dtype))
+    engine.backward(loss)
+    return loss.item()
+
+
+def ensure_synthetic_corpus(cfg: TrainConfig) -> None:
+    """Write the synthetic corpus next to data.train when the recipe asks for it and it is missing."""
+    if not (cfg.data.generate_if_missing and cfg.data.name == "synthetic") or Path(cfg.data.train).exists():
+        return
+    from .data_prep.synthetic import generate_corpus
+
+    root = Path(cfg.data.train).parent
+    print(f"writing the synthetic corpus to {root}", flush=True)
+    generate_corpus(root, seed=cfg.seed)
+
+
+def ema_model(ema: EMA, cfg: TrainConfig, device: torch.device) -> VideoDenoiser:
+    """A plain model holding the EMA weights, for sampling and evaluation."""
+    model = build_denoiser(cfg.model)
+    model.load_state_dict(ema.state_dict())
+    return model.to(device).eval()
+
+
+def write_samples(model: VideoDenoiser, cfg: TrainConfig, step: int) -> list[Path]:
+    """Sample the configured prompts into RUN_DIR/samples/step_XXXXXXX/NN_prompt.mp4."""
+    info = inference_config(cfg)
+    prompts = cfg.train.sample_prompts
+    clips = generate_videos(model, cfg.model, prompts, info.clip_shape, cfg.diffusion, seed=cfg.seed)
+    out = Path(cfg.run_dir) / "samples" / f"step_{step:07d}"
+    return [
+        write_mp4(out / f"{i:02d}_{re.sub(r'[^a-z0-9]+', '-', prompt.lower()).strip('-')[:60]}.mp4", clip, info.fps)
+        for i, (prompt, clip) in enumerate(zip(prompts, clips, strict=True))
+    ]
+
+
+def run_synthetic_eval(model: VideoDenoiser, cfg: TrainConfig, dist_info: DistInfo) -> dict:
+    """Prompt-following accuracy on held-out prompts, split over the ranks (collective)."""
+    from .eval.synthetic_eval import evaluate_prompts, held_out_prompts
+
+    prompts = held_out_prompts(cfg.data.val, cfg.eval.num_prompts)[dist_info.rank :: dist_info.world_size]
+    counts = evaluate_prompts(model, inference_config(cfg), prompts, cfg.eval.batch_size, seed=cfg.seed)
+    totals = [sum(values) for values in zip(*all_gather_objects(counts), strict=True)]
+    color, motion, clips = totals
+    return {"color_acc": color / max(1, clips), "motion_acc": motion / max(1, clips), "num_clips": clips}
+
+
+def train(cfg: TrainConfig) -> None:
+    """Train on this process' share of the job (joins or creates the process group)."""
+    dist_info = init_distributed()
+    try:
+        _train(cfg, dist_info)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, dist_info: DistInfo) -> None:
+    run_dirs = set(all_gather_objects(str(Path(cfg.run_dir).resolve())))
+    if len(run_dirs) > 1:
+        raise ConfigError(f"ranks disagree on run_dir ({sorted(run_dirs)}); pass run_dir=... or set SORA_RUN_DIR")
+    threads = cfg.train.threads_per_rank or max(1, (os.cpu_count() or 1) // dist_info.local_world_size)
+    torch.set_num_threads(threads)
+    world, rank, device = dist_info.world_size, dist_info.rank, dist_info.device
+    if dist_info.is_main:
+        ensure_synthetic_corpus(cfg)
+        write_run_info(cfg, world)
+    barrier()
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = build_denoiser(cfg.model)
+    if cfg.train.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    engine = build_engine(model, cfg, world)
+    dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
+    ema = EMA(engine.module, cfg.train.ema_decay)
+    spec = ClipSpec(cfg.data.num_frames, cfg.data.frame_stride, cfg.data.height, cfg.data.width)
+    loader = VideoLoader(
+        resolve_shards(cfg.data.train), spec, micro_batch_size(cfg, world), cfg.seed, rank, world,
+        cfg.data.num_workers, cfg.data.shuffle_buffer,
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(cfg.seed + 1000 * (rank + 1))
+
+    step, wandb_id = 0, None
+    checkpoint = find_checkpoint(cfg)
+    if checkpoint is not None:
+        trainer_state, rank_state = load_checkpoint(engine, checkpoint, dist_info)
+        step, wandb_id = trainer_state["step"], trainer_state.get("wandb_id")
+        loader.load_state_dict(rank_state["loader"])
+        restore_rng(rank_state["rng"], generator)
+        ema.load_state_dict(load_file(str(checkpoint / EMA_WEIGHTS)), trainer_state["ema_updates"])
+        if dist_info.is_main:
+            print(f"resumed from {checkpoint} at step {step}", flush=True)
+    logger = MetricsLogger(cfg, step, wandb_id) if dist_info.is_main else None
+
+    tokenizer, latent_space = build_tokenizer(cfg.model), build_latent_space(cfg.model.latent_space)
+    tokens_per_sample = torch.Size(grid_size((spec.num_frames, spec.height, spec.width), tuple(cfg.model.patch_size))).numel()
+    batches = iter(loader)
+
+    def save(at_step: int) -> None:
+        trainer_state = {"ema_updates": ema.updates, "wandb_id": logger.wandb_id if logger else None, "world_size": world}
+        rank_state = {"rng": capture_rng(generator), "loader": loader.state_dict()}
+        saved = save_checkpoint(engine, cfg, dist_info, at_step, rank_state, trainer_state, ema.state_dict())
+        if logger:
+            logger.log_event("checkpoint", at_step, {"path": str(saved)})
+
+    last_saved = step
+    while step < cfg.train.max_steps:
+        started, data_wait, losses, keys = time.perf_counter(), 0.0, [], []
+        for _ in range(cfg.train.grad_accum_steps):
+            fetch = time.perf_counter()
+            batch = next(batches)
+            data_wait += time.perf_counter() - fetch
+            losses.append(forward_backward(engine, batch, tokenizer, latent_space, generator, cfg, dtype))
+            keys.extend(batch["key"])
+        engine.step()
+        step += 1
+        ema.update(engine.module)
+        elapsed = time.perf_counter() - started
+
+        loss, wait = all_reduce_mean([sum(losses) / len(losses), data_wait / elapsed], device)
+        all_keys = [key for rank_keys in all_gather_objects(keys) for key in rank_keys]
+        skipped = sum(sum(counts.values()) for counts in all_gather_objects(loader.skip_counts()))
+        if logger:
+            grad_norm = engine.get_global_grad_norm()
+            samples_per_s = cfg.train.global_batch_size / elapsed
+            logger.log({
+                "step": step, "loss": loss, "lr": engine.get_lr()[0], "grad_norm": float(grad_norm or 0.0),
+                "samples_per_s": samples_per_s, "tokens_per_s": samples_per_s * tokens_per_sample,
+                "data_wait": wait, "batch_hash": keys_hash(all_keys), "skipped": skipped,
+            })  # fmt: skip
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+            save(step)
+            last_saved = step
+        if cfg.train.sample_every and step % cfg.train.sample_every == 0 and step < cfg.train.max_steps:
+            if logger:
+                paths = write_samples(ema_model(ema, cfg, device), cfg, step)
+                logger.log_videos(step, paths, cfg.train.sample_prompts)
+            barrier()
+
+    if cfg.checkpoint.save_final and last_saved != step:
+        save(step)
+    skip_counts = all_gather_objects(loader.skip_counts())
+    final_model = ema_model(ema, cfg, device)
+    if logger:
+        merged: dict[str, int] = {}
+        for counts in skip_counts:
+            for reason, count in counts.items():
+                merged[reason] = merged.get(reason, 0) + count
+        logger.log_event("data", step, {"skipped_by_reason": merged})
+        paths = write_samples(final_model, cfg, step)
+        logger.log_videos(step, paths, cfg.train.sample_prompts)
+        logger.log_event("samples", step, {"paths": [str(p) for p in paths]})
+    if cfg.eval.synthetic:
+        scores = run_synthetic_eval(final_model, cfg, dist_info)
+        if logger:
+            logger.log_event("eval_synthetic", step, scores)
+    barrier()
+    if logger:
+        logger.close()
+
+
+def job_config(dict_cfg: DictConfig) -> TrainConfig:
+    """This job's TrainConfig; in a multirun sweep each job gets its own run dir unless run_dir was given."""
+    hydra_cfg = HydraConfig.get()
+    cfg = to_train_config(dict_cfg)
+    if hydra_cfg.mode == RunMode.MULTIRUN and not any(o.startswith("run_dir=") for o in hydra_cfg.overrides.task):
+        cfg.run_dir = hydra_cfg.runtime.output_dir
+    cfg.run_dir = str(Path(cfg.run_dir).resolve())
+    return cfg
+
+
+def launch_local(cfg: TrainConfig) -> int:
+    """Start launch.nproc_per_node processes with torchrun on this machine; returns their exit code."""
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("run_dir=")]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.launch.nproc_per_node}",
+        "-m", "sora_train.train", *overrides, f"run_dir={cfg.run_dir}",
+    ]  # fmt: skip
+    print(f"run dir {cfg.run_dir}: starting {cfg.launch.nproc_per_node} processes", flush=True)
+    return subprocess.run(command, env={**os.environ, "SORA_RUN_DIR": cfg.run_dir}).returncode
+
+
+@hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
+def _hydra_main(dict_cfg: DictConfig) -> None:
+    cfg = job_config(dict_cfg)
+    try:
+        validate(cfg)
+        if "LOCAL_RANK" not in os.environ and cfg.launch.nproc_per_node > 1:
+            code = launch_local(cfg)
+            if code:
+                sys.exit(code)
+            return
+        train(cfg)
+    except (ConfigError, ShardError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def precheck_overrides(overrides: list[str]) -> str | None:
+    """Compose the config once with the command-line overrides; a one-line message if that fails."""
+    from hydra import compose, initialize_config_dir
+
+    plain = [o for o in overrides if not o.startswith(("-", "hydra.", "hydra/", "+hydra", "~hydra"))]
+    try:
+        with initialize_config_dir(str(config_dir()), version_base="1.3"):
+            compose("train", overrides=plain)
+    except Exception as error:  # Hydra raises several types; all mean a bad override
+        return describe_override_error(error)
+    return None
+
+
+def describe_override_error(error: BaseException) -> str:
+    """Hydra's multi-line composition errors as one line that names the problem."""
+    text = str(error)
+    missing = re.search(r"Could not find '([^/']+)/([^']+)'", text)
+    if missing:
+        options = re.findall(r"^\t(\S+)$", text.split("Config search path")[0], flags=re.MULTILINE)
+        return f"unknown {missing[1]} {missing[2]!r}; choose one of: {', '.join(options)}"
+    unknown = re.search(r"Could not override '([^']+)'", text)
+    if unknown:
+        return f"unknown config key {unknown[1]!r}"
+    cause = error.__cause__
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+    if cause is not None and str(cause).strip():
+        return f"{first}: {str(cause).strip().splitlines()[0]}"
+    return first
+
+
+def cli() -> None:
+    """Entry point of `sora-train`."""
+    register_schema()
+    args = sys.argv[1:]
+    if not any(a in ("-m", "--multirun") or a.startswith("--") for a in args):
+        problem = precheck_overrides(args)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            sys.exit(2)
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    cli()
