@@ -61,7 +61,9 @@ def restore_rng(state: dict, generator: torch.Generator) -> None:
     random.setstate((version, tuple(internal), gauss))
     numpy_state = state["numpy"]
     keys = numpy_state["keys"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached"]))
+    np.random.set_state(
+        ("MT19937", keys, numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached"])
+    )
     torch.set_rng_state(state["torch"])
     generator.set_state(state["generator"])
     if "cuda" in state and torch.cuda.is_available():
@@ -69,7 +71,13 @@ def restore_rng(state: dict, generator: torch.Generator) -> None:
 
 
 def save_checkpoint(
-    engine, cfg: TrainConfig, dist_info: DistInfo, step: int, rank_state: dict, trainer_state: dict, ema_weights: dict
+    engine,
+    cfg: TrainConfig,
+    dist_info: DistInfo,
+    step: int,
+    rank_state: dict,
+    trainer_state: dict,
+    ema_weights: dict,
 ) -> Path:
     """Save on every rank (collective); returns the checkpoint directory."""
     root, tag = checkpoint_root(cfg.run_dir), tag_for(step)
@@ -99,7 +107,9 @@ def find_checkpoint(cfg: TrainConfig) -> Path | None:
         return None
     if cfg.resume == "auto":
         pointer = checkpoint_root(cfg.run_dir) / LATEST
-        return _checked(checkpoint_root(cfg.run_dir) / pointer.read_text().strip()) if pointer.exists() else None
+        return (
+            _checked(checkpoint_root(cfg.run_dir) / pointer.read_text().strip()) if pointer.exists() else None
+        )
     path = Path(cfg.resume)
     pointer = checkpoint_root(path) / LATEST
     if pointer.exists():

@@ -195,7 +195,9 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     world_size = world_size or expected_world_size(cfg)
     model, data, train = cfg.model, cfg.data, cfg.train
     if len(model.patch_size) != 3 or min(model.patch_size) < 1:
-        raise ConfigError(f"model.patch_size must be three positive ints (pt, ph, pw), got {model.patch_size}")
+        raise ConfigError(
+            f"model.patch_size must be three positive ints (pt, ph, pw), got {model.patch_size}"
+        )
     for name, side, patch in zip(
         ("data.num_frames", "data.height", "data.width"),
         (data.num_frames, data.height, data.width),
@@ -205,11 +207,15 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         if side % patch:
             raise ConfigError(f"{name}={side} is not divisible by the patch size {patch} (model.patch_size)")
     if model.hidden_size % model.num_heads:
-        raise ConfigError(f"model.hidden_size={model.hidden_size} is not divisible by model.num_heads={model.num_heads}")
+        raise ConfigError(
+            f"model.hidden_size={model.hidden_size} is not divisible by model.num_heads={model.num_heads}"
+        )
     if (model.hidden_size // model.num_heads) % 2:
         raise ConfigError("model head dim (hidden_size / num_heads) must be even for RoPE")
     if model.text_dim % model.text_heads:
-        raise ConfigError(f"model.text_dim={model.text_dim} is not divisible by model.text_heads={model.text_heads}")
+        raise ConfigError(
+            f"model.text_dim={model.text_dim} is not divisible by model.text_heads={model.text_heads}"
+        )
     if model.latent_space != "pixel":
         raise ConfigError(f"model.latent_space={model.latent_space!r} is not available; use 'pixel'")
     per_step = world_size * train.grad_accum_steps
@@ -231,7 +237,9 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     if not 0.0 <= data.caption_dropout < 1.0:
         raise ConfigError(f"data.caption_dropout must be in [0, 1), got {data.caption_dropout}")
     if cfg.checkpoint.every < 0:
-        raise ConfigError(f"checkpoint.every must be >= 0 (0: no periodic checkpoints), got {cfg.checkpoint.every}")
+        raise ConfigError(
+            f"checkpoint.every must be >= 0 (0: no periodic checkpoints), got {cfg.checkpoint.every}"
+        )
     if cfg.resume not in ("auto", "never") and not Path(cfg.resume).exists():
         raise ConfigError(f"resume={cfg.resume}: no such checkpoint")
     if not (data.generate_if_missing and data.name == "synthetic"):

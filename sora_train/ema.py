@@ -30,7 +30,9 @@ class EMA:
         self.names = [name for name, p in model.named_parameters() if p.requires_grad]
         params = [p for _, p in model.named_parameters() if p.requires_grad]
         with _gathered(params):
-            self.shadow = {name: p.detach().float().clone() for name, p in zip(self.names, params, strict=True)}
+            self.shadow = {
+                name: p.detach().float().clone() for name, p in zip(self.names, params, strict=True)
+            }
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:

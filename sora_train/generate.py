@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import torch
 from einops import rearrange
@@ -10,6 +13,7 @@ from .config import DiffusionConfig, ModelConfig
 from .diffusion.sampler import euler_sample
 from .models.denoiser import VideoDenoiser, build_tokenizer
 from .models.vae import build_latent_space
+from .video_io import write_mp4
 
 
 @torch.no_grad()
@@ -45,3 +49,16 @@ def generate_videos(
     pixels = latent_space.decode(latents.float())  # (B, 3, F, H, W) in [-1, 1]
     video = ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     return rearrange(video, "b c f h w -> b f h w c").cpu().numpy()
+
+
+def prompt_slug(prompt: str, limit: int = 60) -> str:
+    """A file-name-safe short form of a prompt."""
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:limit] or "empty"
+
+
+def save_clips(clips: np.ndarray, prompts: list[str], out_dir: Path, fps: float) -> list[Path]:
+    """Write each (F, H, W, 3) clip to out_dir/NN_prompt.mp4."""
+    return [
+        write_mp4(out_dir / f"{index:02d}_{prompt_slug(prompt)}.mp4", clip, fps)
+        for index, (prompt, clip) in enumerate(zip(prompts, clips, strict=True))
+    ]

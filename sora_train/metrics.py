@@ -22,7 +22,9 @@ def keys_hash(keys: list[str]) -> str:
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """All rows of a run's metrics.jsonl."""
     path = Path(run_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    )
 
 
 def wandb_mode(mode: str) -> str:
@@ -68,8 +70,12 @@ class MetricsLogger:
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         if self.wandb_run is not None:
-            self.wandb_run.log({"train/step": row["step"], **{f"train/{k}": v for k, v in row.items() if k != "step"
-                                                               and isinstance(v, int | float)}})
+            self.wandb_run.log(
+                {
+                    "train/step": row["step"],
+                    **{f"train/{k}": v for k, v in row.items() if k != "step" and isinstance(v, int | float)},
+                }
+            )
         step = row["step"]
         if "loss" in row and (step % self.log_every == 0 or step == self.max_steps):
             elapsed = time.monotonic() - self.started

@@ -67,7 +67,9 @@ def save_weights(path: Path, weights: dict[str, torch.Tensor]) -> None:
     save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, str(path))
 
 
-def load_model(directory: str | Path, weights_file: str | None = None) -> tuple[VideoDenoiser, InferenceConfig]:
+def load_model(
+    directory: str | Path, weights_file: str | None = None
+) -> tuple[VideoDenoiser, InferenceConfig]:
     """Rebuild the model from an export or a checkpoint directory and load its weights (eval mode, CPU).
 
     By default an export's model.safetensors, else a checkpoint's EMA weights.
@@ -84,5 +86,7 @@ def load_model(directory: str | Path, weights_file: str | None = None) -> tuple[
     model = build_denoiser(config.model)
     missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path} does not match the model in {CONFIG_FILE}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise ValueError(
+            f"{path} does not match the model in {CONFIG_FILE}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     return model.eval(), config

@@ -16,7 +16,18 @@ from omegaconf import OmegaConf
 
 from .config import TrainConfig
 
-PACKAGES = ("sora-train", "torch", "deepspeed", "webdataset", "decord", "av", "hydra-core", "wandb", "einops", "numpy")
+PACKAGES = (
+    "sora-train",
+    "torch",
+    "deepspeed",
+    "webdataset",
+    "decord",
+    "av",
+    "hydra-core",
+    "wandb",
+    "einops",
+    "numpy",
+)
 
 
 def git_sha() -> str | None:
@@ -24,7 +35,11 @@ def git_sha() -> str | None:
     source = Path(__file__).resolve().parent.parent
     try:
         out = subprocess.run(
-            ["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+            ["git", "-C", str(source), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         )
         dirty = subprocess.run(
             ["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],

@@ -21,14 +21,29 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from safetensors.torch import load_file
 
-from .checkpoint import EMA_WEIGHTS, capture_rng, find_checkpoint, load_checkpoint, restore_rng, save_checkpoint
-from .config import ConfigError, TrainConfig, config_dir, micro_batch_size, register_schema, to_train_config, validate
+from .checkpoint import (
+    EMA_WEIGHTS,
+    capture_rng,
+    find_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from .config import (
+    ConfigError,
+    TrainConfig,
+    config_dir,
+    micro_batch_size,
+    register_schema,
+    to_train_config,
+    validate,
+)
 from .data.decode import ClipSpec
 from .data.loader import Batch, VideoLoader
 from .data.shards import ShardError, resolve_shards
 from .diffusion.flow import flow_loss, sample_timesteps
 from .ema import EMA
-from .generate import generate_videos
+from .generate import generate_videos, save_clips
 from .metrics import MetricsLogger, keys_hash
 from .models.denoiser import VideoDenoiser, build_denoiser, build_tokenizer
 from .models.patch import grid_size
@@ -39,7 +54,6 @@ from .parallel.dist import DistInfo, all_gather_objects, all_reduce_mean, barrie
 from .parallel.zero import build_engine, use_bf16
 from .pretrained import inference_config
 from .run_info import write_run_info
-from .video_io import write_mp4
 
 
 def drop_captions(captions: list[str], probability: float, generator: torch.Generator) -> list[str]:
@@ -59,7 +73,9 @@ def forward_backward(
     ids, mask = (tensor.to(device) for tensor in tokenizer(captions))
     t = sample_timesteps(len(captions), generator, cfg.diffusion.logit_mean, cfg.diffusion.logit_std)
     noise = torch.randn(x0.shape, generator=generator)
-    loss = flow_loss(lambda x_t, t_: engine(x_t, t_, ids, mask), x0, noise.to(device, dtype), t.to(device, dtype))
+    loss = flow_loss(
+        lambda x_t, t_: engine(x_t, t_, ids, mask), x0, noise.to(device, dtype), t.to(device, dtype)
+    )
     engine.backward(loss)
     return loss.item()
 
@@ -72,7 +88,7 @@ def ensure_synthetic_corpus(cfg: TrainConfig) -> None:
 
     root = Path(cfg.data.train).parent
     print(f"writing the synthetic corpus to {root}", flush=True)
-    generate_corpus(root, seed=cfg.seed)
+    generate_corpus(root, num_train=2048, num_val=72, seed=cfg.seed)
 
 
 def ema_model(ema: EMA, cfg: TrainConfig, device: torch.device) -> VideoDenoiser:
@@ -85,13 +101,12 @@ def ema_model(ema: EMA, cfg: TrainConfig, device: torch.device) -> VideoDenoiser
 def write_samples(model: VideoDenoiser, cfg: TrainConfig, step: int) -> list[Path]:
     """Sample the configured prompts into RUN_DIR/samples/step_XXXXXXX/NN_prompt.mp4."""
     info = inference_config(cfg)
-    prompts = cfg.train.sample_prompts
-    clips = generate_videos(model, cfg.model, prompts, info.clip_shape, cfg.diffusion, seed=cfg.seed)
-    out = Path(cfg.run_dir) / "samples" / f"step_{step:07d}"
-    return [
-        write_mp4(out / f"{i:02d}_{re.sub(r'[^a-z0-9]+', '-', prompt.lower()).strip('-')[:60]}.mp4", clip, info.fps)
-        for i, (prompt, clip) in enumerate(zip(prompts, clips, strict=True))
-    ]
+    clips = generate_videos(
+        model, cfg.model, cfg.train.sample_prompts, info.clip_shape, cfg.diffusion, seed=cfg.seed
+    )
+    return save_clips(
+        clips, cfg.train.sample_prompts, Path(cfg.run_dir) / "samples" / f"step_{step:07d}", info.fps
+    )
 
 
 def run_synthetic_eval(model: VideoDenoiser, cfg: TrainConfig, dist_info: DistInfo) -> dict:
@@ -118,7 +133,9 @@ def train(cfg: TrainConfig) -> None:
 def _train(cfg: TrainConfig, dist_info: DistInfo) -> None:
     run_dirs = set(all_gather_objects(str(Path(cfg.run_dir).resolve())))
     if len(run_dirs) > 1:
-        raise ConfigError(f"ranks disagree on run_dir ({sorted(run_dirs)}); pass run_dir=... or set SORA_RUN_DIR")
+        raise ConfigError(
+            f"ranks disagree on run_dir ({sorted(run_dirs)}); pass run_dir=... or set SORA_RUN_DIR"
+        )
     threads = cfg.train.threads_per_rank or max(1, (os.cpu_count() or 1) // dist_info.local_world_size)
     torch.set_num_threads(threads)
     world, rank, device = dist_info.world_size, dist_info.rank, dist_info.device
@@ -154,11 +171,17 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> None:
     logger = MetricsLogger(cfg, step, wandb_id) if dist_info.is_main else None
 
     tokenizer, latent_space = build_tokenizer(cfg.model), build_latent_space(cfg.model.latent_space)
-    tokens_per_sample = torch.Size(grid_size((spec.num_frames, spec.height, spec.width), tuple(cfg.model.patch_size))).numel()
+    tokens_per_sample = torch.Size(
+        grid_size((spec.num_frames, spec.height, spec.width), tuple(cfg.model.patch_size))
+    ).numel()
     batches = iter(loader)
 
     def save(at_step: int) -> None:
-        trainer_state = {"ema_updates": ema.updates, "wandb_id": logger.wandb_id if logger else None, "world_size": world}
+        trainer_state = {
+            "ema_updates": ema.updates,
+            "wandb_id": logger.wandb_id if logger else None,
+            "world_size": world,
+        }
         rank_state = {"rng": capture_rng(generator), "loader": loader.state_dict()}
         saved = save_checkpoint(engine, cfg, dist_info, at_step, rank_state, trainer_state, ema.state_dict())
         if logger:
@@ -224,7 +247,9 @@ def job_config(dict_cfg: DictConfig) -> TrainConfig:
     """This job's TrainConfig; in a multirun sweep each job gets its own run dir unless run_dir was given."""
     hydra_cfg = HydraConfig.get()
     cfg = to_train_config(dict_cfg)
-    if hydra_cfg.mode == RunMode.MULTIRUN and not any(o.startswith("run_dir=") for o in hydra_cfg.overrides.task):
+    if hydra_cfg.mode == RunMode.MULTIRUN and not any(
+        o.startswith("run_dir=") for o in hydra_cfg.overrides.task
+    ):
         cfg.run_dir = hydra_cfg.runtime.output_dir
     cfg.run_dir = str(Path(cfg.run_dir).resolve())
     return cfg

@@ -14,7 +14,11 @@ Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> v
 
 
 def sample_timesteps(
-    batch: int, generator: torch.Generator, mean: float = 0.0, std: float = 1.0, device: torch.device | None = None
+    batch: int,
+    generator: torch.Generator,
+    mean: float = 0.0,
+    std: float = 1.0,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """Logit-normal timesteps in (0, 1): sigmoid(N(mean, std²)), shape (B,)."""
     normal = torch.randn(batch, generator=generator, device=device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import pairwise
 
 import torch
 
@@ -19,7 +20,7 @@ def euler_sample(
     """
     x = noise
     times = torch.linspace(1.0, 0.0, steps + 1, device=noise.device)
-    for t_now, t_next in zip(times[:-1], times[1:], strict=True):
+    for t_now, t_next in pairwise(times):
         t = t_now.expand(x.shape[0])
         v = velocity(x, t, True)
         if cfg_scale != 1.0:

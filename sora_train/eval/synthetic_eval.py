@@ -43,7 +43,9 @@ def evaluate_prompts(
     color_correct = motion_correct = 0
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        clips = generate_videos(model, config.model, chunk, config.clip_shape, config.diffusion, seed=seed + start)
+        clips = generate_videos(
+            model, config.model, chunk, config.clip_shape, config.diffusion, seed=seed + start
+        )
         for clip, prompt in zip(clips, chunk, strict=True):
             color, _, direction = parse_caption(prompt)
             measured_color, measured_direction = measure_clip(clip)

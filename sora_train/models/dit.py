@@ -15,7 +15,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
@@ -54,11 +53,15 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size: int, freq_dim: int = 256):
         super().__init__()
         self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(
+            nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        freqs = torch.exp(
+            -math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half
+        )
         args = 1000.0 * t.float()[:, None] * freqs[None]  # (B, freq_dim/2)
         features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         return self.mlp(features.to(self.mlp[0].weight.dtype))
@@ -117,7 +120,12 @@ class DiTBlock(nn.Module):
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(
-        self, x: torch.Tensor, cond: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, angles: torch.Tensor
+        self,
+        x: torch.Tensor,
+        cond: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        angles: torch.Tensor,
     ) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond).chunk(6, dim=-1)  # six (B, D)
         x = x + gate1[:, None] * self.self_attn(modulate(self.norm1(x), shift1, scale1), angles)
@@ -145,7 +153,9 @@ class DiT(nn.Module):
     def __init__(self, shape: DiTShape):
         super().__init__()
         if shape.hidden_size % shape.num_heads:
-            raise ValueError(f"hidden_size {shape.hidden_size} is not divisible by num_heads {shape.num_heads}")
+            raise ValueError(
+                f"hidden_size {shape.hidden_size} is not divisible by num_heads {shape.num_heads}"
+            )
         self.shape = shape
         patch_values = math.prod(shape.patch_size) * shape.in_channels
         self.patch_embed = nn.Linear(patch_values, shape.hidden_size)

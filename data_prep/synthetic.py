@@ -1,0 +1,261 @@
+"""The embedded default dataset: short clips of one coloured shape moving on a black background.
+
+Every clip shows a filled square, circle or triangle in one of six saturated colours, moving at
+constant speed left, right, up or down, captioned "a red square moving left on a black background".
+The whole trajectory stays inside the central min(H, W) square, so the object and its motion remain
+visible after the trainer resizes the short side and centre-crops.
+
+`generate_corpus` writes webdataset tar shards (`KEY.mp4` + `KEY.json` per sample) for a train and a
+held-out val split plus `manifest.json`; the same arguments always produce byte-identical files.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+
+from sora_train.video_io import encode_mp4
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 255, 0),
+    "cyan": (0, 255, 255),
+    "magenta": (255, 0, 255),
+}
+SHAPES = ("square", "circle", "triangle")
+DIRECTIONS = ("left", "right", "up", "down")
+# (height, width), all sides even; decord cannot decode widths 16, 24, 48 or 72, so none are used.
+FRAME_SIZES: tuple[tuple[int, int], ...] = (
+    (64, 64),  # 1:1
+    (48, 64),  # 4:3
+    (54, 96),  # 16:9
+    (48, 80),  # 5:3
+    (64, 96),  # 3:2
+    (80, 60),  # 3:4 portrait
+    (96, 54),  # 9:16 portrait
+    (80, 40),  # 1:2 portrait
+)
+COMBINATIONS: tuple[tuple[str, str, str], ...] = tuple(itertools.product(COLORS, SHAPES, DIRECTIONS))
+
+MANIFEST_NAME = "manifest.json"
+TAR_MTIME = 0  # constant member mtime (and an int, so no PAX header), for byte-identical shards
+_SPLIT_STREAMS = {"train": 0, "val": 1}
+_UNIT_STEP = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}  # (dy, dx)
+_OBJECT_SIZE = (0.35, 0.45)  # fraction of min(H, W)
+_TRAVEL = (0.40, 0.55)  # fraction of min(H, W)
+_JITTER = 0.08  # perpendicular start jitter, fraction of min(H, W)
+_CAPTION_RE = re.compile(r"a (\w+) (\w+) moving (\w+) on a black background")
+
+
+def caption_for(color: str, shape: str, direction: str) -> str:
+    """The caption of a clip: "a {color} {shape} moving {direction} on a black background"."""
+    return f"a {color} {shape} moving {direction} on a black background"
+
+
+def parse_caption(caption: str) -> tuple[str, str, str]:
+    """Invert `caption_for`: (color, shape, direction). Raises ValueError for anything else."""
+    match = _CAPTION_RE.fullmatch(caption.strip().lower().rstrip("."))
+    if match is None:
+        raise ValueError(
+            f"not a synthetic caption (want {caption_for('COLOR', 'SHAPE', 'DIR')!r}): {caption!r}"
+        )
+    color, shape, direction = match.groups()
+    for word, allowed in ((color, tuple(COLORS)), (shape, SHAPES), (direction, DIRECTIONS)):
+        if word not in allowed:
+            raise ValueError(f"unknown word {word!r} in caption {caption!r}; expected one of {allowed}")
+    return color, shape, direction
+
+
+def _shape_mask(shape: str, dy: np.ndarray, dx: np.ndarray, radius: float) -> np.ndarray:
+    """Boolean mask of a shape of half-size `radius`, given pixel offsets from its centre."""
+    if shape == "square":
+        return (np.abs(dy) <= radius) & (np.abs(dx) <= radius)
+    if shape == "circle":
+        return dy**2 + dx**2 <= radius**2
+    if shape == "triangle":  # apex up, base of width 2*radius at the bottom
+        return (np.abs(dy) <= radius) & (np.abs(dx) <= (dy + radius) / 2)
+    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+def _trajectory(
+    direction: str, side: int, num_frames: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-frame (cy, cx) of the object centre in central-square coordinates; the path is centred.
+
+    Half the longest travel plus the largest half-size is 0.5 * side, and the jitter is smaller than
+    the slack perpendicular to the motion, so the object never leaves the central square.
+    """
+    step_y, step_x = _UNIT_STEP[direction]
+    travel = rng.uniform(*_TRAVEL) * side
+    jitter = rng.uniform(-_JITTER, _JITTER) * side
+    progress = np.linspace(-0.5, 0.5, num_frames, dtype=np.float32) * np.float32(travel)
+    middle = side / 2
+    cy = middle + step_y * progress + (jitter if step_y == 0 else 0.0)
+    cx = middle + step_x * progress + (jitter if step_x == 0 else 0.0)
+    return cy, cx
+
+
+def render_clip(
+    color: str,
+    shape: str,
+    direction: str,
+    height: int,
+    width: int,
+    num_frames: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Render a (num_frames, height, width, 3) uint8 clip of one filled shape moving on black.
+
+    The object is 35-45% of min(height, width) across and travels 40-55% of it at constant speed,
+    its path centred in (and kept inside) the central min(height, width) square.
+    """
+    if color not in COLORS:
+        raise ValueError(f"unknown color {color!r}; expected one of {tuple(COLORS)}")
+    if direction not in _UNIT_STEP:
+        raise ValueError(f"unknown direction {direction!r}; expected one of {DIRECTIONS}")
+    side = min(height, width)
+    radius = rng.uniform(*_OBJECT_SIZE) * side / 2
+    cy, cx = _trajectory(direction, side, num_frames, rng)
+    top, left = (height - side) / 2, (width - side) / 2
+    ys = np.arange(height, dtype=np.float32)[None, :, None] + 0.5 - top
+    xs = np.arange(width, dtype=np.float32)[None, None, :] + 0.5 - left
+    mask = _shape_mask(shape, ys - cy[:, None, None], xs - cx[:, None, None], radius)
+    palette = np.array([(0, 0, 0), COLORS[color]], dtype=np.uint8)
+    return np.take(palette, mask.astype(np.uint8), axis=0)
+
+
+def _sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """Independent random stream per (seed, split, sample), so splits never share draws."""
+    return np.random.default_rng([seed, _SPLIT_STREAMS[split], index])
+
+
+def _make_sample(
+    split: str, index: int, seed: int, fps: int, frame_range: tuple[int, int]
+) -> dict[str, str | bytes]:
+    """One webdataset sample: the clip as mp4 bytes plus its JSON metadata."""
+    rng = _sample_rng(seed, split, index)
+    if split == "val":
+        color, shape, direction = COMBINATIONS[index % len(COMBINATIONS)]
+    else:
+        color, shape, direction = COMBINATIONS[rng.integers(len(COMBINATIONS))]
+    height, width = FRAME_SIZES[rng.integers(len(FRAME_SIZES))]
+    num_frames = int(rng.integers(frame_range[0], frame_range[1] + 1))
+    frames = render_clip(color, shape, direction, height, width, num_frames, rng)
+    meta = {
+        "caption": caption_for(color, shape, direction),
+        "color": color,
+        "shape": shape,
+        "direction": direction,
+        "fps": fps,
+        "num_frames": num_frames,
+        "height": height,
+        "width": width,
+    }
+    return {
+        "__key__": f"{split}{index:07d}",
+        "mp4": encode_mp4(frames, fps=fps),
+        "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
+    }
+
+
+def _write_shard(path: Path, samples: list[dict[str, str | bytes]]) -> None:
+    """Write one tar shard under a temporary name, then move it into place."""
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as stream:
+        writer = wds.TarWriter(stream, encoder=False, mtime=TAR_MTIME)
+        for sample in samples:
+            writer.write(sample)
+        writer.close()
+    os.replace(partial, path)
+
+
+def _write_split(
+    out: Path, split: str, num_samples: int, samples_per_shard: int, **sample_args: object
+) -> dict[str, object]:
+    """Write all shards of one split; returns the split's manifest entry."""
+    split_dir = out / split
+    split_dir.mkdir(parents=True, exist_ok=True)
+    shards, sizes = [], []
+    for shard_index, start in enumerate(range(0, num_samples, samples_per_shard)):
+        indices = range(start, min(start + samples_per_shard, num_samples))
+        path = split_dir / f"shard-{shard_index:06d}.tar"
+        _write_shard(path, [_make_sample(split, index, **sample_args) for index in indices])
+        shards.append(path.relative_to(out).as_posix())
+        sizes.append(len(indices))
+    for stale in sorted(split_dir.glob("shard-*.tar")):
+        if stale.relative_to(out).as_posix() not in shards:
+            stale.unlink()
+    return {"shards": shards, "num_samples": num_samples, "shard_sizes": sizes}
+
+
+def _check_args(
+    num_train: int, num_val: int, samples_per_shard: int, fps: int, min_frames: int, max_frames: int
+) -> None:
+    """Raise ValueError for arguments that cannot make a corpus."""
+    if num_train < 1 or num_val < 0:
+        raise ValueError(f"need num_train >= 1 and num_val >= 0, got {num_train} and {num_val}")
+    if samples_per_shard < 1 or fps < 1:
+        raise ValueError(f"need samples_per_shard >= 1 and fps >= 1, got {samples_per_shard} and {fps}")
+    if not 2 <= min_frames <= max_frames:
+        raise ValueError(f"need 2 <= min_frames <= max_frames, got {min_frames} and {max_frames}")
+
+
+def generate_corpus(
+    out: str | Path,
+    num_train: int = 2048,
+    num_val: int = 64,
+    seed: int = 0,
+    samples_per_shard: int = 128,
+    fps: int = 8,
+    min_frames: int = 16,
+    max_frames: int = 32,
+) -> dict:
+    """Write train/val webdataset shards and `manifest.json` under `out`; returns the manifest.
+
+    Train samples draw (color, shape, direction), frame size and length uniformly at random; val
+    samples cycle through all 72 combinations (so num_val >= 72 covers every one) from a separate
+    random stream. Shards are written atomically and are byte-identical for identical arguments.
+    The manifest is written last and lists the shards, so shard_urls only ever sees complete ones.
+    """
+    _check_args(num_train, num_val, samples_per_shard, fps, min_frames, max_frames)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sample_args = {"seed": seed, "fps": fps, "frame_range": (min_frames, max_frames)}
+    splits = {
+        split: _write_split(out, split, count, samples_per_shard, **sample_args)
+        for split, count in (("train", num_train), ("val", num_val))
+    }
+    manifest = {
+        "name": "synthetic",
+        "seed": seed,
+        "fps": fps,
+        "min_frames": min_frames,
+        "max_frames": max_frames,
+        "splits": splits,
+        "frame_sizes": [list(size) for size in FRAME_SIZES],
+        "colors": list(COLORS),
+        "shapes": list(SHAPES),
+        "directions": list(DIRECTIONS),
+        "caption_template": caption_for("{color}", "{shape}", "{direction}"),
+    }
+    partial = out / (MANIFEST_NAME + ".partial")
+    partial.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    os.replace(partial, out / MANIFEST_NAME)
+    return manifest
+
+
+def shard_urls(root: str | Path, split: str) -> list[str]:
+    """Sorted paths of the tar shards of `split`, read from `root`/manifest.json."""
+    root = Path(root)
+    manifest = json.loads((root / MANIFEST_NAME).read_text(encoding="utf-8"))
+    if split not in manifest["splits"]:
+        raise ValueError(f"split {split!r} not in {root / MANIFEST_NAME}; have {sorted(manifest['splits'])}")
+    return sorted(str(root / shard) for shard in manifest["splits"][split]["shards"])

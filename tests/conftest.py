@@ -1,0 +1,68 @@
+"""Shared fixtures: a small synthetic corpus and a way to run the CLIs as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A DiT small enough that a CPU step takes milliseconds; clips of 4 frames at 16×16 pixels.
+FAST = [
+    "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.patch_size=[2,4,4]",
+    "model.text_dim=32", "model.text_depth=1", "model.text_heads=2", "model.text_vocab_size=256",
+    "data.num_frames=4", "data.height=16", "data.width=16", "data.shuffle_buffer=16",
+    "wandb.mode=disabled", "train.log_every=1", "diffusion.sample_steps=2", "optim.warmup_steps=2",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic corpus: 64 training clips in 8 shards, 16 validation clips."""
+    from sora_train.data_prep.synthetic import generate_corpus
+
+    root = tmp_path_factory.mktemp("corpus")
+    generate_corpus(root, num_train=64, num_val=16, seed=0, samples_per_shard=8)
+    return root
+
+
+def run_module(
+    module: str, *args: str, timeout: float = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Run `python -m module args` in a fresh process, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
+
+
+def run_train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run sora-train with the given overrides."""
+    return run_module("sora_train.train", *args, timeout=timeout)
+
+
+def run_torchrun(nproc: int, script: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a script under `torchrun --standalone --nproc-per-node nproc`."""
+    return run_module(
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        str(script),
+        *args,
+        timeout=timeout,
+    )
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    """Fail with the process' output when it did not exit 0."""
+    assert result.returncode == 0, (
+        f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    )

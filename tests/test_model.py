@@ -1,0 +1,120 @@
+"""Patches, RoPE, the DiT, the text encoder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sora_train.config import ModelConfig
+from sora_train.models.denoiser import build_denoiser, build_tokenizer
+from sora_train.models.dit import count_parameters
+from sora_train.models.patch import grid_size, patchify, unpatchify
+from sora_train.models.rope import apply_rope, axis_dims, grid_positions, rope_angles
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    fields = dict(preset="test", hidden_size=64, depth=2, num_heads=4, patch_size=[2, 4, 4], text_dim=32,
+                  text_depth=1, text_heads=2, text_vocab_size=512)  # fmt: skip
+    return ModelConfig(**{**fields, **overrides})
+
+
+@pytest.mark.parametrize("patch", [(1, 2, 2), (2, 4, 4), (1, 1, 1), (4, 2, 8)])
+def test_patchify_round_trip(patch):
+    x = torch.randn(2, 3, 8, 16, 32)
+    tokens = patchify(x, patch)
+    f, h, w = grid_size((8, 16, 32), patch)
+    assert tokens.shape == (2, f * h * w, patch[0] * patch[1] * patch[2] * 3)
+    assert torch.equal(unpatchify(tokens, (f, h, w), patch), x)
+
+
+def test_patchify_token_holds_its_own_patch():
+    x = torch.arange(1 * 1 * 2 * 4 * 4, dtype=torch.float32).reshape(1, 1, 2, 4, 4)
+    tokens = patchify(x, (1, 2, 2))  # grid (2, 2, 2): token 3 is frame 0, row 1, col 1
+    assert tokens[0, 3].tolist() == x[0, 0, 0, 2:4, 2:4].flatten().tolist()
+
+
+def test_grid_size_rejects_indivisible_sides():
+    with pytest.raises(ValueError, match="H=30 is not divisible by the patch size 4"):
+        grid_size((8, 30, 32), (1, 4, 4))
+
+
+@pytest.mark.parametrize("grid", [(1, 1, 1), (4, 8, 8), (3, 5, 7), (16, 2, 9)])
+def test_rope_scores_depend_only_on_relative_position(grid):
+    head_dim = 24
+    positions = grid_positions(grid)
+    assert positions.shape == (grid[0] * grid[1] * grid[2], 3)
+    q, k = torch.randn(1, 2, 1, head_dim), torch.randn(1, 2, 1, head_dim)
+    shift = torch.tensor([5, -3, 11])
+
+    def score(pos_q, pos_k):
+        rq = apply_rope(q, rope_angles(pos_q[None], head_dim))
+        rk = apply_rope(k, rope_angles(pos_k[None], head_dim))
+        return (rq * rk).sum(-1)
+
+    a, b = positions[0], positions[-1]
+    torch.testing.assert_close(score(a, b), score(a + shift, b + shift), rtol=1e-4, atol=1e-4)
+    if not torch.equal(a, b):  # different relative positions give different scores
+        assert not torch.allclose(score(a, b), score(a, a), atol=1e-4)
+
+
+def test_rope_preserves_norm_and_splits_axes():
+    assert sum(axis_dims(24)) == 24 and all(d % 2 == 0 for d in axis_dims(24))
+    x = torch.randn(2, 3, 60, 24)
+    rotated = apply_rope(x, rope_angles(grid_positions((3, 4, 5)), 24))
+    torch.testing.assert_close(rotated.norm(dim=-1), x.norm(dim=-1))
+
+
+def test_dit_forward_backward_tiny():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = build_denoiser(cfg)
+    ids, mask = build_tokenizer(cfg)(["a red square moving left", ""])
+    x, t = torch.randn(2, 3, 4, 16, 16), torch.rand(2)
+    out = model(x, t, ids, mask)
+    assert out.shape == x.shape
+    assert torch.count_nonzero(out) == 0  # zero-initialised output layer
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = torch.mean((model(x, t, ids, mask) - x) ** 2)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(int(g.abs().sum() > 0) for g in grads) > 0.9 * len(
+        grads
+    )  # gradients reach (nearly) every tensor
+
+
+def test_dit_handles_any_grid_size():
+    model = build_denoiser(tiny_config()).eval()
+    ids, mask = build_tokenizer(tiny_config())(["x"])
+    for shape in [(2, 4, 4), (6, 12, 20), (4, 32, 8)]:
+        assert model(torch.randn(1, 3, *shape), torch.rand(1), ids, mask).shape == (1, 3, *shape)
+
+
+def test_tokenizer_is_stable_and_masks_padding():
+    tokenizer = build_tokenizer(tiny_config())
+    ids, mask = tokenizer(["A red square, moving LEFT!", "", "a red square moving left"])
+    assert torch.equal(ids[0], ids[2])  # case and punctuation do not matter
+    assert mask[1].tolist() == [True] + [False] * (mask.shape[1] - 1)  # the empty caption keeps BOS
+    assert mask[0].sum() == 6
+
+
+def test_presets_build_on_meta_device():
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from sora_train.config import config_dir
+
+    sizes = {}
+    for preset in ("tiny", "S", "B"):
+        with initialize_config_dir(str(config_dir() / "model"), version_base="1.3"):
+            cfg = ModelConfig(**OmegaConf.to_container(compose(preset)))
+        with torch.device("meta"):
+            sizes[preset] = count_parameters(build_denoiser(cfg))
+    assert sizes["tiny"] < sizes["S"] < sizes["B"]
+    assert 1e6 < sizes["tiny"] < 5e6
