@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ from safetensors.torch import load_file
 
 from sora_train.metrics import read_metrics
 
-from .conftest import FAST, assert_ok, run_torchrun, run_train
+from .conftest import FAST, REPO, assert_ok, run_torchrun, run_train
 
 pytestmark = pytest.mark.distributed
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -38,14 +41,14 @@ def test_data_parallel_step_equals_single_process_step(tmp_path, zero_stage):
 def two_process_run(corpus, tmp_path_factory) -> Path:
     """8 steps on 2 processes with ZeRO-2, a checkpoint every 4 steps."""
     run_dir = tmp_path_factory.mktemp("run") / "uninterrupted"
-    assert_ok(run_train(*RUN_ARGS(corpus, run_dir)))
+    assert_ok(run_train(*run_args(corpus), f"run_dir={run_dir}", "launch.nproc_per_node=2"))
     return run_dir
 
 
-def RUN_ARGS(corpus: Path, run_dir: Path) -> list[str]:
+def run_args(corpus: Path) -> list[str]:
+    """The run's overrides, except where its run dir is and how its processes start."""
     return [
-        *FAST, f"data.train={corpus / 'train'}", f"data.val={corpus / 'val'}", f"run_dir={run_dir}",
-        "launch.nproc_per_node=2", "parallel.zero_stage=2", "train.max_steps=8", "checkpoint.every=4",
+        *FAST, f"data.train={corpus / 'train'}", f"data.val={corpus / 'val'}", "parallel.zero_stage=2", "train.max_steps=8", "checkpoint.every=4",
         "train.global_batch_size=4", "train.sample_prompts=[a red square moving left on a black background]",
     ]  # fmt: skip
 
@@ -70,7 +73,12 @@ def test_resume_auto_matches_uninterrupted_run(two_process_run, corpus, tmp_path
     # Roll the copy back to the step-4 checkpoint, as if the run had died just after it.
     shutil.rmtree(resumed / "checkpoints" / "step_0000008")
     (resumed / "checkpoints" / "latest").write_text("step_0000004\n")
-    result = run_train(*RUN_ARGS(corpus, resumed), "resume=auto")
+    # The uninterrupted run started its own 2 processes; this one goes through launch/torchrun.sh.
+    result = subprocess.run(
+        [str(REPO / "launch" / "torchrun.sh"), *run_args(corpus), "resume=auto"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHON": sys.executable, "NPROC": "2", "SORA_RUN_DIR": str(resumed)},
+    )  # fmt: skip
     assert_ok(result)
     assert "resumed from" in result.stdout and "step_0000004" in result.stdout
 
