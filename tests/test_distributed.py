@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from sora_train.metrics import read_metrics
 
-from .conftest import FAST, REPO, assert_ok, run_torchrun, run_train
+from .conftest import FAST, REPO, assert_ok, run_module, run_torchrun, run_train
 
 pytestmark = pytest.mark.distributed
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -93,3 +93,19 @@ def test_resume_auto_matches_uninterrupted_run(two_process_run, corpus, tmp_path
     final = "checkpoints/step_0000008/ema.safetensors"
     for name, value in load_file(two_process_run / final).items():
         torch.testing.assert_close(load_file(resumed / final)[name], value, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("zero_stage", [1, 3])
+def test_other_zero_stages_train_checkpoint_and_export(corpus, tmp_path, zero_stage):
+    run_dir = tmp_path / "run"
+    args = [*run_args(corpus), f"parallel.zero_stage={zero_stage}", "train.max_steps=2", "checkpoint.every=0"]
+    assert_ok(run_train(*args, f"run_dir={run_dir}", "launch.nproc_per_node=2"))
+    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == [1, 2]
+    exports = {}
+    for weights in ("ema", "raw"):
+        out = tmp_path / weights
+        assert_ok(run_module("sora_train.export", str(run_dir), "--out", str(out), "--weights", weights))
+        exports[weights] = load_file(out / "model.safetensors")
+    assert exports["ema"].keys() == exports["raw"].keys()
+    # after 2 steps the EMA (decay warm-up 1/10, 2/11) sits between the initial and the trained weights
+    assert any(not torch.equal(exports["ema"][k], exports["raw"][k]) for k in exports["raw"])

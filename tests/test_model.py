@@ -118,3 +118,26 @@ def test_presets_build_on_meta_device():
             sizes[preset] = count_parameters(build_denoiser(cfg))
     assert sizes["tiny"] < sizes["S"] < sizes["B"]
     assert 1e6 < sizes["tiny"] < 5e6
+
+
+def test_activation_checkpointing_keeps_gradients_and_names():
+    from sora_train.parallel.checkpointing import apply_activation_checkpointing
+
+    cfg = tiny_config()
+    ids, mask = build_tokenizer(cfg)(["a blue circle moving up", "a red square"])
+    x, t = torch.randn(2, 3, 4, 16, 16), torch.rand(2)
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = build_denoiser(cfg)
+        with torch.no_grad():  # leave adaLN-Zero's zero start so every block contributes
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        names = [name for name, _ in model.named_parameters()]
+        if checkpointed:
+            apply_activation_checkpointing(model)
+            assert [name for name, _ in model.named_parameters()] == names
+        model(x, t, ids, mask).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for plain, recomputed in zip(*grads, strict=True):
+        torch.testing.assert_close(recomputed, plain)
