@@ -211,7 +211,7 @@ def _check_args(
 def generate_corpus(
     out: str | Path,
     num_train: int = 2048,
-    num_val: int = 64,
+    num_val: int = 72,
     seed: int = 0,
     samples_per_shard: int = 128,
     fps: int = 8,

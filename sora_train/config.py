@@ -51,6 +51,7 @@ class DataConfig:
     num_frames: int = 8
     frame_stride: int = 2
     fps: float = 8.0  # source frame rate; clips play back at fps / frame_stride
+    window: str = "random"  # where clips are cut from each video: random | center
     height: int = 32
     width: int = 32
     num_workers: int = 1
@@ -232,6 +233,8 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"parallel.zero_stage must be 1, 2 or 3, got {cfg.parallel.zero_stage}")
     if cfg.wandb.mode not in ("auto", "online", "offline", "disabled"):
         raise ConfigError(f"wandb.mode must be auto, online, offline or disabled, got {cfg.wandb.mode!r}")
+    if data.window not in ("random", "center"):
+        raise ConfigError(f"data.window must be random or center, got {data.window!r}")
     if data.num_workers < 0 or data.frame_stride < 1 or data.num_frames < 1:
         raise ConfigError("data.num_workers must be >= 0, data.frame_stride and data.num_frames >= 1")
     if not 0.0 <= data.caption_dropout < 1.0:

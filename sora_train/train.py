@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import hydra
@@ -55,6 +56,9 @@ from .parallel.zero import build_engine, use_bf16
 from .pretrained import inference_config
 from .run_info import write_run_info
 
+# DeepSpeed's ZeRO-2 path calls a torch collective torch has renamed; the warning is not ours to act on.
+warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+
 
 def drop_captions(captions: list[str], probability: float, generator: torch.Generator) -> list[str]:
     """Replace each caption by the empty one with `probability` (for classifier-free guidance)."""
@@ -81,14 +85,14 @@ def forward_backward(
 
 
 def ensure_synthetic_corpus(cfg: TrainConfig) -> None:
-    """Write the synthetic corpus next to data.train when the recipe asks for it and it is missing."""
-    if not (cfg.data.generate_if_missing and cfg.data.name == "synthetic") or Path(cfg.data.train).exists():
-        return
-    from .data_prep.synthetic import generate_corpus
+    """Write the synthetic corpus next to data.train when the recipe asks for it and it is incomplete."""
+    from .data_prep.synthetic import MANIFEST_NAME, generate_corpus
 
     root = Path(cfg.data.train).parent
+    if not (cfg.data.generate_if_missing and cfg.data.name == "synthetic") or (root / MANIFEST_NAME).exists():
+        return
     print(f"writing the synthetic corpus to {root}", flush=True)
-    generate_corpus(root, num_train=2048, num_val=72, seed=cfg.seed)
+    generate_corpus(root)
 
 
 def ema_model(ema: EMA, cfg: TrainConfig, device: torch.device) -> VideoDenoiser:
@@ -151,7 +155,9 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> None:
     engine = build_engine(model, cfg, world)
     dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
     ema = EMA(engine.module, cfg.train.ema_decay)
-    spec = ClipSpec(cfg.data.num_frames, cfg.data.frame_stride, cfg.data.height, cfg.data.width)
+    spec = ClipSpec(
+        cfg.data.num_frames, cfg.data.frame_stride, cfg.data.height, cfg.data.width, cfg.data.window
+    )
     loader = VideoLoader(
         resolve_shards(cfg.data.train), spec, micro_batch_size(cfg, world), cfg.seed, rank, world,
         cfg.data.num_workers, cfg.data.shuffle_buffer,

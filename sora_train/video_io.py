@@ -47,12 +47,24 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: float = 8.0) -> Path:
 
 
 def read_video(source: str | Path | bytes) -> tuple[np.ndarray, float]:
-    """Decode every frame of an mp4 (path or bytes) with decord: ((F, H, W, 3) uint8, fps)."""
-    import decord
+    """Decode every frame of an mp4 (path or bytes): ((F, H, W, 3) uint8, fps).
 
-    handle = io.BytesIO(source) if isinstance(source, bytes) else str(source)
-    reader = decord.VideoReader(handle, num_threads=1)
-    frames = reader.get_batch(list(range(len(reader)))).asnumpy()
-    fps = float(reader.get_avg_fps())
-    del reader
-    return frames, fps
+    decord decodes; PyAV takes over for the files decord cannot read (some frame widths, such as
+    16, 24, 48 and 72 pixels, make decord fail).
+    """
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    try:
+        import decord
+
+        reader = decord.VideoReader(io.BytesIO(data), num_threads=1)
+        frames = reader.get_batch(list(range(len(reader)))).asnumpy()
+        fps = float(reader.get_avg_fps())
+        del reader  # decord leaks if readers are kept around
+        return frames, fps
+    except Exception:
+        import av
+
+        with av.open(io.BytesIO(data)) as container:
+            stream = container.streams.video[0]
+            frames = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(stream)])
+            return frames, float(stream.average_rate or 0.0)
