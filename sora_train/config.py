@@ -32,6 +32,7 @@ class ModelConfig:
     patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])  # (pt, ph, pw)
     qk_norm: bool = True
     rope_theta: float = 10000.0
+    absolute_positions: bool = False  # add a sinusoidal (t, y, x) embedding to the tokens, on top of RoPE
     latent_space: str = "pixel"
     text_vocab_size: int = 4096
     text_max_length: int = 16

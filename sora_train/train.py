@@ -7,6 +7,7 @@ that many local processes with torchrun, all sharing one run dir computed here.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -40,7 +41,7 @@ from .config import (
     validate,
 )
 from .data.decode import ClipSpec
-from .data.loader import Batch, VideoLoader
+from .data.loader import Batch, VideoLoader, merge_counts
 from .data.shards import ShardError, resolve_shards
 from .diffusion.flow import flow_loss, sample_timesteps
 from .ema import EMA
@@ -155,9 +156,8 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> None:
     engine = build_engine(model, cfg, world)
     dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
     ema = EMA(engine.module, cfg.train.ema_decay)
-    spec = ClipSpec(
-        cfg.data.num_frames, cfg.data.frame_stride, cfg.data.height, cfg.data.width, cfg.data.window
-    )
+    data = cfg.data
+    spec = ClipSpec(data.num_frames, data.frame_stride, data.height, data.width, data.window)
     loader = VideoLoader(
         resolve_shards(cfg.data.train), spec, micro_batch_size(cfg, world), cfg.seed, rank, world,
         cfg.data.num_workers, cfg.data.shuffle_buffer,
@@ -177,17 +177,12 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> None:
     logger = MetricsLogger(cfg, step, wandb_id) if dist_info.is_main else None
 
     tokenizer, latent_space = build_tokenizer(cfg.model), build_latent_space(cfg.model.latent_space)
-    tokens_per_sample = torch.Size(
-        grid_size((spec.num_frames, spec.height, spec.width), tuple(cfg.model.patch_size))
-    ).numel()
+    tokens_per_sample = math.prod(grid_size(spec.shape, tuple(cfg.model.patch_size)))
     batches = iter(loader)
 
     def save(at_step: int) -> None:
-        trainer_state = {
-            "ema_updates": ema.updates,
-            "wandb_id": logger.wandb_id if logger else None,
-            "world_size": world,
-        }
+        wandb_run_id = logger.wandb_id if logger else None
+        trainer_state = {"ema_updates": ema.updates, "wandb_id": wandb_run_id, "world_size": world}
         rank_state = {"rng": capture_rng(generator), "loader": loader.state_dict()}
         saved = save_checkpoint(engine, cfg, dist_info, at_step, rank_state, trainer_state, ema.state_dict())
         if logger:
@@ -208,15 +203,15 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> None:
         elapsed = time.perf_counter() - started
 
         loss, wait = all_reduce_mean([sum(losses) / len(losses), data_wait / elapsed], device)
-        all_keys = [key for rank_keys in all_gather_objects(keys) for key in rank_keys]
-        skipped = sum(sum(counts.values()) for counts in all_gather_objects(loader.skip_counts()))
+        gathered = all_gather_objects((keys, loader.skip_counts()))  # [(keys, skips)] in rank order
         if logger:
-            grad_norm = engine.get_global_grad_norm()
             samples_per_s = cfg.train.global_batch_size / elapsed
             logger.log({
-                "step": step, "loss": loss, "lr": engine.get_lr()[0], "grad_norm": float(grad_norm or 0.0),
+                "step": step, "loss": loss, "lr": engine.get_lr()[0],
+                "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                 "samples_per_s": samples_per_s, "tokens_per_s": samples_per_s * tokens_per_sample,
-                "data_wait": wait, "batch_hash": keys_hash(all_keys), "skipped": skipped,
+                "data_wait": wait, "batch_hash": keys_hash([k for rank_keys, _ in gathered for k in rank_keys]),
+                "skipped": sum(merge_counts([skips for _, skips in gathered]).values()),
             })  # fmt: skip
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             save(step)
@@ -229,14 +224,10 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> None:
 
     if cfg.checkpoint.save_final and last_saved != step:
         save(step)
-    skip_counts = all_gather_objects(loader.skip_counts())
+    skipped = merge_counts(all_gather_objects(loader.skip_counts()))
     final_model = ema_model(ema, cfg, device)
     if logger:
-        merged: dict[str, int] = {}
-        for counts in skip_counts:
-            for reason, count in counts.items():
-                merged[reason] = merged.get(reason, 0) + count
-        logger.log_event("data", step, {"skipped_by_reason": merged})
+        logger.log_event("data", step, {"skipped_by_reason": skipped})
         paths = write_samples(final_model, cfg, step)
         logger.log_videos(step, paths, cfg.train.sample_prompts)
         logger.log_event("samples", step, {"paths": [str(p) for p in paths]})

@@ -9,7 +9,7 @@ from sora_train.config import ModelConfig
 from sora_train.models.denoiser import build_denoiser, build_tokenizer
 from sora_train.models.dit import count_parameters
 from sora_train.models.patch import grid_size, patchify, unpatchify
-from sora_train.models.rope import apply_rope, axis_dims, grid_positions, rope_angles
+from sora_train.models.rope import apply_rope, axis_dims, grid_positions, rope_angles, sincos_embedding
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -89,11 +89,23 @@ def test_dit_forward_backward_tiny():
     )  # gradients reach (nearly) every tensor
 
 
-def test_dit_handles_any_grid_size():
-    model = build_denoiser(tiny_config()).eval()
+@pytest.mark.parametrize("absolute_positions", [False, True])
+def test_dit_handles_any_grid_size(absolute_positions):
+    model = build_denoiser(tiny_config(absolute_positions=absolute_positions)).eval()
     ids, mask = build_tokenizer(tiny_config())(["x"])
     for shape in [(2, 4, 4), (6, 12, 20), (4, 32, 8)]:
         assert model(torch.randn(1, 3, *shape), torch.rand(1), ids, mask).shape == (1, 3, *shape)
+
+
+def test_absolute_embedding_tells_every_position_apart():
+    positions = grid_positions((4, 5, 6))
+    embedding = sincos_embedding(positions, 48)
+    assert embedding.shape == (120, 48)
+    assert torch.cdist(embedding, embedding).add(torch.eye(120)).min() > 0.1  # distinct rows
+    # the first third of the dims encodes time only: tokens of one frame share it
+    time_dims = axis_dims(48)[0]
+    assert torch.equal(embedding[0, :time_dims], embedding[29, :time_dims])
+    assert not torch.equal(embedding[0, :time_dims], embedding[30, :time_dims])
 
 
 def test_tokenizer_is_stable_and_masks_padding():

@@ -41,6 +41,7 @@ def dit_shape(cfg: ModelConfig) -> DiTShape:
         text_dim=cfg.text_dim,
         qk_norm=cfg.qk_norm,
         rope_theta=cfg.rope_theta,
+        absolute_positions=cfg.absolute_positions,
     )
 
 

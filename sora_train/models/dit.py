@@ -20,7 +20,7 @@ from torch import nn
 
 from .attention import attention
 from .patch import grid_size, patchify, unpatchify
-from .rope import apply_rope, grid_positions, rope_angles
+from .rope import apply_rope, grid_positions, rope_angles, sincos_embedding
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class DiTShape:
     text_dim: int
     qk_norm: bool = True
     rope_theta: float = 10000.0
+    absolute_positions: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -174,8 +175,11 @@ class DiT(nn.Module):
         """x (B, C, F, H, W), t (B,) in [0, 1], text (B, T, text_dim), text_mask (B, T) bool -> (B, C, F, H, W)."""
         patch = self.shape.patch_size
         grid = grid_size(tuple(x.shape[2:]), patch)
-        angles = rope_angles(grid_positions(grid, x.device), self.shape.head_dim, self.shape.rope_theta)
+        positions = grid_positions(grid, x.device)  # (L, 3)
+        angles = rope_angles(positions, self.shape.head_dim, self.shape.rope_theta)
         tokens = self.patch_embed(patchify(x, patch))  # (B, L, D)
+        if self.shape.absolute_positions:
+            tokens = tokens + sincos_embedding(positions, self.shape.hidden_size).to(tokens.dtype)
         cond = self.time_embed(t)  # (B, D)
         text = self.text_proj(text)  # (B, T, D)
         for block in self.blocks:

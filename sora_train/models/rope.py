@@ -39,6 +39,18 @@ def rope_angles(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) 
     return torch.cat(parts, dim=-1)
 
 
+def sincos_embedding(positions: torch.Tensor, dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """Absolute sinusoidal embedding of (L, 3) positions: (L, dim), each axis a third of the dims."""
+    parts = []
+    for axis, axis_dim in enumerate(axis_dims(dim)):
+        freqs = theta ** (
+            -torch.arange(0, axis_dim, 2, device=positions.device, dtype=torch.float32) / axis_dim
+        )
+        angles = positions[:, axis, None].float() * freqs  # (L, axis_dim/2)
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=-1)
+
+
 def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """Rotate (B, N, L, K) queries or keys by (L, K/2) angles (pairs of adjacent channels)."""
     pairs = rearrange(x.float(), "b n l (k two) -> b n l k two", two=2)
