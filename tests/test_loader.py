@@ -78,6 +78,15 @@ def test_bad_samples_are_skipped_and_counted_by_reason(tmp_path):
     assert torch.isfinite(batch["x"]).all() and batch["x"].amax() > 0.5  # real frames, not zeros
 
 
+def test_a_corpus_without_usable_samples_is_an_error_not_a_hang(tmp_path):
+    shard = tmp_path / "bad.tar"
+    write_tar(shard, {"a.mp4": b"garbage", "a.json": caption("x"), "b.json": caption("no video")})
+    with pytest.raises(
+        ShardError, match=r"no usable sample in 1 shards .*'decode_error': 1, 'missing_video': 1"
+    ):
+        next(iter(VideoLoader([str(shard)], SPEC, 2, 0, 0, 1, 0, 1)))
+
+
 def test_truncated_shard_is_counted_not_fatal(tmp_path, corpus):
     shards = resolve_shards(str(corpus / "train"))
     broken = tmp_path / "broken.tar"
