@@ -61,7 +61,7 @@ def _add_synthetic(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--samples-per-shard", type=int, default=128, help="clips per tar (default 128)")
     parser.add_argument("--fps", type=int, default=8, help="frame rate (default 8)")
     parser.add_argument("--min-frames", type=int, default=16, help="shortest clip (default 16)")
-    parser.add_argument("--max-frames", type=int, default=32, help="longest clip (default 32)")
+    parser.add_argument("--max-frames", type=int, default=20, help="longest clip (default 20)")
     parser.set_defaults(handler=_run_synthetic)
 
 

@@ -216,7 +216,7 @@ def generate_corpus(
     samples_per_shard: int = 128,
     fps: int = 8,
     min_frames: int = 16,
-    max_frames: int = 32,
+    max_frames: int = 20,
 ) -> dict:
     """Write train/val webdataset shards and `manifest.json` under `out`; returns the manifest.
 

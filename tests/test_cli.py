@@ -23,7 +23,7 @@ def error_line(result) -> str:
     ("overrides", "message"),
     [
         (["data.train=/nonexistent/shards"], "data.train=/nonexistent/shards: no such file or directory"),
-        (["data.height=30"], "data.height=30 is not divisible by the patch size 4"),
+        (["data.height=31"], "data.height=31 is not divisible by the patch size 2"),
         (["train.global_batch_size=3", "launch.nproc_per_node=2"], "does not divide across 2 ranks"),
         (["model=huge"], "unknown model 'huge'; choose one of: B, S, tiny"),
         (["optim.learning_rate=1"], "unknown config key 'optim.learning_rate'"),

@@ -4,7 +4,8 @@ Shape legend: B batch, C channels, F frames, H height, W width, L = f·h·w vide
 T text tokens, D hidden size, N heads, K head dim, P = pt·ph·pw·C values per patch.
 
 Each block: adaLN-Zero-modulated self-attention (3D RoPE, QK RMSNorm) → cross-attention
-to the text tokens → adaLN-Zero-modulated MLP. The output layer is zero-initialised, so a
+to the text tokens → adaLN-Zero-modulated MLP. The modulation is conditioned on the timestep
+and on the mean of the caption's token embeddings. The output layer is zero-initialised, so a
 fresh model predicts zero velocity. The module is plain torch: parallelism, activation
 checkpointing and compilation are applied from `sora_train.parallel`.
 """
@@ -165,6 +166,7 @@ class DiT(nn.Module):
             nn.Linear(shape.text_dim, shape.hidden_size), nn.GELU(approximate="tanh"),
             nn.Linear(shape.hidden_size, shape.hidden_size),
         )  # fmt: skip
+        self.text_pool = nn.Linear(shape.text_dim, shape.hidden_size)  # pooled caption -> adaLN condition
         self.blocks = nn.ModuleList(DiTBlock(shape) for _ in range(shape.depth))
         self.final = FinalLayer(shape.hidden_size, patch_values)
         initialize_weights(self)
@@ -180,7 +182,11 @@ class DiT(nn.Module):
         tokens = self.patch_embed(patchify(x, patch))  # (B, L, D)
         if self.shape.absolute_positions:
             tokens = tokens + sincos_embedding(positions, self.shape.hidden_size).to(tokens.dtype)
-        cond = self.time_embed(t)  # (B, D)
+        weights = text_mask.to(text.dtype)[..., None]  # (B, T, 1)
+        pooled = (text * weights).sum(1) / weights.sum(1)  # (B, E): mean over the caption's tokens
+        cond = self.time_embed(t) + self.text_pool(
+            pooled
+        )  # (B, D): every block's modulation sees the caption
         text = self.text_proj(text)  # (B, T, D)
         for block in self.blocks:
             tokens = block(tokens, cond, text, text_mask, angles)
