@@ -1,0 +1,125 @@
+"""mp4 bytes -> a fixed-shape clip: temporal sampling, decode, aspect-preserving resize, centre crop.
+
+decord decodes; when it fails on a file (some widths, broken indexes) PyAV decodes instead.
+A clip that cannot be produced raises `SkipSample` with a reason; it is never zero-filled.
+Shape legend: F frames, H height, W width, C = 3 channels.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+
+class SkipSample(Exception):
+    """This sample cannot be used; `reason` is the counter it is recorded under."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """What the trainer wants from each video: F frames `stride` apart at H × W pixels.
+
+    `window` says where the F frames come from: a random stretch of the video, or its centre.
+    """
+
+    num_frames: int
+    stride: int
+    height: int
+    width: int
+    window: str = "random"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(F, H, W) of a clip."""
+        return self.num_frames, self.height, self.width
+
+    @property
+    def span(self) -> int:
+        """Source frames one clip covers."""
+        return (self.num_frames - 1) * self.stride + 1
+
+
+def _decode_decord(data: bytes, spec: ClipSpec, rng: np.random.Generator) -> np.ndarray:
+    import decord
+
+    reader = decord.VideoReader(io.BytesIO(data), num_threads=1)
+    try:
+        return reader.get_batch(choose_indices(len(reader), spec, rng).tolist()).asnumpy()
+    finally:
+        del reader  # decord leaks if readers are kept around
+
+
+def _decode_pyav(data: bytes, spec: ClipSpec, rng: np.random.Generator) -> np.ndarray:
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        indices = choose_indices(stream.frames, spec, rng)  # the header's count; checked below
+        wanted = {int(i) for i in indices}
+        frames: dict[int, np.ndarray] = {}
+        for index, frame in enumerate(container.decode(stream)):
+            if index in wanted:
+                frames[index] = frame.to_ndarray(format="rgb24")
+            if index >= indices.max():
+                break
+    if len(frames) < len(wanted):
+        raise SkipSample("too_short", f"decoded {len(frames)} of {len(wanted)} requested frames")
+    return np.stack([frames[int(i)] for i in indices])
+
+
+def choose_indices(num_frames: int, spec: ClipSpec, rng: np.random.Generator) -> np.ndarray:
+    """F frame indices `stride` apart from a random (or the centred) window; raises SkipSample if too short."""
+    if num_frames < spec.span:
+        raise SkipSample("too_short", f"{num_frames} frames < {spec.span} needed")
+    spare = num_frames - spec.span
+    start = spare // 2 if spec.window == "center" else int(rng.integers(0, spare + 1))
+    return start + spec.stride * np.arange(spec.num_frames)
+
+
+def decode_clip(data: bytes, spec: ClipSpec, rng: np.random.Generator) -> torch.Tensor:
+    """mp4 bytes -> (C, F, H, W) float32 in [-1, 1] at the spec's size; raises SkipSample.
+
+    decord first; PyAV when decord cannot open or decode the file. Both draw the window from a
+    copy of `rng`, so the fallback picks the same frames.
+    """
+    state = rng.bit_generator.state
+    try:
+        frames = _decode_decord(data, spec, rng)
+    except SkipSample:
+        raise
+    except Exception:
+        rng.bit_generator.state = state
+        try:
+            frames = _decode_pyav(data, spec, rng)
+        except SkipSample:
+            raise
+        except Exception as error:
+            raise SkipSample("decode_error", str(error)) from error
+    if frames.ndim != 4 or frames.shape[0] != spec.num_frames or frames.shape[-1] != 3:
+        raise SkipSample("decode_error", f"decoded frames shaped {frames.shape}")
+    return resize_crop(frames, spec.height, spec.width)
+
+
+def resize_crop(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
+    """(F, H0, W0, 3) uint8 -> (3, F, height, width) float32 in [-1, 1].
+
+    Scales so the frame covers the target (aspect ratio kept), then crops the centre.
+    """
+    video = rearrange(torch.from_numpy(frames), "f h w c -> f c h w").float()
+    src_h, src_w = video.shape[-2:]
+    scale = max(height / src_h, width / src_w)
+    new_h, new_w = max(height, round(src_h * scale)), max(width, round(src_w * scale))
+    if (new_h, new_w) != (src_h, src_w):
+        video = F.interpolate(video, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    video = video[:, :, top : top + height, left : left + width]
+    return rearrange(video / 127.5 - 1.0, "f c h w -> c f h w").clamp(-1, 1).contiguous()

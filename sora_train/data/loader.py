@@ -1,0 +1,225 @@
+"""A streaming, resumable video loader over webdataset shards.
+
+Each data-parallel rank reads its own shards (a seeded shuffle per epoch, then every
+`world`-th shard), and each DataLoader worker every `num_workers`-th of those. A worker
+streams raw samples through a seeded shuffle buffer, decodes each into a clip, skips and
+counts the ones that cannot be used, and yields shape-homogeneous batches that carry the
+worker's position (epoch, samples emitted, skip counts). The main process keeps the
+position of the last batch it consumed from each worker, so `state_dict()` is exact:
+after `load_state_dict()` the batch sequence continues as if never interrupted, and the
+consumed samples are skipped without being decoded.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .decode import ClipSpec, SkipSample, decode_clip
+from .shards import ShardError, iter_shard, read_metadata
+
+Batch = dict[str, Any]
+
+
+def fresh_position() -> dict:
+    """Where a worker stream starts: epoch 0, nothing emitted, nothing skipped."""
+    return {"epoch": 0, "emitted": 0, "skipped": {}}
+
+
+def epoch_shards(shards: list[str], seed: int, epoch: int, rank: int, world: int, worker: int, workers: int) -> list[str]:
+    """The shards one worker of one rank reads in an epoch (seeded shuffle, then strided split)."""
+    order = list(shards)
+    random.Random(f"{seed}/{epoch}").shuffle(order)
+    return order[rank::world][worker::workers]
+
+
+def shuffle_buffer(samples: Iterator[dict], size: int, rng: np.random.Generator) -> Iterator[dict]:
+    """Shuffle a stream with a buffer of `size` samples (deterministic given `rng`)."""
+    buffer: list[dict] = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        slot = int(rng.integers(size))
+        yield buffer[slot]
+        buffer[slot] = sample
+    for slot in rng.permutation(len(buffer)):
+        yield buffer[slot]
+
+
+class ClipStream(IterableDataset):
+    """Endless batches of clips for one data-parallel rank, split over DataLoader workers."""
+
+    def __init__(
+        self,
+        shards: list[str],
+        spec: ClipSpec,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world: int,
+        num_workers: int,
+        buffer_size: int,
+        positions: list[dict],
+        worker_offset: int,
+    ):
+        super().__init__()
+        self.shards, self.spec, self.batch_size, self.seed = shards, spec, batch_size, seed
+        self.rank, self.world, self.num_workers, self.buffer_size = rank, world, num_workers, buffer_size
+        self.positions, self.worker_offset = positions, worker_offset
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        worker = (physical + self.worker_offset) % self.num_workers  # the logical stream this process plays
+        yield from self._batches(worker, copy.deepcopy(self.positions[worker]))
+
+    def _batches(self, worker: int, position: dict) -> Iterator[Batch]:
+        epoch, resume_at, skipped = position["epoch"], position["emitted"], Counter(position["skipped"])
+        clips: list[tuple[str, str, torch.Tensor]] = []
+        while True:
+            shards = epoch_shards(self.shards, self.seed, epoch, self.rank, self.world, worker, self.num_workers)
+            rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
+            emitted = produced = 0
+
+            def count_shard_error(reason: str) -> None:
+                if emitted >= resume_at:  # errors met while replaying consumed samples were counted before
+                    skipped[reason] += 1
+
+            for sample in shuffle_buffer(self._raw_samples(shards, count_shard_error), self.buffer_size, rng):
+                emitted += 1
+                if emitted <= resume_at:
+                    continue  # consumed before the checkpoint: skipped without decoding
+                try:
+                    clips.append(self._prepare(sample, epoch))
+                except SkipSample as skip:
+                    skipped[skip.reason] += 1
+                    continue
+                produced += 1
+                if len(clips) == self.batch_size:
+                    yield collate(clips, worker, {"epoch": epoch, "emitted": emitted, "skipped": dict(skipped)})
+                    clips = []
+            if produced == 0 and resume_at == 0:  # a whole epoch without one usable sample: never spin silently
+                raise ShardError(
+                    f"rank {self.rank} worker {worker}: no usable sample in {len(shards)} shards "
+                    f"(skipped by reason: {dict(skipped)})"
+                )
+            epoch, resume_at = epoch + 1, 0
+
+    @staticmethod
+    def _raw_samples(shards: list[str], on_error: Any) -> Iterator[dict]:
+        for path in shards:
+            try:
+                yield from iter_shard(path)
+            except Exception:  # a truncated or corrupt tar: keep what was read, count it, move on
+                on_error("corrupt_shard")
+
+    def _prepare(self, sample: dict, epoch: int) -> tuple[str, str, torch.Tensor]:
+        key = sample["__key__"]
+        try:
+            meta = read_metadata(sample)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise SkipSample("bad_metadata", str(error)) from error
+        caption = meta.get("caption")
+        if not isinstance(caption, str) or not caption.strip():
+            raise SkipSample("missing_caption")
+        if "mp4" not in sample:
+            raise SkipSample("missing_video")
+        rng = np.random.default_rng([self.seed, epoch, zlib.crc32(key.encode())])
+        return key, caption, decode_clip(sample["mp4"], self.spec, rng)
+
+
+def merge_counts(counts: list[dict[str, int]]) -> dict[str, int]:
+    """Sum counters such as skipped samples by reason (over workers, or over ranks)."""
+    total: Counter = Counter()
+    for count in counts:
+        total.update(count)
+    return dict(total)
+
+
+def collate(clips: list[tuple[str, str, torch.Tensor]], worker: int, position: dict) -> Batch:
+    """Stack clips into a batch: x (B, C, F, H, W), caption [B], key [B], plus the stream position."""
+    keys, captions, tensors = zip(*clips, strict=True)
+    return {
+        "x": torch.stack(tensors),
+        "caption": list(captions),
+        "key": list(keys),
+        "worker": worker,
+        "position": position,
+    }
+
+
+class VideoLoader:
+    """The rank's loader: iterate for batches; `state_dict()` / `load_state_dict()` for exact resume."""
+
+    def __init__(
+        self,
+        shards: list[str],
+        spec: ClipSpec,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world: int,
+        num_workers: int,
+        buffer_size: int,
+    ):
+        streams = max(1, num_workers)
+        if len(shards) < world * streams:
+            raise ShardError(
+                f"{len(shards)} shards cannot feed {world} data-parallel ranks × {streams} loader workers; "
+                "write more shards or lower data.num_workers"
+            )
+        self.shards, self.spec, self.batch_size, self.seed = shards, spec, batch_size, seed
+        self.rank, self.world, self.num_workers, self.buffer_size = rank, world, num_workers, buffer_size
+        self.positions = [fresh_position() for _ in range(streams)]
+        self.consumed = 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        stream = ClipStream(
+            self.shards, self.spec, self.batch_size, self.seed, self.rank, self.world,
+            len(self.positions), self.buffer_size, copy.deepcopy(self.positions), self.consumed % len(self.positions),
+        )  # fmt: skip
+        loader = DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            prefetch_factor=2 if self.num_workers else None,
+        )
+        for batch in loader:
+            self.positions[batch["worker"]] = batch["position"]
+            self.consumed += 1
+            yield batch
+
+    def skip_counts(self) -> dict[str, int]:
+        """Samples skipped so far on this rank, by reason."""
+        return merge_counts([position["skipped"] for position in self.positions])
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly after the last consumed batch."""
+        return {
+            "positions": copy.deepcopy(self.positions),
+            "consumed": self.consumed,
+            "world": self.world,
+            "num_shards": len(self.shards),
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state`; the rank count, worker count, seed and shard count must match."""
+        saved = (state["world"], len(state["positions"]), state["num_shards"], state["seed"])
+        current = (self.world, len(self.positions), len(self.shards), self.seed)
+        if saved != current:
+            raise ValueError(
+                "loader state was saved with (ranks, workers, shards, seed) = "
+                f"{saved}, this run has {current}; resume with the same settings"
+            )
+        self.positions = copy.deepcopy(state["positions"])
+        self.consumed = state["consumed"]

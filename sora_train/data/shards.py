@@ -1,0 +1,69 @@
+"""Finding shards and reading samples out of them, without a shell and without unpickling.
+
+A shard source is a directory of `*.tar` files, a single `.tar`, or a brace pattern such as
+`/data/train/shard-{000000..000127}.tar`. A sample is the dict webdataset groups from the
+members sharing a key: {"__key__": str, "mp4": bytes, "json": bytes, ...}.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import braceexpand
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+
+class ShardError(ValueError):
+    """A shard source that cannot be used (missing, empty, or not allowed)."""
+
+
+def resolve_shards(source: str) -> list[str]:
+    """Expand a shard source into a sorted list of tar paths; raises ShardError if there are none."""
+    if source.startswith("pipe:"):
+        raise ShardError(f"{source}: pipe: sources run a shell and are not accepted")
+    if "{" in source:
+        paths = list(braceexpand.braceexpand(source))
+        missing = [p for p in paths if not Path(p).is_file()]
+        if missing:
+            raise ShardError(f"{source}: {len(missing)} of {len(paths)} shards are missing, e.g. {missing[0]}")
+    elif Path(source).is_dir():
+        paths = sorted(str(p) for p in Path(source).glob("*.tar"))
+    elif Path(source).is_file():
+        paths = [source]
+    else:
+        raise ShardError(f"{source}: no such file or directory")
+    if not paths:
+        raise ShardError(f"{source}: no .tar shards found")
+    return sorted(paths)
+
+
+def iter_shard(path: str) -> Iterator[dict]:
+    """Samples of one tar shard, in file order. Raises on a corrupt tar (the caller counts it)."""
+    with open(path, "rb") as stream:
+        members = tar_file_expander([{"url": path, "stream": stream}])
+        yield from group_by_keys(members)
+
+
+def read_metadata(sample: dict) -> dict:
+    """The sample's JSON metadata (UTF-8, never pickle); raises ValueError if absent or invalid."""
+    if "json" not in sample:
+        raise ValueError("no .json member")
+    meta = json.loads(sample["json"].decode("utf-8"))
+    if not isinstance(meta, dict):
+        raise ValueError("json member is not an object")
+    return meta
+
+
+def read_captions(source: str, limit: int | None = None) -> list[tuple[str, str]]:
+    """(key, caption) pairs from a shard source in order, without decoding video."""
+    pairs: list[tuple[str, str]] = []
+    for path in resolve_shards(source):
+        for sample in iter_shard(path):
+            caption = read_metadata(sample).get("caption")
+            if isinstance(caption, str) and caption.strip():
+                pairs.append((sample["__key__"], caption))
+            if limit is not None and len(pairs) >= limit:
+                return pairs
+    return pairs
