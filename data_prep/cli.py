@@ -39,6 +39,7 @@ def _run_synthetic(args: argparse.Namespace) -> int:
         fps=args.fps,
         min_frames=args.min_frames,
         max_frames=args.max_frames,
+        workers=args.workers,
     )
     counts = ", ".join(
         f"{split} {entry['num_samples']} clips in {len(entry['shards'])} shards"
@@ -62,6 +63,7 @@ def _add_synthetic(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--fps", type=int, default=8, help="frame rate (default 8)")
     parser.add_argument("--min-frames", type=int, default=16, help="shortest clip (default 16)")
     parser.add_argument("--max-frames", type=int, default=20, help="longest clip (default 20)")
+    parser.add_argument("--workers", type=int, default=None, help="processes writing shards (default: cores)")
     parser.set_defaults(handler=_run_synthetic)
 
 

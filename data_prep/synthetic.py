@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import re
+from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -177,19 +178,26 @@ def _write_shard(path: Path, samples: list[dict[str, str | bytes]]) -> None:
     os.replace(partial, path)
 
 
+def _write_numbered_shard(path: Path, split: str, indices: range, sample_args: dict) -> None:
+    """Render, encode and write the samples `indices` of `split` as one shard (runs in a worker process)."""
+    _write_shard(path, [_make_sample(split, index, **sample_args) for index in indices])
+
+
 def _write_split(
-    out: Path, split: str, num_samples: int, samples_per_shard: int, **sample_args: object
+    out: Path, split: str, num_samples: int, samples_per_shard: int, pool: Executor, sample_args: dict
 ) -> dict[str, object]:
-    """Write all shards of one split; returns the split's manifest entry."""
+    """Write all shards of one split (in parallel on `pool`); returns the split's manifest entry."""
     split_dir = out / split
     split_dir.mkdir(parents=True, exist_ok=True)
-    shards, sizes = [], []
+    shards, sizes, jobs = [], [], []
     for shard_index, start in enumerate(range(0, num_samples, samples_per_shard)):
         indices = range(start, min(start + samples_per_shard, num_samples))
         path = split_dir / f"shard-{shard_index:06d}.tar"
-        _write_shard(path, [_make_sample(split, index, **sample_args) for index in indices])
+        jobs.append(pool.submit(_write_numbered_shard, path, split, indices, sample_args))
         shards.append(path.relative_to(out).as_posix())
         sizes.append(len(indices))
+    for job in jobs:
+        job.result()  # re-raises a worker's error
     for stale in sorted(split_dir.glob("shard-*.tar")):
         if stale.relative_to(out).as_posix() not in shards:
             stale.unlink()
@@ -217,6 +225,7 @@ def generate_corpus(
     fps: int = 8,
     min_frames: int = 16,
     max_frames: int = 20,
+    workers: int | None = None,
 ) -> dict:
     """Write train/val webdataset shards and `manifest.json` under `out`; returns the manifest.
 
@@ -224,15 +233,17 @@ def generate_corpus(
     samples cycle through all 72 combinations (so num_val >= 72 covers every one) from a separate
     random stream. Shards are written atomically and are byte-identical for identical arguments.
     The manifest is written last and lists the shards, so shard_urls only ever sees complete ones.
+    Shards are written by `workers` processes (default: one per core).
     """
     _check_args(num_train, num_val, samples_per_shard, fps, min_frames, max_frames)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sample_args = {"seed": seed, "fps": fps, "frame_range": (min_frames, max_frames)}
-    splits = {
-        split: _write_split(out, split, count, samples_per_shard, **sample_args)
-        for split, count in (("train", num_train), ("val", num_val))
-    }
+    with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        splits = {
+            split: _write_split(out, split, count, samples_per_shard, pool, sample_args)
+            for split, count in (("train", num_train), ("val", num_val))
+        }
     manifest = {
         "name": "synthetic",
         "seed": seed,

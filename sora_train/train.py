@@ -145,7 +145,7 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> None:
     torch.set_num_threads(threads)
     world, rank, device = dist_info.world_size, dist_info.rank, dist_info.device
     if dist_info.is_main:
-        ensure_synthetic_corpus(cfg)
+        ensure_synthetic_corpus(cfg)  # when started by torchrun directly (launch/torchrun.sh)
         write_run_info(cfg, world)
     barrier()
 
@@ -268,6 +268,8 @@ def _hydra_main(dict_cfg: DictConfig) -> None:
     cfg = job_config(dict_cfg)
     try:
         validate(cfg)
+        if "LOCAL_RANK" not in os.environ:
+            ensure_synthetic_corpus(cfg)  # here, before any rank exists to wait for it
         if "LOCAL_RANK" not in os.environ and cfg.launch.nproc_per_node > 1:
             code = launch_local(cfg)
             if code:

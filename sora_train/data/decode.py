@@ -119,7 +119,9 @@ def resize_crop(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
     scale = max(height / src_h, width / src_w)
     new_h, new_w = max(height, round(src_h * scale)), max(width, round(src_w * scale))
     if (new_h, new_w) != (src_h, src_w):
-        video = F.interpolate(video, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+        video = F.interpolate(
+            video, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False
+        )
     top, left = (new_h - height) // 2, (new_w - width) // 2
     video = video[:, :, top : top + height, left : left + width]
     return rearrange(video / 127.5 - 1.0, "f c h w -> c f h w").clamp(-1, 1).contiguous()

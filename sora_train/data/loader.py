@@ -34,7 +34,9 @@ def fresh_position() -> dict:
     return {"epoch": 0, "emitted": 0, "skipped": {}}
 
 
-def epoch_shards(shards: list[str], seed: int, epoch: int, rank: int, world: int, worker: int, workers: int) -> list[str]:
+def epoch_shards(
+    shards: list[str], seed: int, epoch: int, rank: int, world: int, worker: int, workers: int
+) -> list[str]:
     """The shards one worker of one rank reads in an epoch (seeded shuffle, then strided split)."""
     order = list(shards)
     random.Random(f"{seed}/{epoch}").shuffle(order)
@@ -84,19 +86,24 @@ class ClipStream(IterableDataset):
 
     def _batches(self, worker: int, position: dict) -> Iterator[Batch]:
         epoch, resume_at, skipped = position["epoch"], position["emitted"], Counter(position["skipped"])
+        cursor = {"emitted": 0}  # samples out of the shuffle buffer so far this epoch
         clips: list[tuple[str, str, torch.Tensor]] = []
+
+        def count_shard_error(reason: str) -> None:
+            if (
+                cursor["emitted"] >= resume_at
+            ):  # errors met while replaying consumed samples were counted before
+                skipped[reason] += 1
+
         while True:
-            shards = epoch_shards(self.shards, self.seed, epoch, self.rank, self.world, worker, self.num_workers)
+            shards = epoch_shards(
+                self.shards, self.seed, epoch, self.rank, self.world, worker, self.num_workers
+            )
             rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
-            emitted = produced = 0
-
-            def count_shard_error(reason: str) -> None:
-                if emitted >= resume_at:  # errors met while replaying consumed samples were counted before
-                    skipped[reason] += 1
-
+            cursor["emitted"] = produced = 0
             for sample in shuffle_buffer(self._raw_samples(shards, count_shard_error), self.buffer_size, rng):
-                emitted += 1
-                if emitted <= resume_at:
+                cursor["emitted"] += 1
+                if cursor["emitted"] <= resume_at:
                     continue  # consumed before the checkpoint: skipped without decoding
                 try:
                     clips.append(self._prepare(sample, epoch))
@@ -105,9 +112,12 @@ class ClipStream(IterableDataset):
                     continue
                 produced += 1
                 if len(clips) == self.batch_size:
-                    yield collate(clips, worker, {"epoch": epoch, "emitted": emitted, "skipped": dict(skipped)})
+                    state = {"epoch": epoch, "emitted": cursor["emitted"], "skipped": dict(skipped)}
+                    yield collate(clips, worker, state)
                     clips = []
-            if produced == 0 and resume_at == 0:  # a whole epoch without one usable sample: never spin silently
+            if (
+                produced == 0 and resume_at == 0
+            ):  # a whole epoch without one usable sample: never spin silently
                 raise ShardError(
                     f"rank {self.rank} worker {worker}: no usable sample in {len(shards)} shards "
                     f"(skipped by reason: {dict(skipped)})"

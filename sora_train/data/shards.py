@@ -27,7 +27,9 @@ def resolve_shards(source: str) -> list[str]:
         paths = list(braceexpand.braceexpand(source))
         missing = [p for p in paths if not Path(p).is_file()]
         if missing:
-            raise ShardError(f"{source}: {len(missing)} of {len(paths)} shards are missing, e.g. {missing[0]}")
+            raise ShardError(
+                f"{source}: {len(missing)} of {len(paths)} shards are missing, e.g. {missing[0]}"
+            )
     elif Path(source).is_dir():
         paths = sorted(str(p) for p in Path(source).glob("*.tar"))
     elif Path(source).is_file():
