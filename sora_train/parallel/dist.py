@@ -76,13 +76,6 @@ def all_gather_objects(obj: object) -> list:
     return gathered
 
 
-def broadcast_object(obj: object, src: int = 0) -> object:
-    """Rank `src`'s object on every rank."""
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def barrier() -> None:
     """Wait for every rank."""
     dist.barrier()
