@@ -86,11 +86,17 @@ def forward_backward(
 
 
 def ensure_synthetic_corpus(cfg: TrainConfig) -> None:
-    """Write the synthetic corpus next to data.train when the recipe asks for it and it is incomplete."""
+    """Write the synthetic corpus when the recipe asks for it and data.train is missing or half-written.
+
+    An existing directory without an interrupted write is left alone, even if empty (the loader
+    then refuses it), so a user's own path is never written into.
+    """
     from .data_prep.synthetic import MANIFEST_NAME, generate_corpus
 
-    root = Path(cfg.data.train).parent
+    train, root = Path(cfg.data.train), Path(cfg.data.train).parent
     if not (cfg.data.generate_if_missing and cfg.data.name == "synthetic") or (root / MANIFEST_NAME).exists():
+        return
+    if train.exists() and not any(train.glob("*.partial")):
         return
     print(f"writing the synthetic corpus to {root}", flush=True)
     generate_corpus(root)
