@@ -20,6 +20,17 @@ FAST = [
 ]  # fmt: skip
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Build DeepSpeed's CPU shared-memory collective op once, before any timed subprocess.
+
+    On a machine without a GPU, DeepSpeed compiles this op the first time a process calls
+    `init_distributed` (minutes on two cores) and caches it under ~/.cache/torch_extensions.
+    Building it here keeps that one-off cost out of the per-test timeouts.
+    """
+    build = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+    subprocess.run([sys.executable, "-c", build], capture_output=True, timeout=1800, check=False)
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic corpus: 64 training clips in 8 shards, 16 validation clips."""
