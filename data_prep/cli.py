@@ -8,11 +8,14 @@ line on stderr and exit with code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 from typing import NoReturn
 
+from sora_train.data_prep.build_shards import ShardOptions, build_shards, parse_shard_size
+from sora_train.data_prep.probe import PrepOptions
 from sora_train.data_prep.synthetic import MANIFEST_NAME, generate_corpus
 
 
@@ -67,11 +70,95 @@ def _add_synthetic(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run_synthetic)
 
 
+def _run_shards(args: argparse.Namespace) -> int:
+    """Probe, filter and shard a video folder or list; print a summary."""
+    start = time.perf_counter()
+    shard_samples, shard_bytes = parse_shard_size(args.shard_size)
+    prep = PrepOptions(
+        min_seconds=args.min_seconds,
+        max_seconds=args.max_seconds,
+        min_side=args.min_side,
+        max_aspect=args.max_aspect,
+        clip_seconds=args.clip_seconds,
+        max_side=args.max_side,
+        crf=args.crf,
+    )
+    options = ShardOptions(
+        src=Path(args.src),
+        out=Path(args.out),
+        prep=prep,
+        shard_samples=shard_samples,
+        shard_bytes=shard_bytes,
+        val_fraction=args.val_fraction,
+        workers=args.workers or os.cpu_count() or 1,
+        timeout=args.timeout,
+        buckets=args.buckets or None,
+        node_rank=args.node_rank,
+        num_nodes=args.num_nodes,
+    )
+    manifest = build_shards(options)
+    splits = ", ".join(
+        f"{split} {entry['num_samples']} samples in {len(entry['shards'])} shards"
+        for split, entry in manifest["splits"].items()
+    )
+    rejects = ", ".join(f"{reason} {count}" for reason, count in manifest["rejects"].items()) or "none"
+    seconds = time.perf_counter() - start
+    print(f"sora-prep shards: {splits}; rejected: {rejects} -> {options.out} in {seconds:.1f}s")
+    return 0
+
+
+def _add_shards(subparsers: argparse._SubParsersAction) -> None:
+    """Register `sora-prep shards`."""
+    parser = subparsers.add_parser("shards", help="turn captioned videos into webdataset shards")
+    parser.add_argument(
+        "--src",
+        required=True,
+        help="a folder of videos with .txt/.json caption sidecars, or a .csv/.jsonl list",
+    )
+    parser.add_argument(
+        "--out", required=True, help="output directory (train/, val/, manifest.json, rejects.jsonl)"
+    )
+    parser.add_argument("--shard-size", default="1000", help="samples per shard (1000) or bytes (512MB, 2GB)")
+    parser.add_argument("--min-seconds", type=float, default=1.0, help="shortest clip kept (default 1.0)")
+    parser.add_argument(
+        "--max-seconds", type=float, default=None, help="longest video kept (default: no limit)"
+    )
+    parser.add_argument(
+        "--min-side", type=int, default=64, help="smallest shorter side in pixels (default 64)"
+    )
+    parser.add_argument(
+        "--max-aspect", type=float, default=3.0, help="largest long:short side ratio (default 3)"
+    )
+    parser.add_argument(
+        "--clip-seconds", type=float, default=None, help="split videos into clips of this length (re-encoded)"
+    )
+    parser.add_argument(
+        "--max-side", type=int, default=None, help="re-encode videos whose longer side exceeds this"
+    )
+    parser.add_argument("--crf", type=int, default=18, help="H.264 quality of re-encodes (default 18)")
+    parser.add_argument(
+        "--val-fraction", type=float, default=0.01, help="share of sources for val (default 0.01)"
+    )
+    parser.add_argument("--workers", type=int, default=None, help="probe processes (default: cores)")
+    parser.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds per input before it is rejected"
+    )
+    parser.add_argument(
+        "--buckets",
+        default="video_256",
+        help="bucket table counted in the manifest (name or .yaml; '' for none)",
+    )
+    parser.add_argument("--node-rank", type=int, default=0, help="this node's share of the input (default 0)")
+    parser.add_argument("--num-nodes", type=int, default=1, help="nodes splitting the input (default 1)")
+    parser.set_defaults(handler=_run_shards)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `sora-prep` parser with every subcommand registered."""
     parser = _Parser(prog="sora-prep", description="Build training corpora for sora-train.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_synthetic(subparsers)
+    _add_shards(subparsers)
     return parser
 
 

@@ -19,9 +19,10 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 
 from sora_train.video_io import encode_mp4
+
+from .shard_writer import write_shard
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (255, 0, 0),
@@ -47,7 +48,6 @@ FRAME_SIZES: tuple[tuple[int, int], ...] = (
 COMBINATIONS: tuple[tuple[str, str, str], ...] = tuple(itertools.product(COLORS, SHAPES, DIRECTIONS))
 
 MANIFEST_NAME = "manifest.json"
-TAR_MTIME = 0  # constant member mtime (and an int, so no PAX header), for byte-identical shards
 _SPLIT_STREAMS = {"train": 0, "val": 1}
 _UNIT_STEP = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}  # (dy, dx)
 _OBJECT_SIZE = (0.35, 0.45)  # fraction of min(H, W)
@@ -167,20 +167,9 @@ def _make_sample(
     }
 
 
-def _write_shard(path: Path, samples: list[dict[str, str | bytes]]) -> None:
-    """Write one tar shard under a temporary name, then move it into place."""
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as stream:
-        writer = wds.TarWriter(stream, encoder=False, mtime=TAR_MTIME)
-        for sample in samples:
-            writer.write(sample)
-        writer.close()
-    os.replace(partial, path)
-
-
 def _write_numbered_shard(path: Path, split: str, indices: range, sample_args: dict) -> None:
     """Render, encode and write the samples `indices` of `split` as one shard (runs in a worker process)."""
-    _write_shard(path, [_make_sample(split, index, **sample_args) for index in indices])
+    write_shard(path, [_make_sample(split, index, **sample_args) for index in indices])
 
 
 def _write_split(

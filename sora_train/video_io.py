@@ -11,31 +11,58 @@ from pathlib import Path
 import numpy as np
 
 
+class Mp4Encoder:
+    """Encode RGB frames one at a time into H.264 mp4 bytes (yuv420p, so H and W must be even).
+
+    `enc = Mp4Encoder(h, w, fps)`, `enc.add(frame)` per frame, then `enc.finish()` gives the file.
+    x264 runs with mbtree=0: its macroblock tree makes output vary between runs, and without
+    it the same frames give the same bytes.
+    """
+
+    def __init__(self, height: int, width: int, fps: float = 8.0, crf: int = 18):
+        import av
+
+        if height % 2 or width % 2 or height <= 0 or width <= 0:
+            raise ValueError(f"H.264 yuv420p needs positive even sides, got {height}x{width}")
+        self._av, self.height, self.width = av, height, width
+        self._buffer = io.BytesIO()
+        self._container = av.open(self._buffer, mode="w", format="mp4")
+        self._stream = self._container.add_stream("libx264", rate=max(1, round(fps)))
+        self._stream.width, self._stream.height, self._stream.pix_fmt = width, height, "yuv420p"
+        self._stream.options = {"crf": str(crf), "preset": "veryfast", "x264-params": "mbtree=0"}
+        self.frames = 0
+
+    def add(self, frame: np.ndarray) -> None:
+        """Append one (H, W, 3) uint8 RGB frame."""
+        if frame.shape != (self.height, self.width, 3) or frame.dtype != np.uint8:
+            raise ValueError(
+                f"expected a uint8 frame shaped {(self.height, self.width, 3)}, got {frame.dtype} {frame.shape}"
+            )
+        video_frame = self._av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        for packet in self._stream.encode(video_frame):
+            self._container.mux(packet)
+        self.frames += 1
+
+    def finish(self) -> bytes:
+        """Flush the encoder and return the mp4 file's bytes."""
+        if self.frames == 0:
+            raise ValueError("cannot encode a video with no frames")
+        for packet in self._stream.encode():
+            self._container.mux(packet)
+        self._container.close()
+        return self._buffer.getvalue()
+
+
 def encode_mp4(frames: np.ndarray, fps: float = 8.0, crf: int = 18) -> bytes:
     """Encode (F, H, W, 3) uint8 RGB frames as H.264 mp4 bytes (yuv420p, so H and W must be even)."""
-    import av
-
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"expected uint8 frames shaped (F, H, W, 3), got {frames.dtype} {frames.shape}")
-    num_frames, height, width, _ = frames.shape
-    if num_frames == 0:
+    if frames.shape[0] == 0:
         raise ValueError("cannot encode a video with no frames")
-    if height % 2 or width % 2:
-        raise ValueError(f"H.264 yuv420p needs even sides, got {height}x{width}")
-    buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=round(fps))
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        # mbtree=0: x264's macroblock tree makes output vary between runs; without it, same frames, same bytes.
-        stream.options = {"crf": str(crf), "preset": "veryfast", "x264-params": "mbtree=0"}
-        for frame in frames:
-            for packet in stream.encode(
-                av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-            ):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buffer.getvalue()
+    encoder = Mp4Encoder(frames.shape[1], frames.shape[2], fps, crf)
+    for frame in frames:
+        encoder.add(frame)
+    return encoder.finish()
 
 
 def write_mp4(path: str | Path, frames: np.ndarray, fps: float = 8.0) -> Path:
