@@ -30,7 +30,7 @@ from pathlib import Path
 
 from sora_train.data.buckets import BucketTable, load_bucket_table
 
-from .probe import PreparedSource, PrepOptions, Rejected, prepare_source
+from .probe import PreparedSource, PrepOptions, Rejected, prepare_item
 from .shard_writer import ShardFile, write_json_atomic
 from .sources import SourceItem, iter_sources
 from .stats import CorpusStats
@@ -89,15 +89,6 @@ def sample_key(item: SourceItem, clip_index: int | None) -> str:
     stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(item.source).stem).strip("_")[:40] or "video"
     digest = hashlib.sha1(f"{item.source}|{item.start}|{item.end}".encode()).hexdigest()[:10]
     return f"{stem}-{digest}" + ("" if clip_index is None else f"-{clip_index:04d}")
-
-
-def prepare_item(item: SourceItem, options: PrepOptions) -> PreparedSource | Rejected:
-    """Worker entry point: reject a missing caption or file before probing, else `prepare_source`."""
-    if item.caption is None:
-        return Rejected("missing_caption", item.caption_error)
-    if not os.path.exists(item.path):
-        return Rejected("unreadable", "no such file")
-    return prepare_source(item, options)
 
 
 @dataclass
@@ -252,6 +243,9 @@ def _write_split(
         if isinstance(result, WorkerFailure | Rejected):
             writer.reject(item, result.reason, result.detail)
             continue
+        if not result.clips:
+            writer.reject(item, "too_short", "no whole clip fits")
+            continue
         first_clip = resume_clip if item.index == resume_item else 0
         identity = f"{result.probe.content_hash}:{item.start}:{item.end}"
         if first_clip == 0:  # a source resumed mid-way was checked and recorded before
@@ -259,13 +253,14 @@ def _write_split(
                 writer.reject(item, "duplicate", f"same content as an earlier input ({identity})")
                 continue
             seen.add(identity)
-            writer.accept_source(identity)
         original = None
         if any(clip.data is None for clip in result.clips):
             original = Path(item.path).read_bytes()
         for clip_index in range(first_clip, len(result.clips)):
             sample, record = _sample(item, result, clip_index, original)
             writer.add(sample, record, [item.index, clip_index])
+            if clip_index == 0:  # recorded with the shard that holds the source's first sample
+                writer.accept_source(identity)
             stats.add(record)
     return state, writer.finish()
 

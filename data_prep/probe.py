@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from dataclasses import dataclass, field
 
+import av
 import numpy as np
 
 from sora_train.video_io import Mp4Encoder
@@ -94,8 +96,6 @@ def file_hash(path: str) -> str:
 
 def probe_video(path: str) -> VideoProbe | Rejected:
     """Metadata of the video at `path`, or why it cannot be used (unreadable, no stream, zero frames)."""
-    import av
-
     try:
         content_hash = file_hash(path)
         with av.open(path) as container:
@@ -161,8 +161,6 @@ def _reencode(
     path: str, probe: VideoProbe, windows: list[tuple[int, int]], options: PrepOptions
 ) -> list[bytes]:
     """Decode the video once and encode each window as its own upright mp4."""
-    import av
-
     width, height = output_size(probe, options.max_side)
     stored = (height, width) if probe.rotation % 180 == 90 else (width, height)  # size before rotation
     outputs: list[bytes] = []
@@ -216,3 +214,12 @@ def prepare_source(item: SourceItem, options: PrepOptions) -> PreparedSource | R
         for (a, b), data in zip(windows, encoded, strict=True)
     ]
     return PreparedSource(probe, clips)
+
+
+def prepare_item(item: SourceItem, options: PrepOptions) -> PreparedSource | Rejected:
+    """Worker entry point: reject a missing caption or file before probing, else `prepare_source`."""
+    if item.caption is None:
+        return Rejected("missing_caption", item.caption_error)
+    if not os.path.exists(item.path):
+        return Rejected("unreadable", "no such file")
+    return prepare_source(item, options)

@@ -7,14 +7,14 @@ same samples always give the same bytes.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import tarfile
 from pathlib import Path
 from typing import Any
 
-import webdataset as wds
-
-TAR_MTIME = 0  # constant member mtime (and an int, so no PAX header): byte-identical shards
+TAR_MTIME = 0  # constant member mtime and owner: byte-identical shards for identical samples
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -33,27 +33,33 @@ class ShardFile:
     def __init__(self, path: Path):
         self.path = path
         self.partial = path.with_name(path.name + ".partial")
-        self._stream = open(self.partial, "wb")  # noqa: SIM115 -- closed by commit() / discard()
-        self._writer = wds.TarWriter(self._stream, encoder=False, mtime=TAR_MTIME)
+        self._tar = tarfile.open(self.partial, mode="w", format=tarfile.GNU_FORMAT)  # noqa: SIM115
         self.samples = 0
         self.bytes = 0
 
     def add(self, sample: dict[str, str | bytes]) -> None:
-        """Append one sample: `__key__` plus extension -> bytes."""
-        self._writer.write(sample)
+        """Append one sample: `__key__` plus extension -> bytes (members in sorted extension order)."""
+        key = sample["__key__"]
+        for extension in sorted(k for k in sample if k != "__key__"):
+            data = sample[extension]
+            data = data.encode("utf-8") if isinstance(data, str) else data
+            member = tarfile.TarInfo(f"{key}.{extension}")
+            member.size, member.mtime, member.mode = len(data), TAR_MTIME, 0o444
+            member.uname = member.gname = "sora"
+            self._tar.addfile(member, io.BytesIO(data))
         self.samples += 1
         self.bytes += sum(len(v) for k, v in sample.items() if k != "__key__")
 
     def commit(self) -> None:
         """Close, flush to disk and move into place under the final name."""
-        self._writer.close()  # also closes the stream
+        self._tar.close()
         with open(self.partial, "rb+") as stream:
             os.fsync(stream.fileno())
         os.replace(self.partial, self.path)
 
     def discard(self) -> None:
         """Close and delete the partial file."""
-        self._writer.close()
+        self._tar.close()
         self.partial.unlink(missing_ok=True)
 
 

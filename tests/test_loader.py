@@ -151,9 +151,9 @@ def test_resume_skips_consumed_samples_without_decoding(corpus, monkeypatch):
     take(first, 5)
     decoded = []
 
-    def counting_decode(data, spec, rng):
+    def counting_decode(data, spec, rng, window=None):
         decoded.append(1)
-        return decode_clip(data, spec, rng)
+        return decode_clip(data, spec, rng, window)
 
     monkeypatch.setattr(loader_module, "decode_clip", counting_decode)
     resumed = make_loader(corpus)

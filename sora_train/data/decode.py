@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+FrameWindow = tuple[int, int] | list[int] | None  # [first, last) source frames a clip may use
+
 
 class SkipSample(Exception):
     """This sample cannot be used; `reason` is the counter it is recorded under."""
@@ -48,22 +50,22 @@ class ClipSpec:
         return (self.num_frames - 1) * self.stride + 1
 
 
-def _decode_decord(data: bytes, spec: ClipSpec, rng: np.random.Generator) -> np.ndarray:
+def _decode_decord(data: bytes, spec: ClipSpec, rng: np.random.Generator, window: FrameWindow) -> np.ndarray:
     import decord
 
     reader = decord.VideoReader(io.BytesIO(data), num_threads=1)
     try:
-        return reader.get_batch(choose_indices(len(reader), spec, rng).tolist()).asnumpy()
+        return reader.get_batch(choose_indices(len(reader), spec, rng, window).tolist()).asnumpy()
     finally:
         del reader  # decord leaks if readers are kept around
 
 
-def _decode_pyav(data: bytes, spec: ClipSpec, rng: np.random.Generator) -> np.ndarray:
+def _decode_pyav(data: bytes, spec: ClipSpec, rng: np.random.Generator, window: FrameWindow) -> np.ndarray:
     import av
 
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
-        indices = choose_indices(stream.frames, spec, rng)  # the header's count; checked below
+        indices = choose_indices(stream.frames, spec, rng, window)  # the header's count; checked below
         wanted = {int(i) for i in indices}
         frames: dict[int, np.ndarray] = {}
         for index, frame in enumerate(container.decode(stream)):
@@ -76,30 +78,41 @@ def _decode_pyav(data: bytes, spec: ClipSpec, rng: np.random.Generator) -> np.nd
     return np.stack([frames[int(i)] for i in indices])
 
 
-def choose_indices(num_frames: int, spec: ClipSpec, rng: np.random.Generator) -> np.ndarray:
-    """F frame indices `stride` apart from a random (or the centred) window; raises SkipSample if too short."""
-    if num_frames < spec.span:
-        raise SkipSample("too_short", f"{num_frames} frames < {spec.span} needed")
-    spare = num_frames - spec.span
+def choose_indices(
+    num_frames: int, spec: ClipSpec, rng: np.random.Generator, window: FrameWindow = None
+) -> np.ndarray:
+    """F frame indices `stride` apart from a random (or the centred) stretch; raises SkipSample if too short.
+
+    `window` = [first, last) restricts the choice to part of the video (a clip named by the
+    sample's `frame_window`); None means all `num_frames` frames.
+    """
+    first, last = (0, num_frames) if window is None else (int(window[0]), min(int(window[1]), num_frames))
+    available = last - first
+    if available < spec.span:
+        raise SkipSample("too_short", f"{max(0, available)} frames < {spec.span} needed")
+    spare = available - spec.span
     start = spare // 2 if spec.window == "center" else int(rng.integers(0, spare + 1))
-    return start + spec.stride * np.arange(spec.num_frames)
+    return first + start + spec.stride * np.arange(spec.num_frames)
 
 
-def decode_clip(data: bytes, spec: ClipSpec, rng: np.random.Generator) -> torch.Tensor:
+def decode_clip(
+    data: bytes, spec: ClipSpec, rng: np.random.Generator, window: FrameWindow = None
+) -> torch.Tensor:
     """mp4 bytes -> (C, F, H, W) float32 in [-1, 1] at the spec's size; raises SkipSample.
 
+    `window` = [first, last) frames to cut from (see `choose_indices`).
     decord first; PyAV when decord cannot open or decode the file. Both draw the window from a
     copy of `rng`, so the fallback picks the same frames.
     """
     state = rng.bit_generator.state
     try:
-        frames = _decode_decord(data, spec, rng)
+        frames = _decode_decord(data, spec, rng, window)
     except SkipSample:
         raise
     except Exception:
         rng.bit_generator.state = state
         try:
-            frames = _decode_pyav(data, spec, rng)
+            frames = _decode_pyav(data, spec, rng, window)
         except SkipSample:
             raise
         except Exception as error:

@@ -144,7 +144,10 @@ class ClipStream(IterableDataset):
         if "mp4" not in sample:
             raise SkipSample("missing_video")
         rng = np.random.default_rng([self.seed, epoch, zlib.crc32(key.encode())])
-        return key, caption, decode_clip(sample["mp4"], self.spec, rng)
+        window = meta.get("frame_window")
+        if window is not None and not (isinstance(window, list) and len(window) == 2):
+            raise SkipSample("bad_metadata", f"frame_window {window!r} is not [first, last)")
+        return key, caption, decode_clip(sample["mp4"], self.spec, rng, window)
 
 
 def merge_counts(counts: list[dict[str, int]]) -> dict[str, int]:
