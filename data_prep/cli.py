@@ -153,12 +153,99 @@ def _add_shards(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run_shards)
 
 
+def _run_encode(args: argparse.Namespace) -> int:
+    """Encode video shards into latent shards (this rank's share under torchrun)."""
+    from sora_train.data_prep.encode import EncodeOptions, encode_shards
+
+    start = time.perf_counter()
+    options = EncodeOptions(
+        src=args.src,
+        out=Path(args.out),
+        buckets=args.buckets,
+        latent_space=args.latent_space,
+        vae_path=args.vae,
+        text_encoder=args.text_encoder,
+        text_encoder_path=args.text_encoder_path,
+        text_max_length=args.text_max_length,
+        device=args.device,
+        dtype=args.dtype,
+        storage_dtype=args.storage_dtype,
+    )
+    manifest = encode_shards(options)
+    if manifest is not None:
+        skipped = ", ".join(f"{reason} {count}" for reason, count in manifest["skipped"].items()) or "none"
+        seconds = time.perf_counter() - start
+        print(
+            f"sora-prep encode: {manifest['num_samples']} samples in {len(manifest['shards'])} shards; "
+            f"skipped: {skipped} -> {options.out} in {seconds:.1f}s"
+        )
+    return 0
+
+
+def _add_encode(subparsers: argparse._SubParsersAction) -> None:
+    """Register `sora-prep encode`."""
+    parser = subparsers.add_parser("encode", help="precompute VAE latents (and text embeddings) per bucket")
+    parser.add_argument(
+        "--src", required=True, help="video shards: a directory of .tar, one .tar, or a brace pattern"
+    )
+    parser.add_argument("--out", required=True, help="output directory for the latent shards")
+    parser.add_argument(
+        "--buckets", default="video_256", help="bucket table (name or .yaml; default video_256)"
+    )
+    parser.add_argument("--latent-space", default="pixel", choices=["pixel", "wan"], help="default pixel")
+    parser.add_argument("--vae", default=None, help="local directory of the VAE (for --latent-space wan)")
+    parser.add_argument(
+        "--text-encoder", default="none", choices=["none", "t5", "umt5"], help="none keeps captions as text"
+    )
+    parser.add_argument("--text-encoder-path", default=None, help="local directory of the T5/UMT5 encoder")
+    parser.add_argument("--text-max-length", type=int, default=128, help="caption tokens (default 128)")
+    parser.add_argument(
+        "--device", default="cuda" if _has_cuda() else "cpu", help="default: cuda when present"
+    )
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="encoder compute dtype"
+    )
+    parser.add_argument(
+        "--storage-dtype",
+        default="float16",
+        choices=["float16", "float32"],
+        help="stored arrays (default float16)",
+    )
+    parser.set_defaults(handler=_run_encode)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    """Print what a shard directory holds."""
+    from sora_train.data_prep.inspect_dir import inspect_directory
+
+    print(inspect_directory(args.directory, args.buckets or None))
+    return 0
+
+
+def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
+    """Register `sora-prep inspect`."""
+    parser = subparsers.add_parser("inspect", help="counts, hours, buckets and rejects of a shard directory")
+    parser.add_argument(
+        "directory", help="a directory written by `sora-prep shards` or `encode`, or any shards"
+    )
+    parser.add_argument("--buckets", default="video_256", help="table for shards without a manifest")
+    parser.set_defaults(handler=_run_inspect)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `sora-prep` parser with every subcommand registered."""
     parser = _Parser(prog="sora-prep", description="Build training corpora for sora-train.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_synthetic(subparsers)
     _add_shards(subparsers)
+    _add_encode(subparsers)
+    _add_inspect(subparsers)
     return parser
 
 

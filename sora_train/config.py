@@ -33,7 +33,8 @@ class ModelConfig:
     qk_norm: bool = True
     rope_theta: float = 10000.0
     absolute_positions: bool = False  # add a sinusoidal (t, y, x) embedding to the tokens, on top of RoPE
-    latent_space: str = "pixel"
+    latent_space: str = "pixel"  # pixel | wan
+    vae_path: str | None = None  # local directory of the pretrained VAE (latent_space=wan)
     text_vocab_size: int = 4096
     text_max_length: int = 16
     text_dim: int = 128
@@ -206,7 +207,7 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         model.patch_size,
         strict=True,
     ):
-        if side % patch:
+        if model.latent_space == "pixel" and side % patch:
             raise ConfigError(f"{name}={side} is not divisible by the patch size {patch} (model.patch_size)")
     if model.hidden_size % model.num_heads:
         raise ConfigError(
@@ -218,8 +219,14 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         raise ConfigError(
             f"model.text_dim={model.text_dim} is not divisible by model.text_heads={model.text_heads}"
         )
-    if model.latent_space != "pixel":
-        raise ConfigError(f"model.latent_space={model.latent_space!r} is not available; use 'pixel'")
+    if model.latent_space not in ("pixel", "wan"):
+        raise ConfigError(f"model.latent_space={model.latent_space!r} is not available; use pixel or wan")
+    if model.latent_space == "wan" and not (
+        model.vae_path and (Path(model.vae_path) / "config.json").is_file()
+    ):
+        raise ConfigError(
+            f"model.latent_space=wan needs model.vae_path= a local VAE directory, got {model.vae_path}"
+        )
     per_step = world_size * train.grad_accum_steps
     if train.global_batch_size < per_step or train.global_batch_size % per_step:
         raise ConfigError(

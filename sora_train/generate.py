@@ -30,7 +30,7 @@ def generate_videos(
     Noise comes from a generator seeded with `seed`, so the same seed gives the same clips.
     The unconditional branch of classifier-free guidance uses the empty caption.
     """
-    latent_space = build_latent_space(model_cfg.latent_space)
+    latent_space = build_latent_space(model_cfg.latent_space, model_cfg.vae_path)
     tokenizer = build_tokenizer(model_cfg)
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
@@ -40,9 +40,7 @@ def generate_videos(
     def velocity(x: torch.Tensor, t: torch.Tensor, conditional: bool) -> torch.Tensor:
         return model(x, t.to(dtype), ids if conditional else null_ids, mask if conditional else null_mask)
 
-    frames, height, width = shape
-    t_c, t_h, t_w = latent_space.compression
-    latent_shape = (len(prompts), latent_space.channels, frames // t_c, height // t_h, width // t_w)
+    latent_shape = (len(prompts), *latent_space.latent_shape(*shape))  # (B, C, f, h, w)
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(latent_shape, generator=generator).to(device=device, dtype=dtype)
     latents = euler_sample(velocity, noise, diffusion.sample_steps, diffusion.cfg_scale)

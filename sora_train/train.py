@@ -50,7 +50,7 @@ from .metrics import MetricsLogger, keys_hash
 from .models.denoiser import VideoDenoiser, build_denoiser, build_tokenizer
 from .models.patch import grid_size
 from .models.text import HashTokenizer
-from .models.vae import PixelSpace, build_latent_space
+from .models.vae import LatentSpace, build_latent_space
 from .parallel.checkpointing import apply_activation_checkpointing
 from .parallel.dist import DistInfo, all_gather_objects, all_reduce_mean, barrier, init_distributed
 from .parallel.zero import build_engine, use_bf16
@@ -68,12 +68,15 @@ def drop_captions(captions: list[str], probability: float, generator: torch.Gene
 
 
 def forward_backward(
-    engine, batch: Batch, tokenizer: HashTokenizer, latent_space: PixelSpace, generator: torch.Generator,
+    engine, batch: Batch, tokenizer: HashTokenizer, latent_space: LatentSpace | None, generator: torch.Generator,
     cfg: TrainConfig, dtype: torch.dtype,
 ) -> float:  # fmt: skip
-    """One micro-batch: encode, noise at logit-normal t, flow-matching loss, backward. Returns the loss."""
+    """One micro-batch: encode (unless `latent_space` is None: the batch holds latents), noise at
+    logit-normal t, flow-matching loss, backward. Returns the loss."""
     device = engine.device
-    x0 = latent_space.encode(batch["x"].to(device=device, dtype=dtype))  # (B, C, F, H, W)
+    x0 = batch["x"].to(device=device, dtype=dtype)  # (B, C, f, h, w) latents, or (B, 3, F, H, W) pixels
+    if latent_space is not None:
+        x0 = latent_space.encode(x0)
     captions = drop_captions(batch["caption"], cfg.data.caption_dropout, generator)
     ids, mask = (tensor.to(device) for tensor in tokenizer(captions))
     t = sample_timesteps(len(captions), generator, cfg.diffusion.logit_mean, cfg.diffusion.logit_std)
@@ -164,9 +167,12 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> None:
     ema = EMA(engine.module, cfg.train.ema_decay)
     data = cfg.data
     spec = ClipSpec(data.num_frames, data.frame_stride, data.height, data.width, data.window)
+    latent_space = build_latent_space(cfg.model.latent_space, cfg.model.vae_path, device)
+    latent_shape = latent_space.latent_shape(*spec.shape)  # (C, f, h, w)
+    precomputed = data.name == "latents"  # latent shards from `sora-prep encode`: no decoding, no VAE
     loader = VideoLoader(
         resolve_shards(cfg.data.train), spec, micro_batch_size(cfg, world), cfg.seed, rank, world,
-        cfg.data.num_workers, cfg.data.shuffle_buffer,
+        cfg.data.num_workers, cfg.data.shuffle_buffer, latent_shape if precomputed else None,
     )  # fmt: skip
     generator = torch.Generator().manual_seed(cfg.seed + 1000 * (rank + 1))
 
@@ -182,8 +188,8 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> None:
             print(f"resumed from {checkpoint} at step {step}", flush=True)
     logger = MetricsLogger(cfg, step, wandb_id) if dist_info.is_main else None
 
-    tokenizer, latent_space = build_tokenizer(cfg.model), build_latent_space(cfg.model.latent_space)
-    tokens_per_sample = math.prod(grid_size(spec.shape, tuple(cfg.model.patch_size)))
+    tokenizer = build_tokenizer(cfg.model)
+    tokens_per_sample = math.prod(grid_size(latent_shape[1:], tuple(cfg.model.patch_size)))
     batches = iter(loader)
 
     def save(at_step: int) -> None:
@@ -201,7 +207,8 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> None:
             fetch = time.perf_counter()
             batch = next(batches)
             data_wait += time.perf_counter() - fetch
-            losses.append(forward_backward(engine, batch, tokenizer, latent_space, generator, cfg, dtype))
+            encoder = None if precomputed else latent_space
+            losses.append(forward_backward(engine, batch, tokenizer, encoder, generator, cfg, dtype))
             keys.extend(batch["key"])
         engine.step()
         step += 1

@@ -11,10 +11,7 @@ import torch
 from sora_train.models.text_encoders import FrozenT5Encoder, build_text_encoder
 from sora_train.models.vae import LatentSpace, PixelSpace, WanVAE, build_latent_space
 
-LATENTS_MEAN = [0.5, -0.25, 1.0, 0.0]
-LATENTS_STD = [2.0, 0.5, 1.5, 1.0]
-WORDS = ["a", "cat", "dog", "runs", "on", "the", "beach", "at", "night", "red", "ball"]
-
+from .tiny_pretrained import LATENTS_MEAN, LATENTS_STD, save_tiny_t5, save_tiny_wan
 
 # ---------------------------------------------------------------- Wan VAE
 
@@ -22,21 +19,7 @@ WORDS = ["a", "cat", "dog", "runs", "on", "the", "beach", "at", "night", "red", 
 @pytest.fixture(scope="module")
 def wan_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny random AutoencoderKLWan (temporal 2, spatial 2, z_dim 4) saved to disk."""
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKLWan(
-        base_dim=8,
-        z_dim=4,
-        dim_mult=[1, 2],
-        num_res_blocks=1,
-        attn_scales=[],
-        temperal_downsample=[True],
-        latents_mean=LATENTS_MEAN,
-        latents_std=LATENTS_STD,
-    )
-    path = tmp_path_factory.mktemp("wan_vae")
-    vae.save_pretrained(path)
-    return str(path)
+    return save_tiny_wan(tmp_path_factory.mktemp("wan_vae"))
 
 
 @pytest.fixture(scope="module")
@@ -148,39 +131,6 @@ def test_build_latent_space():
 
 
 # ---------------------------------------------------------------- T5 / UMT5
-
-
-def save_tiny_t5(model_type: str, path) -> None:
-    """A word-level tokenizer (appends </s>, like T5's) and a 1-layer random encoder, saved to `path`."""
-    tokenizers = pytest.importorskip("tokenizers")
-    transformers = pytest.importorskip("transformers")
-    vocab = {word: i for i, word in enumerate(["<pad>", "</s>", "<unk>", *WORDS])}
-    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
-        single="$A </s>", special_tokens=[("</s>", vocab["</s>"])]
-    )
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
-    )
-    config_class, model_class = {
-        "t5": (transformers.T5Config, transformers.T5EncoderModel),
-        "umt5": (transformers.UMT5Config, transformers.UMT5EncoderModel),
-    }[model_type]
-    config = config_class(
-        vocab_size=len(vocab),
-        d_model=32,
-        d_kv=8,
-        d_ff=64,
-        num_layers=1,
-        num_heads=4,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-    torch.manual_seed(0)
-    model_class(config).save_pretrained(path)
-    fast.save_pretrained(path)
 
 
 @pytest.fixture(scope="module", params=["t5", "umt5"])

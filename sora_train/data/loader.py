@@ -13,10 +13,12 @@ consumed samples are skipped without being decoded.
 from __future__ import annotations
 
 import copy
+import io
 import random
 import zlib
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -57,34 +59,43 @@ def shuffle_buffer(samples: Iterator[dict], size: int, rng: np.random.Generator)
         yield buffer[slot]
 
 
+@dataclass(frozen=True)
+class StreamSettings:
+    """What every worker stream of one rank shares.
+
+    `latent_shape` = (C, f, h, w) switches the stream to precomputed latent shards
+    (`sora-prep encode`): samples carry `latent.npy` instead of video, and a latent of another
+    shape (another bucket) is skipped as `wrong_bucket`.
+    """
+
+    shards: list[str]
+    spec: ClipSpec
+    batch_size: int
+    seed: int
+    rank: int
+    world: int
+    num_workers: int  # logical streams (at least 1)
+    buffer_size: int
+    latent_shape: tuple[int, int, int, int] | None = None
+
+
 class ClipStream(IterableDataset):
     """Endless batches of clips for one data-parallel rank, split over DataLoader workers."""
 
-    def __init__(
-        self,
-        shards: list[str],
-        spec: ClipSpec,
-        batch_size: int,
-        seed: int,
-        rank: int,
-        world: int,
-        num_workers: int,
-        buffer_size: int,
-        positions: list[dict],
-        worker_offset: int,
-    ):
+    def __init__(self, settings: StreamSettings, positions: list[dict], worker_offset: int):
         super().__init__()
-        self.shards, self.spec, self.batch_size, self.seed = shards, spec, batch_size, seed
-        self.rank, self.world, self.num_workers, self.buffer_size = rank, world, num_workers, buffer_size
-        self.positions, self.worker_offset = positions, worker_offset
+        self.settings, self.positions, self.worker_offset = settings, positions, worker_offset
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         physical = info.id if info is not None else 0
-        worker = (physical + self.worker_offset) % self.num_workers  # the logical stream this process plays
+        worker = (
+            physical + self.worker_offset
+        ) % self.settings.num_workers  # the logical stream this process plays
         yield from self._batches(worker, copy.deepcopy(self.positions[worker]))
 
     def _batches(self, worker: int, position: dict) -> Iterator[Batch]:
+        settings = self.settings
         epoch, resume_at, skipped = position["epoch"], position["emitted"], Counter(position["skipped"])
         cursor = {"emitted": 0}  # samples out of the shuffle buffer so far this epoch
         clips: list[tuple[str, str, torch.Tensor]] = []
@@ -97,11 +108,19 @@ class ClipStream(IterableDataset):
 
         while True:
             shards = epoch_shards(
-                self.shards, self.seed, epoch, self.rank, self.world, worker, self.num_workers
+                settings.shards,
+                settings.seed,
+                epoch,
+                settings.rank,
+                settings.world,
+                worker,
+                settings.num_workers,
             )
-            rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
+            rng = np.random.default_rng([settings.seed, epoch, settings.rank, worker])
             cursor["emitted"] = produced = 0
-            for sample in shuffle_buffer(self._raw_samples(shards, count_shard_error), self.buffer_size, rng):
+            for sample in shuffle_buffer(
+                self._raw_samples(shards, count_shard_error), settings.buffer_size, rng
+            ):
                 cursor["emitted"] += 1
                 if cursor["emitted"] <= resume_at:
                     continue  # consumed before the checkpoint: skipped without decoding
@@ -111,7 +130,7 @@ class ClipStream(IterableDataset):
                     skipped[skip.reason] += 1
                     continue
                 produced += 1
-                if len(clips) == self.batch_size:
+                if len(clips) == settings.batch_size:
                     state = {"epoch": epoch, "emitted": cursor["emitted"], "skipped": dict(skipped)}
                     yield collate(clips, worker, state)
                     clips = []
@@ -119,7 +138,7 @@ class ClipStream(IterableDataset):
                 produced == 0 and resume_at == 0
             ):  # a whole epoch without one usable sample: never spin silently
                 raise ShardError(
-                    f"rank {self.rank} worker {worker}: no usable sample in {len(shards)} shards "
+                    f"rank {settings.rank} worker {worker}: no usable sample in {len(shards)} shards "
                     f"(skipped by reason: {dict(skipped)})"
                 )
             epoch, resume_at = epoch + 1, 0
@@ -141,13 +160,27 @@ class ClipStream(IterableDataset):
         caption = meta.get("caption")
         if not isinstance(caption, str) or not caption.strip():
             raise SkipSample("missing_caption")
+        if self.settings.latent_shape is not None:
+            return key, caption, self._latent(sample)
         if "mp4" not in sample:
             raise SkipSample("missing_video")
-        rng = np.random.default_rng([self.seed, epoch, zlib.crc32(key.encode())])
+        rng = np.random.default_rng([self.settings.seed, epoch, zlib.crc32(key.encode())])
         window = meta.get("frame_window")
         if window is not None and not (isinstance(window, list) and len(window) == 2):
             raise SkipSample("bad_metadata", f"frame_window {window!r} is not [first, last)")
-        return key, caption, decode_clip(sample["mp4"], self.spec, rng, window)
+        return key, caption, decode_clip(sample["mp4"], self.settings.spec, rng, window)
+
+    def _latent(self, sample: dict) -> torch.Tensor:
+        """A precomputed (C, f, h, w) latent as float32; raises SkipSample for a missing or other-shaped one."""
+        if "latent.npy" not in sample:
+            raise SkipSample("missing_latent")
+        try:
+            latent = np.load(io.BytesIO(sample["latent.npy"]), allow_pickle=False)
+        except ValueError as error:
+            raise SkipSample("bad_latent", str(error)) from error
+        if tuple(latent.shape) != self.settings.latent_shape:
+            raise SkipSample("wrong_bucket", f"latent {latent.shape} != {self.settings.latent_shape}")
+        return torch.from_numpy(latent.astype(np.float32))
 
 
 def merge_counts(counts: list[dict[str, int]]) -> dict[str, int]:
@@ -183,6 +216,7 @@ class VideoLoader:
         world: int,
         num_workers: int,
         buffer_size: int,
+        latent_shape: tuple[int, int, int, int] | None = None,
     ):
         streams = max(1, num_workers)
         if len(shards) < world * streams:
@@ -190,16 +224,16 @@ class VideoLoader:
                 f"{len(shards)} shards cannot feed {world} data-parallel ranks × {streams} loader workers; "
                 "write more shards or lower data.num_workers"
             )
-        self.shards, self.spec, self.batch_size, self.seed = shards, spec, batch_size, seed
-        self.rank, self.world, self.num_workers, self.buffer_size = rank, world, num_workers, buffer_size
+        self.settings = StreamSettings(
+            shards, spec, batch_size, seed, rank, world, streams, buffer_size, latent_shape
+        )
+        self.num_workers = num_workers
         self.positions = [fresh_position() for _ in range(streams)]
         self.consumed = 0
 
     def __iter__(self) -> Iterator[Batch]:
-        stream = ClipStream(
-            self.shards, self.spec, self.batch_size, self.seed, self.rank, self.world,
-            len(self.positions), self.buffer_size, copy.deepcopy(self.positions), self.consumed % len(self.positions),
-        )  # fmt: skip
+        offset = self.consumed % len(self.positions)
+        stream = ClipStream(self.settings, copy.deepcopy(self.positions), offset)
         loader = DataLoader(
             stream,
             batch_size=None,
@@ -220,15 +254,15 @@ class VideoLoader:
         return {
             "positions": copy.deepcopy(self.positions),
             "consumed": self.consumed,
-            "world": self.world,
-            "num_shards": len(self.shards),
-            "seed": self.seed,
+            "world": self.settings.world,
+            "num_shards": len(self.settings.shards),
+            "seed": self.settings.seed,
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state`; the rank count, worker count, seed and shard count must match."""
         saved = (state["world"], len(state["positions"]), state["num_shards"], state["seed"])
-        current = (self.world, len(self.positions), len(self.shards), self.seed)
+        current = (self.settings.world, len(self.positions), len(self.settings.shards), self.settings.seed)
         if saved != current:
             raise ValueError(
                 "loader state was saved with (ranks, workers, shards, seed) = "

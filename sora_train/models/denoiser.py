@@ -11,7 +11,7 @@ from torch import nn
 from ..config import ModelConfig
 from .dit import DiT, DiTShape
 from .text import HashTokenizer, TinyTextEncoder
-from .vae import build_latent_space
+from .vae import latent_channels
 
 
 class VideoDenoiser(nn.Module):
@@ -37,7 +37,7 @@ def dit_shape(cfg: ModelConfig) -> DiTShape:
         num_heads=cfg.num_heads,
         mlp_ratio=cfg.mlp_ratio,
         patch_size=tuple(cfg.patch_size),
-        in_channels=build_latent_space(cfg.latent_space).channels,
+        in_channels=latent_channels(cfg.latent_space, cfg.vae_path),
         text_dim=cfg.text_dim,
         qk_norm=cfg.qk_norm,
         rope_theta=cfg.rope_theta,

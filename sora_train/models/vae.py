@@ -184,6 +184,19 @@ class WanVAE:
 LATENT_SPACES = ("pixel", "wan")
 
 
+def latent_channels(name: str, path: str | None = None) -> int:
+    """Channels of a latent space, read from its config (no weights are loaded)."""
+    if name == "pixel":
+        return PixelSpace.channels
+    if name == "wan" and path is not None:
+        import json
+        from pathlib import Path
+
+        return int(json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))["z_dim"])
+    build_latent_space(name, path)  # raises the usual error for an unknown name or a missing path
+    raise AssertionError("unreachable")
+
+
 def build_latent_space(
     name: str,
     path: str | None = None,
