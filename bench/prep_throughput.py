@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import resource
 import shutil
 import statistics
 import tarfile
@@ -38,6 +39,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from sora_train.data_prep.build_shards import ShardOptions, build_shards
@@ -49,8 +51,20 @@ from sora_train.video_io import Mp4Encoder
 # decord is imported inside the functions that use it: the prep's worker is a spawned
 # interpreter that re-imports this script, and `sora-prep shards` itself does not load decord.
 
+T = TypeVar("T")
 RESOLUTIONS: dict[str, tuple[int, int]] = {"720p": (1280, 720), "480p": (848, 480)}  # width, height
 ACCEPT_ALL = PrepOptions(min_seconds=0.0, min_side=2, max_aspect=100.0, clip_seconds=None, max_side=None)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Wall and CPU seconds of a timed call (CPU: this process and its reaped children, all threads)."""
+
+    wall: float
+    cpu: float
+
+    def __sub__(self, other: Cost) -> Cost:
+        return Cost(self.wall - other.wall, self.cpu - other.cpu)
 
 
 @dataclass(frozen=True)
@@ -59,26 +73,20 @@ class Figures:
 
     resolution: str
     clips: int
-    prep_wall: float  # seconds, one build_shards call over the N clips
-    fixed: float  # seconds, the same call over an empty folder
-    work: float  # seconds, median over the repeats of (prep wall - empty-folder wall)
-    decord_wall: float  # seconds, open + metadata of the N clips
+    clip_mb: float  # mean file size
+    prep: Cost  # one build_shards call over the N clips
+    fixed: Cost  # the same call over an empty folder
+    work: Cost  # median over the repeats of (prep - fixed), each paired with its own repeat
+    decord: Cost  # open + metadata of the N clips
     shard_mb: float
 
-    @property
-    def prep_rate(self) -> float:
-        """Clips/s per worker over the whole call."""
-        return self.clips / self.prep_wall
+    def rate(self, cost: Cost) -> float:
+        """Clips per wall second of `cost` (nan when noise left nothing to divide by)."""
+        return self.clips / cost.wall if cost.wall > 0 else math.nan
 
-    @property
-    def prep_rate_steady(self) -> float:
-        """Clips/s per worker once the fixed cost of a call is taken off."""
-        return self.clips / self.work if self.work > 0 else math.nan
-
-    @property
-    def decord_rate(self) -> float:
-        """Clips/s of the bare decord open + metadata."""
-        return self.clips / self.decord_wall
+    def cpu_ms(self, cost: Cost) -> float:
+        """CPU milliseconds per clip of `cost` (nan when noise left nothing)."""
+        return 1000 * cost.cpu / self.clips if cost.cpu > 0 else math.nan
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,11 +144,17 @@ def write_clips(folder: Path, width: int, height: int, count: int, seconds: floa
 # Measurements
 
 
-def time_call(fn: Callable[[], object]) -> tuple[float, object]:
-    """(wall seconds, result) of one call."""
-    start = time.perf_counter()
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its children that have been waited for."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def timed(fn: Callable[[], T]) -> tuple[Cost, T]:
+    """(wall and CPU seconds, result) of one call."""
+    wall, cpu = time.perf_counter(), cpu_seconds()
     result = fn()
-    return time.perf_counter() - start, result
+    return Cost(time.perf_counter() - wall, cpu_seconds() - cpu), result
 
 
 def shard_options(src: Path, out: Path) -> ShardOptions:
@@ -148,10 +162,10 @@ def shard_options(src: Path, out: Path) -> ShardOptions:
     return ShardOptions(src=src, out=out, prep=ACCEPT_ALL, val_fraction=0.0, workers=1)
 
 
-def run_prep(src: Path, out: Path, expected: int) -> tuple[float, int]:
-    """(wall seconds, shard bytes on disk) of `build_shards` into a fresh `out`; checks all clips landed."""
+def run_prep(src: Path, out: Path, expected: int) -> tuple[Cost, int]:
+    """(cost, shard bytes on disk) of `build_shards` into a fresh `out`; checks that all clips landed."""
     shutil.rmtree(out, ignore_errors=True)
-    wall, manifest = time_call(lambda: build_shards(shard_options(src, out)))
+    cost, manifest = timed(lambda: build_shards(shard_options(src, out)))
     train = manifest["splits"]["train"]
     assert manifest["inputs"] == {"accepted": expected, "rejected": 0}, manifest["rejects"]
     assert train["num_samples"] == expected, train
@@ -161,48 +175,52 @@ def run_prep(src: Path, out: Path, expected: int) -> tuple[float, int]:
         with tarfile.open(shard) as tar:
             members += sum(1 for name in tar.getnames() if name.endswith(".mp4"))
     assert members == expected, f"{members} mp4 members in the shards, expected {expected}"
-    return wall, sum(shard.stat().st_size for shard in shards)
+    return cost, sum(shard.stat().st_size for shard in shards)
 
 
-def run_fixed(empty: Path, out: Path) -> float:
-    """Wall seconds of `build_shards` over an empty folder: the fixed cost of one call."""
+def run_fixed(empty: Path, out: Path) -> Cost:
+    """Cost of `build_shards` over an empty folder: what one call pays whatever its input."""
     shutil.rmtree(out, ignore_errors=True)
-    wall, manifest = time_call(lambda: build_shards(shard_options(empty, out)))
+    cost, manifest = timed(lambda: build_shards(shard_options(empty, out)))
     assert manifest["inputs"]["accepted"] == 0
-    return wall
+    return cost
 
 
-def run_decord(paths: list[Path]) -> float:
-    """Wall seconds to open each file with decord (one thread) and read its frame count and rate."""
+def decord_open(path: Path) -> None:
+    """The baseline for one file: open with one thread, frame count, frame rate, close."""
     import decord
 
-    start = time.perf_counter()
-    for path in paths:
-        reader = decord.VideoReader(str(path), num_threads=1)
-        assert len(reader) > 0 and reader.get_avg_fps() > 0
-        del reader
-    return time.perf_counter() - start
+    reader = decord.VideoReader(str(path), num_threads=1)
+    assert len(reader) > 0 and reader.get_avg_fps() > 0
+    del reader
+
+
+def run_decord(paths: list[Path]) -> Cost:
+    """Cost of the decord baseline over all files."""
+    import decord  # noqa: F401  (imported before the clock starts)
+
+    cost, _ = timed(lambda: [decord_open(path) for path in paths])
+    return cost
 
 
 STAGES = ("sha256", "probe: demux all + first frame", "read bytes again", "tar write", "decord open+len+fps")
 
 
 def stage_times(index: int, path: Path, shard: ShardFile) -> dict[str, float]:
-    """Seconds of each prep stage for one clip (the prep's own functions), and of the decord open."""
-    import decord
-
-    hashing, _ = time_call(lambda: file_hash(str(path)))
-    probing, probe = time_call(lambda: probe_video(str(path)))  # hashes the file again inside
+    """CPU seconds of each prep stage for one clip (the prep's own functions), and of the decord open."""
+    hashing, _ = timed(lambda: file_hash(str(path)))
+    probing, probe = timed(lambda: probe_video(str(path)))  # hashes the file again inside
     assert not hasattr(probe, "reason"), probe
-    reading, data = time_call(path.read_bytes)
+    reading, data = timed(path.read_bytes)
     sample = {"__key__": f"clip-{index:04d}", "mp4": data, "json": b"{}"}
-    writing, _ = time_call(lambda: shard.add(sample))
-    opening, _ = time_call(lambda: len(decord.VideoReader(str(path), num_threads=1)))
-    return dict(zip(STAGES, (hashing, max(0.0, probing - hashing), reading, writing, opening), strict=True))
+    writing, _ = timed(lambda: shard.add(sample))
+    opening, _ = timed(lambda: decord_open(path))
+    cpu = (hashing.cpu, max(0.0, probing.cpu - hashing.cpu), reading.cpu, writing.cpu, opening.cpu)
+    return dict(zip(STAGES, cpu, strict=True))
 
 
 def stage_breakdown(paths: list[Path], scratch: Path, repeats: int) -> dict[str, float]:
-    """Median milliseconds per clip of each stage, in this process (no worker), after a warm-up clip."""
+    """Median CPU milliseconds per clip of each stage, in this process (no worker), after a warm-up."""
     shard = ShardFile(scratch / "breakdown.tar")
     stage_times(0, paths[0], shard)  # warm-up: codec and library initialisation
     times = [stage_times(i, p, shard) for _ in range(repeats) for i, p in enumerate(paths)]
@@ -210,29 +228,35 @@ def stage_breakdown(paths: list[Path], scratch: Path, repeats: int) -> dict[str,
     return {stage: 1000 * statistics.median(t[stage] for t in times) for stage in STAGES}
 
 
-def measure(resolution: str, folder: Path, paths: list[Path], root: Path, repeats: int) -> Figures:
-    """Median figures for one resolution, prep and decord runs interleaved."""
+def median_cost(costs: list[Cost]) -> Cost:
+    """Median wall and median CPU (each on its own)."""
+    return Cost(statistics.median(c.wall for c in costs), statistics.median(c.cpu for c in costs))
+
+
+def measure(resolution: str, paths: list[Path], root: Path, repeats: int) -> Figures:
+    """Median figures for one resolution; the prep, empty-folder and decord runs are interleaved."""
     out, empty = root / f"out_{resolution}", root / "empty"
     empty.mkdir(exist_ok=True)
-    prep, fixed, bare, sizes, work = [], [], [], [], []
+    prep, fixed, bare, sizes = [], [], [], []
     for repeat in range(repeats):
-        wall, size = run_prep(folder, out, len(paths))
-        prep.append(wall)
+        cost, size = run_prep(paths[0].parent, out, len(paths))
+        prep.append(cost)
         sizes.append(size)
         fixed.append(run_fixed(empty, root / "out_empty"))
         bare.append(run_decord(paths))
-        work.append(prep[-1] - fixed[-1])
-        print(f"  {resolution} repeat {repeat + 1}: prep {prep[-1]:.2f}s, empty-folder call "
-              f"{fixed[-1]:.2f}s, decord {bare[-1]:.3f}s", flush=True)  # fmt: skip
+        print(f"  {resolution} repeat {repeat + 1}: prep {prep[-1].wall:.2f}s wall / {prep[-1].cpu:.2f}s CPU, "
+              f"empty-folder call {fixed[-1].wall:.2f}s / {fixed[-1].cpu:.2f}s, "
+              f"decord {bare[-1].wall:.3f}s / {bare[-1].cpu:.3f}s", flush=True)  # fmt: skip
     shutil.rmtree(out, ignore_errors=True)
     return Figures(
-        resolution,
-        len(paths),
-        statistics.median(prep),
-        statistics.median(fixed),
-        statistics.median(work),
-        statistics.median(bare),
-        statistics.median(sizes) / 2**20,
+        resolution=resolution,
+        clips=len(paths),
+        clip_mb=sum(p.stat().st_size for p in paths) / len(paths) / 2**20,
+        prep=median_cost(prep),
+        fixed=median_cost(fixed),
+        work=median_cost([p - f for p, f in zip(prep, fixed, strict=True)]),
+        decord=median_cost(bare),
+        shard_mb=statistics.median(sizes) / 2**20,
     )
 
 
@@ -240,33 +264,48 @@ def measure(resolution: str, folder: Path, paths: list[Path], root: Path, repeat
 # Report
 
 
-def _num(value: float, suffix: str = "") -> str:
-    """`12.3` (one decimal) plus a suffix, or `n/a` when the figure could not be formed."""
-    return "n/a" if math.isnan(value) else f"{value:.1f}{suffix}"
+def _num(value: float, suffix: str = "", digits: int = 1) -> str:
+    """`12.3` plus a suffix, or `n/a` when the figure could not be formed."""
+    return "n/a" if math.isnan(value) else f"{value:.{digits}f}{suffix}"
 
 
-def print_table(rows: list[Figures]) -> None:
-    """The headline table, Markdown."""
-    print("\n| resolution | clips | prep wall (s) | prep clips/s/worker | fixed cost of a call (s) "
-          "| prep clips/s/worker, fixed cost off | decord open+len+fps clips/s | prep slower by "
-          "| same, fixed cost off | shard MB |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
+def print_tables(rows: list[Figures]) -> None:
+    """The wall-time table and the CPU-time table, Markdown."""
+    print("\n| resolution | clips | MB per clip | prep wall (s) | empty-folder call (s) | prep clips/s/worker "
+          "| same, empty-call cost off | decord open+len+fps clips/s | prep slower by "
+          "| same, empty-call cost off | shards MB |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for f in rows:
+        decord = f.rate(f.decord)
         print(
-            f"| {f.resolution} | {f.clips} | {f.prep_wall:.2f} | {_num(f.prep_rate)} | {f.fixed:.2f} "
-            f"| {_num(f.prep_rate_steady)} | {_num(f.decord_rate)} | {_num(f.decord_rate / f.prep_rate, 'x')} "
-            f"| {_num(f.decord_rate / f.prep_rate_steady, 'x')} | {f.shard_mb:.1f} |"
+            f"| {f.resolution} | {f.clips} | {f.clip_mb:.2f} | {f.prep.wall:.2f} | {f.fixed.wall:.2f} "
+            f"| {_num(f.rate(f.prep))} | {_num(f.rate(f.work))} | {_num(decord)} "
+            f"| {_num(decord / f.rate(f.prep), 'x')} | {_num(decord / f.rate(f.work), 'x')} | {f.shard_mb:.1f} |"
+        )
+    print("\n| resolution | prep CPU ms/clip | empty-folder call CPU (s) | prep CPU ms/clip, empty-call cost off "
+          "| decord CPU ms/clip | prep slower by (CPU) | same, empty-call cost off |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for f in rows:
+        decord = f.cpu_ms(f.decord)
+        print(
+            f"| {f.resolution} | {_num(f.cpu_ms(f.prep))} | {f.fixed.cpu:.2f} | {_num(f.cpu_ms(f.work))} "
+            f"| {_num(decord)} | {_num(f.cpu_ms(f.prep) / decord, 'x')} | {_num(f.cpu_ms(f.work) / decord, 'x')} |"
         )
 
 
-def print_breakdown(breakdowns: dict[str, dict[str, float]], sizes: dict[str, float]) -> None:
-    """Per-clip stage times, Markdown."""
-    stages = list(next(iter(breakdowns.values())))
-    print("\n| ms per clip (in-process) | " + " | ".join(breakdowns) + " |")
+def print_breakdown(breakdowns: dict[str, dict[str, float]]) -> None:
+    """Per-clip stage CPU times, Markdown."""
+    print("\n| CPU ms per clip, in-process | " + " | ".join(breakdowns) + " |")
     print("|---|" + "---|" * len(breakdowns))
-    print("| file size (MB) | " + " | ".join(f"{sizes[r]:.2f}" for r in breakdowns) + " |")
-    for stage in stages:
+    for stage in STAGES:
         print(f"| {stage} | " + " | ".join(f"{breakdowns[r][stage]:.1f}" for r in breakdowns) + " |")
+
+
+NOTES = """
+decord baseline: VideoReader(path, num_threads=1), len(), get_avg_fps(), del; no frame is decoded.
+empty-folder call: the same build_shards call over an empty folder (a worker started and stopped for
+each split pass, train and val, the bucket table, the manifest); 'cost off' subtracts it, per repeat.
+CPU: user + system seconds of this process and the (reaped) worker processes, all threads."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -291,29 +330,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     root = args.workdir or Path(tempfile.mkdtemp(prefix="prep_throughput-"))
     root.mkdir(parents=True, exist_ok=True)
-    made = [root / name for name in ("empty", "out_empty", *(f"{k}_{r}" for r in RESOLUTIONS for k in ("clips", "out")))]  # fmt: skip
+    made = [root / name for name in ("empty", "out_empty")]
+    made += [root / f"{kind}_{r}" for r in RESOLUTIONS for kind in ("clips", "out")]
     try:
-        rows, breakdowns, sizes = [], {}, {}
+        rows, breakdowns = [], {}
         for resolution, (width, height) in RESOLUTIONS.items():
-            print(
-                f"generating {args.clips} clips at {width}x{height}, {args.seconds:g}s at {args.fps} fps",
-                flush=True,
-            )
+            print(f"{resolution}: generating {args.clips} clips at {width}x{height}, "
+                  f"{args.seconds:g}s at {args.fps} fps", flush=True)  # fmt: skip
             folder = root / f"clips_{resolution}"
-            seconds, paths = time_call(lambda f=folder, w=width, h=height: write_clips(f, w, h, args.clips, args.seconds, args.fps))  # fmt: skip
-            sizes[resolution] = sum(p.stat().st_size for p in paths) / len(paths) / 2**20
-            print(f"  {seconds:.1f}s, {sizes[resolution]:.2f} MB per clip", flush=True)
-            rows.append(measure(resolution, folder, paths, root, args.repeats))
+            paths = write_clips(folder, width, height, args.clips, args.seconds, args.fps)
+            rows.append(measure(resolution, paths, root, args.repeats))
             breakdowns[resolution] = stage_breakdown(paths, root, args.repeats)
-        print_table(rows)
-        print_breakdown(breakdowns, sizes)
-        print(
-            "\ndecord baseline: VideoReader(path, num_threads=1), len(), get_avg_fps(), del; no frame decoded."
-        )
-        print(
-            "fixed cost of a call: the same build_shards call over an empty folder (worker start-up per split,"
-        )
-        print("bucket table, manifest); 'fixed cost off' divides the clips by (prep wall - fixed cost).")
+        print_tables(rows)
+        print_breakdown(breakdowns)
+        print(NOTES)
     finally:
         if args.keep:
             print(f"kept {root}")

@@ -35,6 +35,10 @@ class ModelConfig:
     absolute_positions: bool = False  # add a sinusoidal (t, y, x) embedding to the tokens, on top of RoPE
     latent_space: str = "pixel"  # pixel | wan
     vae_path: str | None = None  # local directory of the pretrained VAE (latent_space=wan)
+    text_encoder: str = (
+        "learned"  # learned (trained with the DiT) | t5 | umt5 (frozen, from text_encoder_path)
+    )
+    text_encoder_path: str | None = None
     text_vocab_size: int = 4096
     text_max_length: int = 16
     text_dim: int = 128
@@ -226,6 +230,15 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     ):
         raise ConfigError(
             f"model.latent_space=wan needs model.vae_path= a local VAE directory, got {model.vae_path}"
+        )
+    if model.text_encoder not in ("learned", "t5", "umt5"):
+        raise ConfigError(f"model.text_encoder must be learned, t5 or umt5, got {model.text_encoder!r}")
+    if model.text_encoder != "learned" and not (
+        model.text_encoder_path and (Path(model.text_encoder_path) / "config.json").is_file()
+    ):
+        raise ConfigError(
+            f"model.text_encoder={model.text_encoder} needs model.text_encoder_path= a local encoder directory, "
+            f"got {model.text_encoder_path}"
         )
     per_step = world_size * train.grad_accum_steps
     if train.global_batch_size < per_step or train.global_batch_size % per_step:

@@ -11,7 +11,8 @@ from einops import rearrange
 
 from .config import DiffusionConfig, ModelConfig
 from .diffusion.sampler import euler_sample
-from .models.denoiser import VideoDenoiser, build_tokenizer
+from .models.denoiser import VideoDenoiser
+from .models.prompts import PromptEncoder
 from .models.vae import build_latent_space
 from .video_io import write_mp4
 
@@ -31,11 +32,15 @@ def generate_videos(
     The unconditional branch of classifier-free guidance uses the empty caption.
     """
     latent_space = build_latent_space(model_cfg.latent_space, model_cfg.vae_path)
-    tokenizer = build_tokenizer(model_cfg)
+    encoder = PromptEncoder(model_cfg)
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
-    ids, mask = (x.to(device) for x in tokenizer(prompts))
-    null_ids, null_mask = (x.to(device) for x in tokenizer([""] * len(prompts)))
+
+    def on_device(x: torch.Tensor) -> torch.Tensor:
+        return x.to(device, dtype) if x.is_floating_point() else x.to(device)
+
+    ids, mask = (on_device(x) for x in encoder(prompts))
+    null_ids, null_mask = (on_device(x) for x in encoder([""] * len(prompts)))
 
     def velocity(x: torch.Tensor, t: torch.Tensor, conditional: bool) -> torch.Tensor:
         return model(x, t.to(dtype), ids if conditional else null_ids, mask if conditional else null_mask)

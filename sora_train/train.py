@@ -47,9 +47,9 @@ from .diffusion.flow import flow_loss, sample_timesteps
 from .ema import EMA
 from .generate import generate_videos, save_clips
 from .metrics import MetricsLogger, keys_hash
-from .models.denoiser import VideoDenoiser, build_denoiser, build_tokenizer
+from .models.denoiser import VideoDenoiser, build_denoiser
 from .models.patch import grid_size
-from .models.text import HashTokenizer
+from .models.prompts import PromptEncoder
 from .models.vae import LatentSpace, build_latent_space
 from .parallel.checkpointing import apply_activation_checkpointing
 from .parallel.dist import DistInfo, all_gather_objects, all_reduce_mean, barrier, init_distributed
@@ -61,14 +61,20 @@ from .run_info import write_run_info
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
 
 
-def drop_captions(captions: list[str], probability: float, generator: torch.Generator) -> list[str]:
-    """Replace each caption by the empty one with `probability` (for classifier-free guidance)."""
-    dropped = torch.rand(len(captions), generator=generator) < probability
-    return ["" if drop else caption for caption, drop in zip(captions, dropped.tolist(), strict=True)]
+def text_input(
+    batch: Batch, prompts: PromptEncoder, probability: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's text input and mask, each caption replaced by the empty one with `probability`
+    (caption dropout, for classifier-free guidance). Precomputed embeddings are used when present."""
+    dropped = torch.rand(len(batch["caption"]), generator=generator) < probability
+    if "text" in batch:
+        return prompts.drop(batch["text"], batch["text_mask"], dropped)
+    captions = ["" if drop else c for c, drop in zip(batch["caption"], dropped.tolist(), strict=True)]
+    return prompts(captions)
 
 
 def forward_backward(
-    engine, batch: Batch, tokenizer: HashTokenizer, latent_space: LatentSpace | None, generator: torch.Generator,
+    engine, batch: Batch, prompts: PromptEncoder, latent_space: LatentSpace | None, generator: torch.Generator,
     cfg: TrainConfig, dtype: torch.dtype,
 ) -> float:  # fmt: skip
     """One micro-batch: encode (unless `latent_space` is None: the batch holds latents), noise at
@@ -77,12 +83,13 @@ def forward_backward(
     x0 = batch["x"].to(device=device, dtype=dtype)  # (B, C, f, h, w) latents, or (B, 3, F, H, W) pixels
     if latent_space is not None:
         x0 = latent_space.encode(x0)
-    captions = drop_captions(batch["caption"], cfg.data.caption_dropout, generator)
-    ids, mask = (tensor.to(device) for tensor in tokenizer(captions))
-    t = sample_timesteps(len(captions), generator, cfg.diffusion.logit_mean, cfg.diffusion.logit_std)
+    text, mask = text_input(batch, prompts, cfg.data.caption_dropout, generator)
+    text = text.to(device) if not text.is_floating_point() else text.to(device, dtype)
+    mask = mask.to(device)
+    t = sample_timesteps(x0.shape[0], generator, cfg.diffusion.logit_mean, cfg.diffusion.logit_std)
     noise = torch.randn(x0.shape, generator=generator)
     loss = flow_loss(
-        lambda x_t, t_: engine(x_t, t_, ids, mask), x0, noise.to(device, dtype), t.to(device, dtype)
+        lambda x_t, t_: engine(x_t, t_, text, mask), x0, noise.to(device, dtype), t.to(device, dtype)
     )
     engine.backward(loss)
     return loss.item()
@@ -188,7 +195,7 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> None:
             print(f"resumed from {checkpoint} at step {step}", flush=True)
     logger = MetricsLogger(cfg, step, wandb_id) if dist_info.is_main else None
 
-    tokenizer = build_tokenizer(cfg.model)
+    prompts = PromptEncoder(cfg.model, device)
     tokens_per_sample = math.prod(grid_size(latent_shape[1:], tuple(cfg.model.patch_size)))
     batches = iter(loader)
 
@@ -208,7 +215,7 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> None:
             batch = next(batches)
             data_wait += time.perf_counter() - fetch
             encoder = None if precomputed else latent_space
-            losses.append(forward_backward(engine, batch, tokenizer, encoder, generator, cfg, dtype))
+            losses.append(forward_backward(engine, batch, prompts, encoder, generator, cfg, dtype))
             keys.extend(batch["key"])
         engine.step()
         step += 1

@@ -16,6 +16,7 @@ from sora_train.data.decode import ClipSpec, decode_clip
 from sora_train.data.shards import iter_shard, resolve_shards
 from sora_train.metrics import read_metrics
 from sora_train.models.vae import WanVAE
+from sora_train.video_io import read_video
 
 from .conftest import FAST, REPO, assert_ok, run_module, run_train
 from .tiny_pretrained import save_tiny_t5, save_tiny_wan
@@ -94,15 +95,23 @@ def test_inspect_reports_counts_and_buckets(pixel_latents, corpus, capsys):
     assert "64 samples" in capsys.readouterr().out
 
 
-def test_wan_and_t5_encode_by_bucket_and_decode_back(corpus, tmp_path):
-    wan_dir = save_tiny_wan(tmp_path / "wan")
-    save_tiny_t5("umt5", tmp_path / "umt5")
-    table = write_table(tmp_path / "wan_table.json", WAN_TABLE)
-    out = tmp_path / "wan_latents"
+@pytest.fixture(scope="module")
+def wan_latents(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """Val clips encoded with a tiny random Wan VAE and UMT5 encoder: (latent dir, VAE dir, UMT5 dir)."""
+    root = tmp_path_factory.mktemp("pretrained")
+    wan_dir = save_tiny_wan(root / "wan")
+    save_tiny_t5("umt5", root / "umt5")
+    table = write_table(root / "wan_table.json", WAN_TABLE)
+    out = tmp_path_factory.mktemp("wan_latents")
     shard = resolve_shards(str(corpus / "val"))[0]
     assert prep_main(["encode", "--src", shard, "--out", str(out), "--buckets", table, "--latent-space", "wan",
-                      "--vae", wan_dir, "--text-encoder", "umt5", "--text-encoder-path", str(tmp_path / "umt5"),
+                      "--vae", wan_dir, "--text-encoder", "umt5", "--text-encoder-path", str(root / "umt5"),
                       "--text-max-length", "8", "--device", "cpu"]) == 0  # fmt: skip
+    return out, wan_dir, str(root / "umt5")
+
+
+def test_wan_and_t5_encode_by_bucket_and_decode_back(wan_latents):
+    out, wan_dir, _ = wan_latents
     vae = WanVAE(wan_dir)
     table_obj = bucket_table_from_dict(WAN_TABLE)
     encoded = samples(out)
@@ -131,6 +140,27 @@ def test_trainer_runs_on_latent_shards(pixel_latents, tmp_path):
     assert_ok(result)
     rows = [r for r in read_metrics(run) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_trainer_runs_on_wan_latents_with_precomputed_umt5_text(wan_latents, tmp_path):
+    out, wan_dir, umt5_dir = wan_latents
+    run = tmp_path / "run"
+    result = run_train(f"run_dir={run}", "data=latents", f"data.train={out}", *FAST, "model.patch_size=[1,4,4]",
+                       "data.num_frames=5", "data.height=32", "data.width=48", "data.num_workers=0",
+                       "model.latent_space=wan", f"model.vae_path={wan_dir}", "model.text_encoder=umt5",
+                       f"model.text_encoder_path={umt5_dir}", "data.caption_dropout=0.5", "train.max_steps=2",
+                       "train.global_batch_size=2", "checkpoint.every=0",
+                       "train.sample_prompts=[a red ball]")  # fmt: skip
+    assert_ok(result)
+    rows = read_metrics(run)
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    skips = [r["skipped_by_reason"] for r in rows if r.get("event") == "data"]
+    assert skips and set(skips[-1]) <= {"wrong_bucket"}  # portrait clips are another bucket, counted
+    videos = list((run / "samples").rglob("*.mp4"))
+    assert videos, "sampling decodes through the VAE with UMT5 prompt embeddings"
+    frames, _ = read_video(videos[0])
+    assert frames.shape == (5, 32, 48, 3)
 
 
 def test_encode_under_torchrun_splits_shards_over_ranks(corpus, tmp_path):

@@ -60,6 +60,16 @@ def shuffle_buffer(samples: Iterator[dict], size: int, rng: np.random.Generator)
 
 
 @dataclass(frozen=True)
+class Clip:
+    """One training example: (C, F, H, W) pixels or (C, f, h, w) latents, and its caption."""
+
+    key: str
+    caption: str
+    x: torch.Tensor
+    text: tuple[torch.Tensor, torch.Tensor] | None = None  # precomputed (T, E) embedding and (T,) mask
+
+
+@dataclass(frozen=True)
 class StreamSettings:
     """What every worker stream of one rank shares.
 
@@ -98,7 +108,7 @@ class ClipStream(IterableDataset):
         settings = self.settings
         epoch, resume_at, skipped = position["epoch"], position["emitted"], Counter(position["skipped"])
         cursor = {"emitted": 0}  # samples out of the shuffle buffer so far this epoch
-        clips: list[tuple[str, str, torch.Tensor]] = []
+        clips: list[Clip] = []
 
         def count_shard_error(reason: str) -> None:
             if (
@@ -151,7 +161,7 @@ class ClipStream(IterableDataset):
             except Exception:  # a truncated or corrupt tar: keep what was read, count it, move on
                 on_error("corrupt_shard")
 
-    def _prepare(self, sample: dict, epoch: int) -> tuple[str, str, torch.Tensor]:
+    def _prepare(self, sample: dict, epoch: int) -> Clip:
         key = sample["__key__"]
         try:
             meta = read_metadata(sample)
@@ -161,14 +171,14 @@ class ClipStream(IterableDataset):
         if not isinstance(caption, str) or not caption.strip():
             raise SkipSample("missing_caption")
         if self.settings.latent_shape is not None:
-            return key, caption, self._latent(sample)
+            return Clip(key, caption, self._latent(sample), self._text(sample))
         if "mp4" not in sample:
             raise SkipSample("missing_video")
         rng = np.random.default_rng([self.settings.seed, epoch, zlib.crc32(key.encode())])
         window = meta.get("frame_window")
         if window is not None and not (isinstance(window, list) and len(window) == 2):
             raise SkipSample("bad_metadata", f"frame_window {window!r} is not [first, last)")
-        return key, caption, decode_clip(sample["mp4"], self.settings.spec, rng, window)
+        return Clip(key, caption, decode_clip(sample["mp4"], self.settings.spec, rng, window))
 
     def _latent(self, sample: dict) -> torch.Tensor:
         """A precomputed (C, f, h, w) latent as float32; raises SkipSample for a missing or other-shaped one."""
@@ -182,6 +192,20 @@ class ClipStream(IterableDataset):
             raise SkipSample("wrong_bucket", f"latent {latent.shape} != {self.settings.latent_shape}")
         return torch.from_numpy(latent.astype(np.float32))
 
+    @staticmethod
+    def _text(sample: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Precomputed caption embedding (T, E) and mask (T,), when the shard has them."""
+        if "text.npy" not in sample:
+            return None
+        try:
+            text = np.load(io.BytesIO(sample["text.npy"]), allow_pickle=False).astype(np.float32)
+            mask = np.load(io.BytesIO(sample["text_mask.npy"]), allow_pickle=False).astype(bool)
+        except (KeyError, ValueError) as error:
+            raise SkipSample("bad_text_embedding", str(error)) from error
+        if text.ndim != 2 or mask.shape != text.shape[:1] or not mask.any():
+            raise SkipSample("bad_text_embedding", f"text {text.shape}, mask {mask.shape}")
+        return torch.from_numpy(text), torch.from_numpy(mask)
+
 
 def merge_counts(counts: list[dict[str, int]]) -> dict[str, int]:
     """Sum counters such as skipped samples by reason (over workers, or over ranks)."""
@@ -191,16 +215,22 @@ def merge_counts(counts: list[dict[str, int]]) -> dict[str, int]:
     return dict(total)
 
 
-def collate(clips: list[tuple[str, str, torch.Tensor]], worker: int, position: dict) -> Batch:
-    """Stack clips into a batch: x (B, C, F, H, W), caption [B], key [B], plus the stream position."""
-    keys, captions, tensors = zip(*clips, strict=True)
-    return {
-        "x": torch.stack(tensors),
-        "caption": list(captions),
-        "key": list(keys),
+def collate(clips: list[Clip], worker: int, position: dict) -> Batch:
+    """Stack clips into a batch: x (B, C, F, H, W), caption [B], key [B], plus the stream position.
+
+    With precomputed caption embeddings, also text (B, T, E) and text_mask (B, T).
+    """
+    batch = {
+        "x": torch.stack([clip.x for clip in clips]),
+        "caption": [clip.caption for clip in clips],
+        "key": [clip.key for clip in clips],
         "worker": worker,
         "position": position,
     }
+    if all(clip.text is not None for clip in clips):
+        batch["text"] = torch.stack([clip.text[0] for clip in clips])
+        batch["text_mask"] = torch.stack([clip.text[1] for clip in clips])
+    return batch
 
 
 class VideoLoader:

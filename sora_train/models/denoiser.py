@@ -5,6 +5,9 @@ This is what DeepSpeed wraps, so both parts train and shard together.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -14,18 +17,34 @@ from .text import HashTokenizer, TinyTextEncoder
 from .vae import latent_channels
 
 
-class VideoDenoiser(nn.Module):
-    """(x_t, t, caption ids, caption mask) -> flow velocity, all shapes as in `DiT.forward`."""
+class TextProjection(nn.Module):
+    """Frozen-encoder embeddings (B, T, E_in) -> the DiT's text width (B, T, E): LayerNorm, Linear."""
 
-    def __init__(self, dit: DiT, text_encoder: TinyTextEncoder):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
+        self.proj = nn.Linear(in_dim, dim)
+
+    def forward(self, embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(embeddings))
+
+
+class VideoDenoiser(nn.Module):
+    """(x_t, t, text input, text mask) -> flow velocity, all shapes as in `DiT.forward`.
+
+    The text input is token ids (B, T) for the learned encoder, or frozen T5 embeddings
+    (B, T, E_in) for a projection; see `models/prompts.py`.
+    """
+
+    def __init__(self, dit: DiT, text_encoder: TinyTextEncoder | TextProjection):
         super().__init__()
         self.dit = dit
         self.text_encoder = text_encoder
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor
+        self, x: torch.Tensor, t: torch.Tensor, text_input: torch.Tensor, text_mask: torch.Tensor
     ) -> torch.Tensor:
-        text = self.text_encoder(text_ids, text_mask)  # (B, T, E)
+        text = self.text_encoder(text_input, text_mask)  # (B, T, E)
         return self.dit(x, t, text, text_mask)
 
 
@@ -47,10 +66,18 @@ def dit_shape(cfg: ModelConfig) -> DiTShape:
 
 def build_denoiser(cfg: ModelConfig) -> VideoDenoiser:
     """A freshly initialised denoiser (seed torch's RNG first for a reproducible init)."""
-    text_encoder = TinyTextEncoder(
-        cfg.text_vocab_size, cfg.text_max_length, cfg.text_dim, cfg.text_depth, cfg.text_heads
-    )
+    if cfg.text_encoder == "learned":
+        text_encoder = TinyTextEncoder(
+            cfg.text_vocab_size, cfg.text_max_length, cfg.text_dim, cfg.text_depth, cfg.text_heads
+        )
+    else:
+        text_encoder = TextProjection(frozen_text_dim(cfg.text_encoder_path), cfg.text_dim)
     return VideoDenoiser(DiT(dit_shape(cfg)), text_encoder)
+
+
+def frozen_text_dim(path: str) -> int:
+    """E_in of a frozen T5/UMT5 encoder, from its config.json (no weights loaded)."""
+    return int(json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))["d_model"])
 
 
 def build_tokenizer(cfg: ModelConfig) -> HashTokenizer:
