@@ -123,11 +123,9 @@ def load_done_shards(split_dir: Path, prefix: str, stats: CorpusStats, seen: set
         for record in index["records"]:
             stats.add(record)
         number += 1
-    for stale in split_dir.glob(f"{prefix}*"):  # a shard whose index was never written, partial files
-        if (
-            stale.name.endswith(".partial")
-            or int(re.sub(r"\D", "", stale.name.split("shard-")[1])[:6]) >= number
-        ):
+    for stale in split_dir.glob(f"{prefix}*"):  # partial files; a shard whose index was never written
+        numbered = re.match(re.escape(prefix) + r"(\d+)\.", stale.name)
+        if stale.name.endswith(".partial") or (numbered and int(numbered.group(1)) >= number):
             stale.unlink()
     return state
 

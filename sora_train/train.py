@@ -82,7 +82,7 @@ def forward_backward(
     device = engine.device
     x0 = batch["x"].to(device=device, dtype=dtype)  # (B, C, f, h, w) latents, or (B, 3, F, H, W) pixels
     if latent_space is not None:
-        x0 = latent_space.encode(x0)
+        x0 = latent_space.encode(x0).to(dtype)  # pretrained spaces return float32
     text, mask = text_input(batch, prompts, cfg.data.caption_dropout, generator)
     text = text.to(device) if not text.is_floating_point() else text.to(device, dtype)
     mask = mask.to(device)
