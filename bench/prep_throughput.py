@@ -9,18 +9,24 @@ captioned H.264 clips generated at run time (generation is not timed):
   folder, reading the sidecar captions, a spawned worker that hashes each file (sha256), demuxes
   every packet to count frames and decodes the first frame, then reading the file again and writing
   it into a tar shard, the shard index, manifest and rejects. The run must put all N clips in the
-  shards (checked by opening the tar), so the figure is of real work. Reported as total wall time,
-  clips/s per worker over it, and clips/s per worker once the fixed cost of a run is taken off: the
-  wall time of the same call over an empty folder (worker start-up: a spawned interpreter importing
-  PyAV, numpy and the package, once per split, plus the bucket table and the manifest).
+  shards (checked by opening the tar), so the figure is of real work. Reported as clips/s per
+  worker over the whole call; beside it, the cost of the same call over an empty folder, which every
+  call pays whatever its input (a spawned worker importing PyAV, numpy and the package for each
+  split pass, train and val; the bucket table; the manifest). That fixed cost is reported, not
+  subtracted: with a few clips it is larger than the work and its noise, so a difference would be
+  noise. The per-clip cost without it comes from the stage breakdown below.
 * **decord open + metadata**: for the same files, `decord.VideoReader(path, num_threads=1)`,
   `len(vr)` and `vr.get_avg_fps()`, then the reader is deleted; no frame is decoded. This is the
   least any loader pays per file to learn a clip's length and rate.
 
 The ratio (how many times slower the prep is per clip than the bare open) is the prep's per-file
 overhead over the unavoidable container open: it says how much of a corpus-sized prep run is spent
-on work a leaner probe could skip or share. A stage breakdown (in-process, no worker) shows where
-one clip's time goes. Every figure is the median of `--repeats` runs.
+on work a leaner probe could skip or share. Each figure is given in wall time and in CPU time (user
++ system of this process and the reaped worker, all threads): on a shared or virtual machine the
+wall time also counts what other work and the hypervisor took, the CPU time does not. A stage
+breakdown (in-process, no worker, the prep's own functions, after a warm-up) shows where one clip's
+CPU time goes; its sum is the prep's per-clip work without the fixed cost, compared with decord's.
+Every figure is the median of `--repeats` runs.
 
     python bench/prep_throughput.py [--clips 8] [--seconds 3] [--fps 24] [--repeats 3]
                                     [--workdir DIR] [--keep]
@@ -41,15 +47,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import av
 import numpy as np
+
+# The prep's worker is a spawned interpreter that re-imports the main module: under `sora-prep`
+# that is the CLI, so this script imports it too, and the worker's start-up costs what it costs
+# there. decord is imported inside the functions that use it, since `sora-prep` does not load it.
+import sora_train.data_prep.cli  # noqa: F401  (see above)
 from sora_train.data_prep.build_shards import ShardOptions, build_shards
 from sora_train.data_prep.probe import PrepOptions, file_hash, probe_video
 from sora_train.data_prep.shard_writer import ShardFile
 
 from sora_train.video_io import Mp4Encoder
-
-# decord is imported inside the functions that use it: the prep's worker is a spawned
-# interpreter that re-imports this script, and `sora-prep shards` itself does not load decord.
 
 T = TypeVar("T")
 RESOLUTIONS: dict[str, tuple[int, int]] = {"720p": (1280, 720), "480p": (848, 480)}  # width, height
@@ -63,9 +72,6 @@ class Cost:
     wall: float
     cpu: float
 
-    def __sub__(self, other: Cost) -> Cost:
-        return Cost(self.wall - other.wall, self.cpu - other.cpu)
-
 
 @dataclass(frozen=True)
 class Figures:
@@ -76,17 +82,12 @@ class Figures:
     clip_mb: float  # mean file size
     prep: Cost  # one build_shards call over the N clips
     fixed: Cost  # the same call over an empty folder
-    work: Cost  # median over the repeats of (prep - fixed), each paired with its own repeat
     decord: Cost  # open + metadata of the N clips
     shard_mb: float
 
     def rate(self, cost: Cost) -> float:
-        """Clips per wall second of `cost` (nan when noise left nothing to divide by)."""
-        return self.clips / cost.wall if cost.wall > 0 else math.nan
-
-    def cpu_ms(self, cost: Cost) -> float:
-        """CPU milliseconds per clip of `cost` (nan when noise left nothing)."""
-        return 1000 * cost.cpu / self.clips if cost.cpu > 0 else math.nan
+        """Clips per wall second of `cost`."""
+        return self.clips / cost.wall
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +204,23 @@ def run_decord(paths: list[Path]) -> Cost:
     return cost
 
 
-STAGES = ("sha256", "probe: demux all + first frame", "read bytes again", "tar write", "decord open+len+fps")
+PREP_STAGES = (
+    "sha256",
+    "probe: demux every packet, seek, decode first frame",
+    "read bytes again",
+    "tar write",
+)
+PROBE_PARTS = ("probe, of which PyAV open", "probe, of which PyAV open + demux every packet")
+BASELINE = "decord open+len+fps"
+STAGES = (*PREP_STAGES, *PROBE_PARTS, BASELINE)
+
+
+def av_open(path: Path, demux: bool) -> None:
+    """The first steps of the prep's probe on their own: open the container, optionally count packets."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        if demux:
+            sum(1 for packet in container.demux(stream) if packet.size)
 
 
 def stage_times(index: int, path: Path, shard: ShardFile) -> dict[str, float]:
@@ -214,9 +231,19 @@ def stage_times(index: int, path: Path, shard: ShardFile) -> dict[str, float]:
     reading, data = timed(path.read_bytes)
     sample = {"__key__": f"clip-{index:04d}", "mp4": data, "json": b"{}"}
     writing, _ = timed(lambda: shard.add(sample))
-    opening, _ = timed(lambda: decord_open(path))
-    cpu = (hashing.cpu, max(0.0, probing.cpu - hashing.cpu), reading.cpu, writing.cpu, opening.cpu)
-    return dict(zip(STAGES, cpu, strict=True))
+    opening, _ = timed(lambda: av_open(path, demux=False))
+    demuxing, _ = timed(lambda: av_open(path, demux=True))
+    baseline, _ = timed(lambda: decord_open(path))
+    cpu = (
+        hashing,
+        Cost(0, max(0.0, probing.cpu - hashing.cpu)),
+        reading,
+        writing,
+        opening,
+        demuxing,
+        baseline,
+    )
+    return dict(zip(STAGES, (c.cpu for c in cpu), strict=True))
 
 
 def stage_breakdown(paths: list[Path], scratch: Path, repeats: int) -> dict[str, float]:
@@ -254,7 +281,6 @@ def measure(resolution: str, paths: list[Path], root: Path, repeats: int) -> Fig
         clip_mb=sum(p.stat().st_size for p in paths) / len(paths) / 2**20,
         prep=median_cost(prep),
         fixed=median_cost(fixed),
-        work=median_cost([p - f for p, f in zip(prep, fixed, strict=True)]),
         decord=median_cost(bare),
         shard_mb=statistics.median(sizes) / 2**20,
     )
@@ -264,47 +290,46 @@ def measure(resolution: str, paths: list[Path], root: Path, repeats: int) -> Fig
 # Report
 
 
-def _num(value: float, suffix: str = "", digits: int = 1) -> str:
-    """`12.3` plus a suffix, or `n/a` when the figure could not be formed."""
-    return "n/a" if math.isnan(value) else f"{value:.{digits}f}{suffix}"
+def _num(value: float, suffix: str = "") -> str:
+    """`12.3` plus a suffix, or `n/a` when the figure could not be formed (a zero time)."""
+    return "n/a" if math.isnan(value) or math.isinf(value) else f"{value:.1f}{suffix}"
 
 
-def print_tables(rows: list[Figures]) -> None:
-    """The wall-time table and the CPU-time table, Markdown."""
-    print("\n| resolution | clips | MB per clip | prep wall (s) | empty-folder call (s) | prep clips/s/worker "
-          "| same, empty-call cost off | decord open+len+fps clips/s | prep slower by "
-          "| same, empty-call cost off | shards MB |")  # fmt: skip
+def print_table(rows: list[Figures]) -> None:
+    """Whole `build_shards` calls against the decord baseline, Markdown."""
+    print("\n| resolution | clips | MB per clip | prep wall (s) | prep CPU (s) | prep clips/s/worker "
+          "| decord open+len+fps clips/s | prep slower by (wall) | prep slower by (CPU) "
+          "| empty-folder call, wall / CPU (s) | shards MB |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for f in rows:
-        decord = f.rate(f.decord)
         print(
-            f"| {f.resolution} | {f.clips} | {f.clip_mb:.2f} | {f.prep.wall:.2f} | {f.fixed.wall:.2f} "
-            f"| {_num(f.rate(f.prep))} | {_num(f.rate(f.work))} | {_num(decord)} "
-            f"| {_num(decord / f.rate(f.prep), 'x')} | {_num(decord / f.rate(f.work), 'x')} | {f.shard_mb:.1f} |"
-        )
-    print("\n| resolution | prep CPU ms/clip | empty-folder call CPU (s) | prep CPU ms/clip, empty-call cost off "
-          "| decord CPU ms/clip | prep slower by (CPU) | same, empty-call cost off |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
-    for f in rows:
-        decord = f.cpu_ms(f.decord)
-        print(
-            f"| {f.resolution} | {_num(f.cpu_ms(f.prep))} | {f.fixed.cpu:.2f} | {_num(f.cpu_ms(f.work))} "
-            f"| {_num(decord)} | {_num(f.cpu_ms(f.prep) / decord, 'x')} | {_num(f.cpu_ms(f.work) / decord, 'x')} |"
+            f"| {f.resolution} | {f.clips} | {f.clip_mb:.2f} | {f.prep.wall:.2f} | {f.prep.cpu:.2f} "
+            f"| {_num(f.rate(f.prep))} | {_num(f.rate(f.decord))} | {_num(f.prep.wall / f.decord.wall, 'x')} "
+            f"| {_num(f.prep.cpu / f.decord.cpu, 'x')} | {f.fixed.wall:.2f} / {f.fixed.cpu:.2f} | {f.shard_mb:.1f} |"
         )
 
 
 def print_breakdown(breakdowns: dict[str, dict[str, float]]) -> None:
-    """Per-clip stage CPU times, Markdown."""
+    """Per-clip stage CPU times, their sum, and the ratio to decord, Markdown."""
+    work = {r: sum(t[stage] for stage in PREP_STAGES) for r, t in breakdowns.items()}
+
+    def row(label: str, values: dict[str, str]) -> None:
+        print(f"| {label} | " + " | ".join(values[r] for r in breakdowns) + " |")
+
     print("\n| CPU ms per clip, in-process | " + " | ".join(breakdowns) + " |")
     print("|---|" + "---|" * len(breakdowns))
-    for stage in STAGES:
-        print(f"| {stage} | " + " | ".join(f"{breakdowns[r][stage]:.1f}" for r in breakdowns) + " |")
+    for stage in (PREP_STAGES[0], PREP_STAGES[1], *PROBE_PARTS, *PREP_STAGES[2:]):
+        row(stage, {r: f"{t[stage]:.1f}" for r, t in breakdowns.items()})
+    row("**prep work per clip (sum)**", {r: f"**{w:.1f}**" for r, w in work.items()})
+    row("= clips/s per worker, fixed cost off", {r: f"{1000 / w:.1f}" for r, w in work.items()})
+    row(BASELINE, {r: f"{t[BASELINE]:.1f}" for r, t in breakdowns.items()})
+    row("prep work slower by", {r: _num(work[r] / t[BASELINE], "x") for r, t in breakdowns.items()})
 
 
 NOTES = """
 decord baseline: VideoReader(path, num_threads=1), len(), get_avg_fps(), del; no frame is decoded.
 empty-folder call: the same build_shards call over an empty folder (a worker started and stopped for
-each split pass, train and val, the bucket table, the manifest); 'cost off' subtracts it, per repeat.
+each split pass, train and val, the bucket table, the manifest): the fixed cost of a call.
 CPU: user + system seconds of this process and the (reaped) worker processes, all threads."""
 
 
@@ -341,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             paths = write_clips(folder, width, height, args.clips, args.seconds, args.fps)
             rows.append(measure(resolution, paths, root, args.repeats))
             breakdowns[resolution] = stage_breakdown(paths, root, args.repeats)
-        print_tables(rows)
+        print_table(rows)
         print_breakdown(breakdowns)
         print(NOTES)
     finally:

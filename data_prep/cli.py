@@ -1,5 +1,8 @@
 """`sora-prep`: build training corpora.
 
+Subcommands import their modules when they run: `shards` workers are spawned processes that
+re-import this module, and should not pay for what they do not use.
+
 Each subcommand is a `_add_<name>` function that registers its arguments and sets `handler`, a
 function taking the parsed arguments and returning an exit code. Usage and input errors print one
 line on stderr and exit with code 2.
@@ -13,10 +16,6 @@ import sys
 import time
 from pathlib import Path
 from typing import NoReturn
-
-from sora_train.data_prep.build_shards import ShardOptions, build_shards, parse_shard_size
-from sora_train.data_prep.probe import PrepOptions
-from sora_train.data_prep.synthetic import MANIFEST_NAME, generate_corpus
 
 
 class _UsageError(Exception):
@@ -32,6 +31,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _run_synthetic(args: argparse.Namespace) -> int:
     """Generate the synthetic moving-shapes corpus and print a one-line summary."""
+    from sora_train.data_prep.synthetic import MANIFEST_NAME, generate_corpus
+
     start = time.perf_counter()
     manifest = generate_corpus(
         args.out,
@@ -72,6 +73,9 @@ def _add_synthetic(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_shards(args: argparse.Namespace) -> int:
     """Probe, filter and shard a video folder or list; print a summary."""
+    from sora_train.data_prep.build_shards import ShardOptions, build_shards, parse_shard_size
+    from sora_train.data_prep.probe import PrepOptions
+
     start = time.perf_counter()
     shard_samples, shard_bytes = parse_shard_size(args.shard_size)
     prep = PrepOptions(

@@ -1,8 +1,8 @@
 """Probe one input video, decide whether it is usable, and cut it into the clips that go into shards.
 
 `prepare_source` runs in a worker process (see `workers.py`): it hashes the file, reads its
-metadata with PyAV (frames, fps, size, duration, codec, rotation), decodes the first frame to
-prove the stream decodes, applies the filters, and plans the clips. A clip keeps the original
+metadata with PyAV (frames, fps, size, duration, codec, rotation) in one pass over the packets
+that also decodes the first frame to prove the stream decodes, applies the filters, and plans the clips. A clip keeps the original
 bytes (plus a frame window when the input named one) unless it must be re-encoded: when a long
 video is split into clips, when the video carries a rotation, or when `max_side` asks for a
 smaller copy. Re-encodes are H.264 at `crf`, upright, with even sides.
@@ -103,13 +103,15 @@ def probe_video(path: str) -> VideoProbe | Rejected:
                 return Rejected("no_video_stream")
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-            num_frames = sum(1 for packet in container.demux(stream) if packet.size)
+            num_frames, first = 0, None
+            for packet in container.demux(stream):  # count every frame; decode until the first one emerges
+                num_frames += 1 if packet.size else 0
+                if first is None:
+                    first = next(iter(packet.decode()), None)  # the last, empty packet flushes the decoder
             if num_frames == 0:
                 return Rejected("zero_frames")
             if not rate or float(rate) <= 0:
                 return Rejected("unreadable", "no frame rate")
-            container.seek(0, stream=stream)
-            first = next(container.decode(stream), None)
             if first is None:
                 return Rejected("zero_frames", "no frame decodes")
             return VideoProbe(

@@ -9,6 +9,7 @@ worker is replaced and the stream goes on: one bad file costs its own result, ne
 from __future__ import annotations
 
 import contextlib
+import itertools
 import multiprocessing
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-_DIED = object()  # what a worker's pipe gives when the worker died mid-answer
+_DIED = object()  # a sentinel: what a worker's pipe gives when the worker died mid-answer; no item
 
 
 @dataclass(frozen=True)
@@ -80,10 +81,14 @@ def supervised_map(
     it should return its own error values. Memory stays bounded by `max_pending` items
     (default 4 per worker) whatever the length of `items`.
     """
+    source = iter(items)
+    first = next(source, _DIED)
+    if first is _DIED:
+        return  # nothing to do: start no process
+    source = itertools.chain([first], source)
     context = multiprocessing.get_context("spawn")
     max_pending = max_pending or 4 * workers
     pool = [_Worker(context, fn) for _ in range(workers)]
-    source = iter(items)
     waiting: dict[int, Any] = {}  # submitted or queued items by input index
     queue: list[int] = []  # indices not yet given to a worker
     done: dict[int, Any] = {}

@@ -173,14 +173,6 @@ def register_schema() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
-def config_dir() -> Path:
-    """The recipes: inside the installed package, or the repository's top-level configs/."""
-    packaged = Path(__file__).resolve().parent / "configs"
-    if (packaged / "train.yaml").exists():
-        return packaged
-    return Path(__file__).resolve().parent.parent / "configs"
-
-
 def to_train_config(cfg: DictConfig) -> TrainConfig:
     """Resolve a composed DictConfig into a `TrainConfig` (interpolations resolved, types checked)."""
     cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg

@@ -34,7 +34,6 @@ from .checkpoint import (
 from .config import (
     ConfigError,
     TrainConfig,
-    config_dir,
     micro_batch_size,
     register_schema,
     to_train_config,
@@ -55,6 +54,7 @@ from .parallel.checkpointing import apply_activation_checkpointing
 from .parallel.dist import DistInfo, all_gather_objects, all_reduce_mean, barrier, init_distributed
 from .parallel.zero import build_engine, use_bf16
 from .pretrained import inference_config
+from .recipes import config_dir
 from .run_info import write_run_info
 
 # DeepSpeed's ZeRO-2 path calls a torch collective torch has renamed; the warning is not ours to act on.

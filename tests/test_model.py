@@ -120,7 +120,7 @@ def test_presets_build_on_meta_device():
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from sora_train.config import config_dir
+    from sora_train.recipes import config_dir
 
     sizes = {}
     for preset in ("tiny", "S", "B"):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import config_dir
+from ..recipes import config_dir
 
 
 @dataclass(frozen=True, order=True)
