@@ -206,7 +206,7 @@ def run_decord(paths: list[Path]) -> Cost:
 
 PREP_STAGES = (
     "sha256",
-    "probe: demux every packet, seek, decode first frame",
+    "probe: open, demux every packet, decode the first frame",
     "read bytes again",
     "tar write",
 )
@@ -328,8 +328,8 @@ def print_breakdown(breakdowns: dict[str, dict[str, float]]) -> None:
 
 NOTES = """
 decord baseline: VideoReader(path, num_threads=1), len(), get_avg_fps(), del; no frame is decoded.
-empty-folder call: the same build_shards call over an empty folder (a worker started and stopped for
-each split pass, train and val, the bucket table, the manifest): the fixed cost of a call.
+empty-folder call: the same build_shards call over an empty folder (the folder walk, the bucket
+table, the manifest; no worker starts for a pass with nothing to do): the fixed cost of a call.
 CPU: user + system seconds of this process and the (reaped) worker processes, all threads."""
 
 
