@@ -28,7 +28,7 @@ import torch
 
 from sora_train.data.buckets import BucketTable, load_bucket_table
 from sora_train.data.decode import ClipSpec, SkipSample, decode_clip
-from sora_train.data.shards import iter_shard, read_metadata, resolve_shards
+from sora_train.data.shards import iter_shard, read_captioned, resolve_shards
 
 from .shard_writer import ShardFile, write_json_atomic
 
@@ -92,13 +92,7 @@ def encode_sample(
     sample: dict, table: BucketTable, encoders: Encoders, options: EncodeOptions
 ) -> tuple[dict, str]:
     """One video sample -> (latent sample, bucket name); raises SkipSample with the reason."""
-    try:
-        meta = read_metadata(sample)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise SkipSample("bad_metadata", str(error)) from error
-    caption = meta.get("caption")
-    if not isinstance(caption, str) or not caption.strip():
-        raise SkipSample("missing_caption")
+    meta, caption = read_captioned(sample)
     if "mp4" not in sample:
         raise SkipSample("missing_video")
     try:

@@ -20,6 +20,16 @@ def gradient_frames(num_frames: int, height: int, width: int, seed: int = 0) -> 
     return np.stack(frames)
 
 
+def add_silence(container: av.container.OutputContainer) -> None:
+    """Mux a short silent AAC track into an open output container."""
+    sound = container.add_stream("aac", rate=16000)
+    sound.layout = "mono"
+    frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+    frame.sample_rate, frame.pts = 16000, 0
+    for packet in [*sound.encode(frame), *sound.encode()]:
+        container.mux(packet)
+
+
 def write_video(
     path: Path,
     num_frames: int,
@@ -40,12 +50,7 @@ def write_video(
         if rotation is not None:
             stream.set_display_rotation(rotation)
         if audio:
-            sound = container.add_stream("aac", rate=16000)
-            sound.layout = "mono"
-            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-            frame.sample_rate, frame.pts = 16000, 0
-            for packet in [*sound.encode(frame), *sound.encode()]:
-                container.mux(packet)
+            add_silence(container)
         for pixels in gradient_frames(num_frames, height, width, seed) if num_frames else []:
             for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
                 container.mux(packet)
@@ -57,10 +62,5 @@ def write_video(
 def write_audio_only(path: Path) -> Path:
     """An mp4 with a sound track and no video stream."""
     with av.open(str(path), mode="w", format="mp4") as container:
-        sound = container.add_stream("aac", rate=16000)
-        sound.layout = "mono"
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-        frame.sample_rate, frame.pts = 16000, 0
-        for packet in [*sound.encode(frame), *sound.encode()]:
-            container.mux(packet)
+        add_silence(container)
     return path

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .decode import ClipSpec, SkipSample, decode_clip
-from .shards import ShardError, iter_shard, read_metadata
+from .shards import ShardError, iter_shard, read_captioned
 
 Batch = dict[str, Any]
 
@@ -163,13 +163,7 @@ class ClipStream(IterableDataset):
 
     def _prepare(self, sample: dict, epoch: int) -> Clip:
         key = sample["__key__"]
-        try:
-            meta = read_metadata(sample)
-        except (ValueError, UnicodeDecodeError) as error:
-            raise SkipSample("bad_metadata", str(error)) from error
-        caption = meta.get("caption")
-        if not isinstance(caption, str) or not caption.strip():
-            raise SkipSample("missing_caption")
+        meta, caption = read_captioned(sample)
         if self.settings.latent_shape is not None:
             return Clip(key, caption, self._latent(sample), self._text(sample))
         if "mp4" not in sample:

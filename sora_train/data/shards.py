@@ -14,6 +14,8 @@ from pathlib import Path
 import braceexpand
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from .decode import SkipSample
+
 
 class ShardError(ValueError):
     """A shard source that cannot be used (missing, empty, or not allowed)."""
@@ -56,6 +58,18 @@ def read_metadata(sample: dict) -> dict:
     if not isinstance(meta, dict):
         raise ValueError("json member is not an object")
     return meta
+
+
+def read_captioned(sample: dict) -> tuple[dict, str]:
+    """(metadata, caption) of a sample; raises SkipSample(bad_metadata | missing_caption)."""
+    try:
+        meta = read_metadata(sample)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise SkipSample("bad_metadata", str(error)) from error
+    caption = meta.get("caption")
+    if not isinstance(caption, str) or not caption.strip():
+        raise SkipSample("missing_caption")
+    return meta, caption
 
 
 def read_captions(source: str, limit: int | None = None) -> list[tuple[str, str]]:

@@ -21,6 +21,8 @@ be multiples of the spatial compression.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -188,13 +190,11 @@ def latent_channels(name: str, path: str | None = None) -> int:
     """Channels of a latent space, read from its config (no weights are loaded)."""
     if name == "pixel":
         return PixelSpace.channels
-    if name == "wan" and path is not None:
-        import json
-        from pathlib import Path
-
-        return int(json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))["z_dim"])
-    build_latent_space(name, path)  # raises the usual error for an unknown name or a missing path
-    raise AssertionError("unreachable")
+    if name != "wan":
+        raise ValueError(f"unknown latent space {name!r}; choose one of {sorted(LATENT_SPACES)}")
+    if path is None:
+        raise ValueError("latent space 'wan' needs path= a local directory holding the Wan VAE")
+    return int(json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))["z_dim"])
 
 
 def build_latent_space(
