@@ -65,9 +65,10 @@ def text_input(
     batch: Batch, prompts: PromptEncoder, probability: float, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch's text input and mask, each caption replaced by the empty one with `probability`
-    (caption dropout, for classifier-free guidance). Precomputed embeddings are used when present."""
+    (caption dropout, for classifier-free guidance). Precomputed embeddings are used when present
+    and the model conditions on a frozen encoder; the learned encoder always reads the captions."""
     dropped = torch.rand(len(batch["caption"]), generator=generator) < probability
-    if "text" in batch:
+    if "text" in batch and not prompts.learned:
         return prompts.drop(batch["text"], batch["text_mask"], dropped)
     captions = ["" if drop else c for c, drop in zip(batch["caption"], dropped.tolist(), strict=True)]
     return prompts(captions)

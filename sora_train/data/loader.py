@@ -99,9 +99,8 @@ class ClipStream(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         physical = info.id if info is not None else 0
-        worker = (
-            physical + self.worker_offset
-        ) % self.settings.num_workers  # the logical stream this process plays
+        streams = self.settings.num_workers
+        worker = (physical + self.worker_offset) % streams  # the logical stream this process plays
         yield from self._batches(worker, copy.deepcopy(self.positions[worker]))
 
     def _batches(self, worker: int, position: dict) -> Iterator[Batch]:
