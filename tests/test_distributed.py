@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,19 @@ def test_other_zero_stages_train_checkpoint_and_export(corpus, tmp_path, zero_st
     assert exports["ema"].keys() == exports["raw"].keys()
     # after 2 steps the EMA (decay warm-up 1/10, 2/11) sits between the initial and the trained weights
     assert any(not torch.equal(exports["ema"][k], exports["raw"][k]) for k in exports["raw"])
+
+
+def test_a_stale_extension_build_lock_is_cleared_and_a_live_one_kept(tmp_path, monkeypatch):
+    """A build killed mid-way leaves torch's lock file; later runs must not wait on it forever."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from sora_train.parallel.dist import clear_stale_build_lock
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+
+    lock = Path(_get_build_directory("some_op", verbose=False)) / "lock"
+    lock.write_text("")
+    assert clear_stale_build_lock("some_op") is None and lock.exists()  # a build may be running
+    hour_ago = time.time() - 3600
+    os.utime(lock, (hour_ago, hour_ago))
+    assert clear_stale_build_lock("some_op") == lock and not lock.exists()

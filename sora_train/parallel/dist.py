@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -36,6 +39,32 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+SHM_OP_NAME = "deepspeed_shm_comm"  # the op DeepSpeed JIT-builds at init_distributed on a CPU-only machine
+STALE_BUILD_LOCK_S = 900.0  # a build takes minutes; a lock this old was left by a killed build
+
+
+def clear_stale_build_lock(name: str = SHM_OP_NAME, max_age_s: float = STALE_BUILD_LOCK_S) -> Path | None:
+    """Delete the build lock of a torch extension when a killed build left it behind.
+
+    torch guards extension builds with a bare lock file; a process killed mid-build leaves it,
+    and every later process waits on it forever. Returns the path it removed, if any.
+    """
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+        age = time.time() - lock.stat().st_mtime
+    except (ImportError, OSError):
+        return None
+    if age < max_age_s:
+        return None
+    lock.unlink(missing_ok=True)
+    print(
+        f"removed a stale build lock left by an interrupted build ({age:.0f}s old): {lock}", file=sys.stderr
+    )
+    return lock
+
+
 def init_distributed() -> DistInfo:
     """Join (or create) the default process group: NCCL with CUDA, gloo on CPU."""
     import deepspeed
@@ -51,6 +80,7 @@ def init_distributed() -> DistInfo:
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
+        clear_stale_build_lock()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return DistInfo(
