@@ -31,7 +31,7 @@ from pathlib import Path
 from sora_train.data.buckets import BucketTable, load_bucket_table
 
 from .probe import PreparedSource, PrepOptions, Rejected, prepare_item
-from .shard_writer import ShardFile, write_json_atomic
+from .shard_writer import ShardFile, index_path, sample_bytes, write_json_atomic
 from .sources import SourceItem, iter_sources
 from .stats import CorpusStats
 from .workers import WorkerFailure, supervised_map
@@ -101,11 +101,6 @@ class SplitState:
     sources: int = 0
 
 
-def index_path(shard: Path) -> Path:
-    """The index file written beside a done shard."""
-    return shard.with_name(shard.name.removesuffix(".tar") + ".index.json")
-
-
 def load_done_shards(split_dir: Path, prefix: str, stats: CorpusStats, seen: set[str]) -> SplitState:
     """Read the indexes of the split's done shards (numbered from 0 without a gap); drop anything after."""
     state = SplitState()
@@ -152,8 +147,7 @@ class SplitWriter:
 
     def add(self, sample: dict, record: list, position: list[int]) -> None:
         """Write one sample at input `position`, first closing the shard if it is full."""
-        size = sum(len(v) for k, v in sample.items() if k != "__key__")
-        if self.current is not None and self._full(size):
+        if self.current is not None and self._full(sample_bytes(sample)):
             self.commit(position)
         if self.current is None:
             name = f"{self.options.prefix}{len(self.state.shards):06d}.tar"
@@ -277,7 +271,7 @@ def build_shards(options: ShardOptions) -> dict:
     for split in SPLITS:
         split_stats[split] = CorpusStats(table)
         state, tail = _write_split(split, options, split_stats[split], seen)
-        tails.extend(tail)
+        tails.extend({**reject, "split": split} for reject in tail)
         splits[split] = {
             "shards": [f"{split}/{s['name']}" for s in state.shards],
             "shard_sizes": [s["samples"] for s in state.shards],

@@ -30,7 +30,7 @@ from sora_train.data.buckets import BucketTable, load_bucket_table
 from sora_train.data.decode import ClipSpec, SkipSample, decode_clip
 from sora_train.data.shards import iter_shard, read_captioned, resolve_shards
 
-from .shard_writer import ShardFile, write_json_atomic
+from .shard_writer import ShardFile, index_path, write_json_atomic
 
 STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -57,11 +57,6 @@ def npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
-
-
-def load_npy(data: bytes) -> np.ndarray:
-    """A .npy file's bytes -> array (never unpickles)."""
-    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 class Encoders:
@@ -158,12 +153,8 @@ def encode_shard(
         "skipped": dict(skipped),
         "buckets": dict(buckets),
     }
-    write_json_atomic(_index_path(target), index)
+    write_json_atomic(index_path(target), index)
     return index
-
-
-def _index_path(shard: Path) -> Path:
-    return shard.with_name(shard.name.removesuffix(".tar") + ".index.json")
 
 
 def _rank_world() -> tuple[int, int]:
@@ -184,7 +175,7 @@ def encode_shards(options: EncodeOptions) -> dict | None:
         encoders.latent_space.latent_shape(bucket.frames, bucket.height, bucket.width)
     for source in inputs[rank::world]:
         target = options.out / Path(source).name
-        if not (target.is_file() and _index_path(target).is_file()):
+        if not (target.is_file() and index_path(target).is_file()):
             encode_shard(source, target, table, encoders, options)
     if world > 1:
         import torch.distributed as dist
@@ -205,7 +196,7 @@ def summarize(options: EncodeOptions, names: list[str], table: BucketTable) -> d
     buckets: Counter = Counter()
     shards = []
     for name in names:
-        index = json.loads(_index_path(options.out / name).read_text(encoding="utf-8"))
+        index = json.loads(index_path(options.out / name).read_text(encoding="utf-8"))
         skipped.update(index["skipped"])
         buckets.update(index["buckets"])
         shards.append({"name": name, "samples": index["samples"], "bytes": index["bytes"]})

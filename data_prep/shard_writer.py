@@ -17,6 +17,16 @@ from typing import Any
 TAR_MTIME = 0  # constant member mtime and owner: byte-identical shards for identical samples
 
 
+def index_path(shard: Path) -> Path:
+    """The `.index.json` written beside a finished shard (its presence marks the shard done)."""
+    return shard.with_name(shard.name.removesuffix(".tar") + ".index.json")
+
+
+def sample_bytes(sample: dict[str, str | bytes]) -> int:
+    """Payload bytes of a sample (its members, without the key)."""
+    return sum(len(v) for k, v in sample.items() if k != "__key__")
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write `payload` as indented JSON to `path` via a temporary file and a rename."""
     partial = path.with_name(path.name + ".partial")
@@ -48,7 +58,7 @@ class ShardFile:
             member.uname = member.gname = "sora"
             self._tar.addfile(member, io.BytesIO(data))
         self.samples += 1
-        self.bytes += sum(len(v) for k, v in sample.items() if k != "__key__")
+        self.bytes += sample_bytes(sample)
 
     def commit(self) -> None:
         """Close, flush to disk and move into place under the final name."""

@@ -13,7 +13,6 @@ consumed samples are skipped without being decoded.
 from __future__ import annotations
 
 import copy
-import io
 import random
 import zlib
 from collections import Counter
@@ -26,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .decode import ClipSpec, SkipSample, decode_clip
-from .shards import ShardError, iter_shard, read_captioned
+from .shards import ShardError, iter_shard, load_npy, read_captioned
 
 Batch = dict[str, Any]
 
@@ -178,7 +177,7 @@ class ClipStream(IterableDataset):
         if "latent.npy" not in sample:
             raise SkipSample("missing_latent")
         try:
-            latent = np.load(io.BytesIO(sample["latent.npy"]), allow_pickle=False)
+            latent = load_npy(sample["latent.npy"])
         except ValueError as error:
             raise SkipSample("bad_latent", str(error)) from error
         if tuple(latent.shape) != self.settings.latent_shape:
@@ -191,8 +190,8 @@ class ClipStream(IterableDataset):
         if "text.npy" not in sample:
             return None
         try:
-            text = np.load(io.BytesIO(sample["text.npy"]), allow_pickle=False).astype(np.float32)
-            mask = np.load(io.BytesIO(sample["text_mask.npy"]), allow_pickle=False).astype(bool)
+            text = load_npy(sample["text.npy"]).astype(np.float32)
+            mask = load_npy(sample["text_mask.npy"]).astype(bool)
         except (KeyError, ValueError) as error:
             raise SkipSample("bad_text_embedding", str(error)) from error
         if text.ndim != 2 or mask.shape != text.shape[:1] or not mask.any():

@@ -7,11 +7,13 @@ members sharing a key: {"__key__": str, "mp4": bytes, "json": bytes, ...}.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import braceexpand
+import numpy as np
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from .decode import SkipSample
@@ -58,6 +60,11 @@ def read_metadata(sample: dict) -> dict:
     if not isinstance(meta, dict):
         raise ValueError("json member is not an object")
     return meta
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """A `.npy` member's bytes -> array (never unpickles)."""
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def read_captioned(sample: dict) -> tuple[dict, str]:
