@@ -29,6 +29,7 @@ import torch
 from sora_train.data.buckets import BucketTable, load_bucket_table
 from sora_train.data.decode import ClipSpec, SkipSample, decode_clip
 from sora_train.data.shards import iter_shard, read_captioned, resolve_shards
+from sora_train.parallel.dist import shutdown_distributed
 
 from .shard_writer import ShardFile, index_path, write_json_atomic
 
@@ -178,11 +179,9 @@ def encode_shards(options: EncodeOptions) -> dict | None:
         if not (target.is_file() and index_path(target).is_file()):
             encode_shard(source, target, table, encoders, options)
     if world > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("gloo")
-        dist.barrier()
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("gloo")
+        shutdown_distributed()  # waits for every rank's shards, then leaves the group cleanly
     if rank != 0:
         return None
     manifest = summarize(options, names, table)

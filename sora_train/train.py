@@ -51,7 +51,14 @@ from .models.patch import grid_size
 from .models.prompts import PromptEncoder
 from .models.vae import LatentSpace, build_latent_space
 from .parallel.checkpointing import apply_activation_checkpointing
-from .parallel.dist import DistInfo, all_gather_objects, all_reduce_mean, barrier, init_distributed
+from .parallel.dist import (
+    DistInfo,
+    all_gather_objects,
+    all_reduce_mean,
+    barrier,
+    init_distributed,
+    shutdown_distributed,
+)
 from .parallel.zero import build_engine, use_bf16
 from .pretrained import inference_config
 from .recipes import config_dir
@@ -147,9 +154,10 @@ def train(cfg: TrainConfig) -> None:
     dist_info = init_distributed()
     try:
         _train(cfg, dist_info)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    except BaseException:
+        shutdown_distributed(wait_for_peers=False)
+        raise
+    shutdown_distributed()
 
 
 def _train(cfg: TrainConfig, dist_info: DistInfo) -> None:

@@ -109,3 +109,19 @@ def all_gather_objects(obj: object) -> list:
 def barrier() -> None:
     """Wait for every rank."""
     dist.barrier()
+
+
+def shutdown_distributed(wait_for_peers: bool = True) -> None:
+    """Leave the process group, by default once every rank is done with it.
+
+    Without the barrier, a rank that tears gloo down while a peer still talks to it can
+    abort in gloo's worker threads ("terminate called without an active exception").
+    A rank leaving on an error passes ``wait_for_peers=False``: its peers may never arrive.
+    """
+    if not dist.is_initialized():
+        return
+    try:
+        if wait_for_peers:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -14,7 +14,7 @@ import torch
 from sora_train.config import DataConfig, ModelConfig, TrainConfig, TrainLoopConfig
 from sora_train.diffusion.flow import flow_loss
 from sora_train.models.denoiser import build_denoiser, build_tokenizer
-from sora_train.parallel.dist import all_reduce_mean, init_distributed
+from sora_train.parallel.dist import all_reduce_mean, init_distributed, shutdown_distributed
 from sora_train.parallel.zero import build_engine
 
 BATCH = 4
@@ -58,7 +58,7 @@ def main(out: str, zero_stage: int) -> None:
         weights = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
     if info.rank == 0:
         torch.save({"loss": mean_loss, "weights": weights, "initial": initial}, out)
-    torch.distributed.destroy_process_group()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
