@@ -30,11 +30,11 @@ from pathlib import Path
 
 from sora_train.data.buckets import BucketTable, load_bucket_table
 
+from ..data.supervised import WorkerFailure, supervised_map
 from .probe import PreparedSource, PrepOptions, Rejected, prepare_item
 from .shard_writer import ShardFile, index_path, sample_bytes, write_json_atomic
 from .sources import SourceItem, iter_sources
 from .stats import CorpusStats
-from .workers import WorkerFailure, supervised_map
 
 SPLITS = ("train", "val")
 END = [2**62, 0]  # the input position after the last item

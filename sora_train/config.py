@@ -60,9 +60,23 @@ class DataConfig:
     window: str = "random"  # where clips are cut from each video: random | center
     height: int = 32
     width: int = 32
-    num_workers: int = 1
-    shuffle_buffer: int = 256
+    num_workers: int = 1  # decode processes per rank; 0 decodes in the training process
+    shuffle_buffer: int = 256  # samples shuffled together (after a seeded shard order)
     caption_dropout: float = 0.1
+    buckets: str | None = (
+        None  # a table in configs/buckets or a .yaml path; None: num_frames × height × width
+    )
+    tokens_per_batch: int = 0  # per-rank token budget that sizes each bucket's batch; 0: the micro batch size
+    target_fps: float | None = None  # sample frames at this rate (stride per video); None: the frame stride
+    max_upscale: float = 2.0  # a bucket needing more enlargement than this is not a candidate
+    images: str | None = None  # shards of images (key.jpg/png/webp + caption), mixed with the videos
+    image_ratio: float = 0.0  # fraction of batches drawn from `images`
+    decode_timeout: float = 60.0  # seconds one sample may take to decode before it is skipped
+    worker_max_tasks: int = 2000  # samples a decode process handles before it is replaced
+    allow_pipe: bool = False  # accept pipe:COMMAND shard sources (they run a shell)
+    cache_dir: str | None = (
+        None  # shard indexes and pipe copies; None: $SORA_CACHE_DIR or ~/.cache/sora_train
+    )
 
 
 @dataclass
@@ -246,6 +260,13 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"parallel.zero_stage must be 1, 2 or 3, got {cfg.parallel.zero_stage}")
     if cfg.wandb.mode not in ("auto", "online", "offline", "disabled"):
         raise ConfigError(f"wandb.mode must be auto, online, offline or disabled, got {cfg.wandb.mode!r}")
+    _validate_buckets(cfg)
+    if data.images is not None and not 0.0 < data.image_ratio < 1.0:
+        raise ConfigError(f"data.images needs 0 < data.image_ratio < 1, got {data.image_ratio}")
+    if data.decode_timeout <= 0 or data.max_upscale < 1.0 or data.tokens_per_batch < 0:
+        raise ConfigError(
+            "data.decode_timeout must be > 0, data.max_upscale >= 1, data.tokens_per_batch >= 0"
+        )
     if data.window not in ("random", "center"):
         raise ConfigError(f"data.window must be random or center, got {data.window!r}")
     if data.num_workers < 0 or data.frame_stride < 1 or data.num_frames < 1:
@@ -259,14 +280,38 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     if cfg.resume not in ("auto", "never") and not Path(cfg.resume).exists():
         raise ConfigError(f"resume={cfg.resume}: no such checkpoint")
     if not (data.generate_if_missing and data.name == "synthetic"):
-        for split in ("train", "val"):
+        for split in ("train", "val", "images"):
             path = getattr(data, split)
             if path is not None and not _shard_source_exists(path):
                 raise ConfigError(f"data.{split}={path}: no such file or directory")
 
 
+def _validate_buckets(cfg: TrainConfig) -> None:
+    """The bucket table loads, fits the patch size in pixel space, and has image buckets when images are mixed in."""
+    from .data.recipe import bucket_table
+
+    try:
+        table = bucket_table(cfg.data)
+    except ValueError as error:
+        raise ConfigError(f"data.buckets: {error}") from error
+    if cfg.model.latent_space == "pixel":
+        for bucket in table.buckets:
+            sides = (bucket.frames, bucket.height, bucket.width)
+            if any(side % patch for side, patch in zip(sides, cfg.model.patch_size, strict=True)):
+                raise ConfigError(
+                    f"bucket {bucket.name} is not divisible by model.patch_size={cfg.model.patch_size}"
+                )
+    if cfg.data.images is not None and not any(bucket.frames == 1 for bucket in table.buckets):
+        raise ConfigError("data.images needs a bucket table with 1-frame (image) buckets")
+
+
 def _shard_source_exists(source: str) -> bool:
-    """A shard source exists when its path (or, for a brace pattern, its directory) does."""
+    """A shard source exists when its path (or, for a brace pattern, its directory) does.
+
+    Object-store URLs and pipe: commands are checked when the loader resolves them.
+    """
+    if "://" in source or source.startswith("pipe:"):
+        return True
     if "{" in source:
         return Path(source.split("{", 1)[0]).parent.exists()
     return Path(source).exists()

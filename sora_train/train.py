@@ -39,9 +39,9 @@ from .config import (
     to_train_config,
     validate,
 )
-from .data.decode import ClipSpec
-from .data.loader import Batch, VideoLoader, merge_counts
-from .data.shards import ShardError, resolve_shards
+from .data.loader import Batch, merge_counts
+from .data.recipe import build_loader
+from .data.storage import ShardError
 from .diffusion.flow import flow_loss, sample_timesteps
 from .ema import EMA
 from .generate import generate_videos, save_clips
@@ -101,6 +101,12 @@ def forward_backward(
     )
     engine.backward(loss)
     return loss.item()
+
+
+def batch_tokens(shape: torch.Size, latent_space: LatentSpace | None, patch: tuple[int, int, int]) -> int:
+    """Transformer tokens in a batch of (B, C, F, H, W) pixels, or of latents when `latent_space` is None."""
+    grid = shape[2:] if latent_space is None else latent_space.latent_shape(*shape[2:])[1:]
+    return shape[0] * math.prod(grid_size(tuple(grid), patch))
 
 
 def ensure_synthetic_corpus(cfg: TrainConfig) -> None:
@@ -181,15 +187,12 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> None:
     engine = build_engine(model, cfg, world)
     dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
     ema = EMA(engine.module, cfg.train.ema_decay)
-    data = cfg.data
-    spec = ClipSpec(data.num_frames, data.frame_stride, data.height, data.width, data.window)
     latent_space = build_latent_space(cfg.model.latent_space, cfg.model.vae_path, device)
-    latent_shape = latent_space.latent_shape(*spec.shape)  # (C, f, h, w)
-    precomputed = data.name == "latents"  # latent shards from `sora-prep encode`: no decoding, no VAE
-    loader = VideoLoader(
-        resolve_shards(cfg.data.train), spec, micro_batch_size(cfg, world), cfg.seed, rank, world,
-        cfg.data.num_workers, cfg.data.shuffle_buffer, latent_shape if precomputed else None,
-    )  # fmt: skip
+    precomputed = cfg.data.name == "latents"  # latent shards from `sora-prep encode`: no decoding, no VAE
+    try:
+        loader = build_loader(cfg, rank, world, latent_space, micro_batch_size(cfg, world))
+    except ValueError as error:  # bad shards or data settings: one clear line, not a traceback
+        raise ConfigError(str(error)) from error
     generator = torch.Generator().manual_seed(cfg.seed + 1000 * (rank + 1))
 
     step, wandb_id = 0, None
@@ -203,9 +206,15 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> None:
         if dist_info.is_main:
             print(f"resumed from {checkpoint} at step {step}", flush=True)
     logger = MetricsLogger(cfg, step, wandb_id) if dist_info.is_main else None
+    if logger:
+        logger.log_event("data_index", step, {
+            "rejected_by_reason": dict(+loader.rejected), "samples_by_bucket": dict(loader.bucket_counts),
+            "batch_size_by_bucket": {b.name: size for b, size in zip(
+                loader.settings.table.buckets, loader.settings.batch_sizes, strict=True)},
+        })  # fmt: skip
 
     prompts = PromptEncoder(cfg.model, device)
-    tokens_per_sample = math.prod(grid_size(latent_shape[1:], tuple(cfg.model.patch_size)))
+    patch = tuple(cfg.model.patch_size)
     batches = iter(loader)
 
     def save(at_step: int) -> None:
@@ -218,7 +227,7 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> None:
 
     last_saved = step
     while step < cfg.train.max_steps:
-        started, data_wait, losses, keys = time.perf_counter(), 0.0, [], []
+        started, data_wait, losses, keys, tokens = time.perf_counter(), 0.0, [], [], 0
         for _ in range(cfg.train.grad_accum_steps):
             fetch = time.perf_counter()
             batch = next(batches)
@@ -226,21 +235,22 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> None:
             encoder = None if precomputed else latent_space
             losses.append(forward_backward(engine, batch, prompts, encoder, generator, cfg, dtype))
             keys.extend(batch["key"])
+            tokens += batch_tokens(batch["x"].shape, encoder, patch)
         engine.step()
         step += 1
         ema.update(engine.module)
         elapsed = time.perf_counter() - started
 
         loss, wait = all_reduce_mean([sum(losses) / len(losses), data_wait / elapsed], device)
-        gathered = all_gather_objects((keys, loader.skip_counts()))  # [(keys, skips)] in rank order
+        gathered = all_gather_objects((keys, tokens, loader.skip_counts()))  # per rank, in rank order
         if logger:
-            samples_per_s = cfg.train.global_batch_size / elapsed
+            all_keys = [k for rank_keys, _, _ in gathered for k in rank_keys]
             logger.log({
                 "step": step, "loss": loss, "lr": engine.get_lr()[0],
-                "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                "samples_per_s": samples_per_s, "tokens_per_s": samples_per_s * tokens_per_sample,
-                "data_wait": wait, "batch_hash": keys_hash([k for rank_keys, _ in gathered for k in rank_keys]),
-                "skipped": sum(merge_counts([skips for _, skips in gathered]).values()),
+                "grad_norm": float(engine.get_global_grad_norm() or 0.0), "epoch": batch["epoch"],
+                "samples_per_s": len(all_keys) / elapsed, "tokens_per_s": sum(t for _, t, _ in gathered) / elapsed,
+                "data_wait": wait, "batch_hash": keys_hash(all_keys),
+                "skipped": sum(merge_counts([skips for _, _, skips in gathered]).values()),
             })  # fmt: skip
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             save(step)
@@ -256,7 +266,9 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> None:
     skipped = merge_counts(all_gather_objects(loader.skip_counts()))
     final_model = ema_model(ema, cfg, device)
     if logger:
-        logger.log_event("data", step, {"skipped_by_reason": skipped})
+        logger.log_event(
+            "data", step, {"skipped_by_reason": skipped, "rejected_by_reason": dict(+loader.rejected)}
+        )
         paths = write_samples(final_model, cfg, step)
         logger.log_videos(step, paths, cfg.train.sample_prompts)
         logger.log_event("samples", step, {"paths": [str(p) for p in paths]})

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from sora_train.data_prep.build_shards import split_of
 from sora_train.data_prep.cli import main as prep_main
-from sora_train.data_prep.workers import WorkerFailure, supervised_map
+from sora_train.data.supervised import WorkerFailure, supervised_map
 
 from sora_train.data.decode import ClipSpec, choose_indices
 from sora_train.data.shards import iter_shard

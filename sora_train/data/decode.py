@@ -50,27 +50,44 @@ class ClipSpec:
         return (self.num_frames - 1) * self.stride + 1
 
 
-def _decode_decord(data: bytes, spec: ClipSpec, rng: np.random.Generator, window: FrameWindow) -> np.ndarray:
+def clip_stride(fps: float, target_fps: float | None, default: int) -> int:
+    """Source frames between sampled frames: `default`, or the step closest to `target_fps`."""
+    if not target_fps or fps <= 0:
+        return default
+    return max(1, round(fps / target_fps))
+
+
+def _frame_count(reported: int, known: int | None) -> int:
+    """Frames to choose from: the container's count, capped by a count the metadata measured."""
+    return reported if known is None else min(reported, known)
+
+
+def _decode_decord(
+    data: bytes, spec: ClipSpec, rng: np.random.Generator, window: FrameWindow, known: int | None
+) -> np.ndarray:
     import decord
 
-    reader = decord.VideoReader(io.BytesIO(data), num_threads=1)
+    reader = decord.VideoReader(io.BytesIO(data), num_threads=1)  # applies the display rotation
     try:
-        return reader.get_batch(choose_indices(len(reader), spec, rng, window).tolist()).asnumpy()
+        indices = choose_indices(_frame_count(len(reader), known), spec, rng, window)
+        return reader.get_batch(indices.tolist()).asnumpy()
     finally:
         del reader  # decord leaks if readers are kept around
 
 
-def _decode_pyav(data: bytes, spec: ClipSpec, rng: np.random.Generator, window: FrameWindow) -> np.ndarray:
+def _decode_pyav(
+    data: bytes, spec: ClipSpec, rng: np.random.Generator, window: FrameWindow, known: int | None
+) -> np.ndarray:
     import av
 
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
-        indices = choose_indices(stream.frames, spec, rng, window)  # the header's count; checked below
+        indices = choose_indices(_frame_count(stream.frames, known), spec, rng, window)  # checked below
         wanted = {int(i) for i in indices}
         frames: dict[int, np.ndarray] = {}
         for index, frame in enumerate(container.decode(stream)):
-            if index in wanted:
-                frames[index] = frame.to_ndarray(format="rgb24")
+            if index in wanted:  # upright, as decord and players show it
+                frames[index] = np.rot90(frame.to_ndarray(format="rgb24"), k=(frame.rotation or 0) // 90)
             if index >= indices.max():
                 break
     if len(frames) < len(wanted):
@@ -95,39 +112,68 @@ def choose_indices(
     return first + start + spec.stride * np.arange(spec.num_frames)
 
 
-def decode_clip(
-    data: bytes, spec: ClipSpec, rng: np.random.Generator, window: FrameWindow = None
-) -> torch.Tensor:
-    """mp4 bytes -> (C, F, H, W) float32 in [-1, 1] at the spec's size; raises SkipSample.
+def decode_frames(
+    data: bytes,
+    spec: ClipSpec,
+    rng: np.random.Generator,
+    window: FrameWindow = None,
+    known_frames: int | None = None,
+) -> np.ndarray:
+    """mp4 bytes -> (F, H0, W0, 3) uint8 source frames, upright; raises SkipSample.
 
-    `window` = [first, last) frames to cut from (see `choose_indices`).
+    `window` = [first, last) frames to cut from (see `choose_indices`); `known_frames` caps the
+    container's frame count with one measured by decoding (data preparation records it), so a
+    header that over-reports never asks for frames that do not exist.
     decord first; PyAV when decord cannot open or decode the file. Both draw the window from a
     copy of `rng`, so the fallback picks the same frames.
     """
     state = rng.bit_generator.state
     try:
-        frames = _decode_decord(data, spec, rng, window)
+        frames = _decode_decord(data, spec, rng, window, known_frames)
     except SkipSample:
         raise
     except Exception:
         rng.bit_generator.state = state
         try:
-            frames = _decode_pyav(data, spec, rng, window)
+            frames = _decode_pyav(data, spec, rng, window, known_frames)
         except SkipSample:
             raise
         except Exception as error:
             raise SkipSample("decode_error", str(error)) from error
     if frames.ndim != 4 or frames.shape[0] != spec.num_frames or frames.shape[-1] != 3:
         raise SkipSample("decode_error", f"decoded frames shaped {frames.shape}")
-    return resize_crop(frames, spec.height, spec.width)
+    return frames
+
+
+def decode_clip(
+    data: bytes,
+    spec: ClipSpec,
+    rng: np.random.Generator,
+    window: FrameWindow = None,
+    known_frames: int | None = None,
+) -> torch.Tensor:
+    """mp4 bytes -> (C, F, H, W) float32 in [-1, 1] at the spec's size; raises SkipSample (see `decode_frames`)."""
+    return to_unit_range(
+        fit_frames(decode_frames(data, spec, rng, window, known_frames), spec.height, spec.width)
+    )
+
+
+def to_unit_range(video: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [-1, 1]."""
+    return video.float() / 127.5 - 1.0
 
 
 def resize_crop(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
-    """(F, H0, W0, 3) uint8 -> (3, F, height, width) float32 in [-1, 1].
+    """(F, H0, W0, 3) uint8 -> (3, F, height, width) float32 in [-1, 1] (see `fit_frames`)."""
+    return to_unit_range(fit_frames(frames, height, width))
+
+
+def fit_frames(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
+    """(F, H0, W0, 3) uint8 -> (3, F, height, width) uint8.
 
     Scales so the frame covers the target (aspect ratio kept), then crops the centre.
     """
-    video = rearrange(torch.from_numpy(frames), "f h w c -> f c h w").float()
+    video = rearrange(torch.from_numpy(np.ascontiguousarray(frames)), "f h w c -> f c h w").float()
     src_h, src_w = video.shape[-2:]
     scale = max(height / src_h, width / src_w)
     new_h, new_w = max(height, round(src_h * scale)), max(width, round(src_w * scale))
@@ -137,4 +183,4 @@ def resize_crop(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
         )
     top, left = (new_h - height) // 2, (new_w - width) // 2
     video = video[:, :, top : top + height, left : left + width]
-    return rearrange(video / 127.5 - 1.0, "f c h w -> c f h w").clamp(-1, 1).contiguous()
+    return rearrange(video.round().clamp(0, 255).to(torch.uint8), "f c h w -> c f h w").contiguous()

@@ -1,294 +1,325 @@
-"""A streaming, resumable video loader over webdataset shards.
+"""The training loader: bucketed, shape-homogeneous batches with exact and elastic resume.
 
-Each data-parallel rank reads its own shards (a seeded shuffle per epoch, then every
-`world`-th shard), and each DataLoader worker every `num_workers`-th of those. A worker
-streams raw samples through a seeded shuffle buffer, decodes each into a clip, skips and
-counts the ones that cannot be used, and yields shape-homogeneous batches that carry the
-worker's position (epoch, samples emitted, skip counts). The main process keeps the
-position of the last batch it consumed from each worker, so `state_dict()` is exact:
-after `load_state_dict()` the batch sequence continues as if never interrupted, and the
-consumed samples are skipped without being decoded.
+At start each rank indexes its shard sets (cached; metadata only), places every sample in a
+bucket, and builds the plan of `plan.py`: the global sequence of batches is a pure function of
+the seed, and this rank takes its share of it. Iterating reads the planned samples by byte range
+and decodes them in supervised worker processes (a decode that hangs costs `decode_timeout` and
+a counted `timeout` skip, one that crashes a counted `decoder_crash`; workers are recycled every
+`worker_max_tasks` samples so native decoder leaks stay bounded). A sample that cannot be used
+is counted by reason and its batch is smaller; a batch with no usable sample is passed over.
+
+`state_dict()` is this rank's cursor. At the same number of ranks, `load_state_dict()` continues
+the exact batch sequence, skipping consumed batches without reading them; with another number
+of ranks, `merge_loader_states()` of every old rank's state gives a start from which the
+remaining batches are dealt again, so no batch of the epoch is repeated or lost.
 """
 
 from __future__ import annotations
 
-import copy
-import random
-import zlib
-from collections import Counter
+import hashlib
+import itertools
+import json
+import math
+import queue
+import threading
+from collections import Counter, deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .decode import ClipSpec, SkipSample, decode_clip
-from .shards import ShardError, iter_shard, load_npy, read_captioned
+from .buckets import BucketTable
+from .decode import clip_stride, to_unit_range
+from .index import ShardSetIndex, build_index
+from .plan import EpochPlanner, Mixture, PlannedBatch, RankCursor, merge_cursors
+from .samples import Example, SampleSettings, SampleTask, load_example
+from .storage import ShardError
+from .supervised import supervised_map
 
 Batch = dict[str, Any]
-
-
-def fresh_position() -> dict:
-    """Where a worker stream starts: epoch 0, nothing emitted, nothing skipped."""
-    return {"epoch": 0, "emitted": 0, "skipped": {}}
-
-
-def epoch_shards(
-    shards: list[str], seed: int, epoch: int, rank: int, world: int, worker: int, workers: int
-) -> list[str]:
-    """The shards one worker of one rank reads in an epoch (seeded shuffle, then strided split)."""
-    order = list(shards)
-    random.Random(f"{seed}/{epoch}").shuffle(order)
-    return order[rank::world][worker::workers]
-
-
-def shuffle_buffer(samples: Iterator[dict], size: int, rng: np.random.Generator) -> Iterator[dict]:
-    """Shuffle a stream with a buffer of `size` samples (deterministic given `rng`)."""
-    buffer: list[dict] = []
-    for sample in samples:
-        if len(buffer) < size:
-            buffer.append(sample)
-            continue
-        slot = int(rng.integers(size))
-        yield buffer[slot]
-        buffer[slot] = sample
-    for slot in rng.permutation(len(buffer)):
-        yield buffer[slot]
+STATE_VERSION = 2
 
 
 @dataclass(frozen=True)
-class Clip:
-    """One training example: (C, F, H, W) pixels or (C, f, h, w) latents, and its caption."""
+class LoaderSettings:
+    """How a run reads its data. Batch sizes are per rank and per bucket (same order as the table)."""
 
-    key: str
-    caption: str
-    x: torch.Tensor
-    text: tuple[torch.Tensor, torch.Tensor] | None = None  # precomputed (T, E) embedding and (T,) mask
-
-
-@dataclass(frozen=True)
-class StreamSettings:
-    """What every worker stream of one rank shares.
-
-    `latent_shape` = (C, f, h, w) switches the stream to precomputed latent shards
-    (`sora-prep encode`): samples carry `latent.npy` instead of video, and a latent of another
-    shape (another bucket) is skipped as `wrong_bucket`.
-    """
-
-    shards: list[str]
-    spec: ClipSpec
-    batch_size: int
-    seed: int
-    rank: int
-    world: int
-    num_workers: int  # logical streams (at least 1)
-    buffer_size: int
-    latent_shape: tuple[int, int, int, int] | None = None
-
-
-class ClipStream(IterableDataset):
-    """Endless batches of clips for one data-parallel rank, split over DataLoader workers."""
-
-    def __init__(self, settings: StreamSettings, positions: list[dict], worker_offset: int):
-        super().__init__()
-        self.settings, self.positions, self.worker_offset = settings, positions, worker_offset
-
-    def __iter__(self) -> Iterator[Batch]:
-        info = get_worker_info()
-        physical = info.id if info is not None else 0
-        streams = self.settings.num_workers
-        worker = (physical + self.worker_offset) % streams  # the logical stream this process plays
-        yield from self._batches(worker, copy.deepcopy(self.positions[worker]))
-
-    def _batches(self, worker: int, position: dict) -> Iterator[Batch]:
-        settings = self.settings
-        epoch, resume_at, skipped = position["epoch"], position["emitted"], Counter(position["skipped"])
-        cursor = {"emitted": 0}  # samples out of the shuffle buffer so far this epoch
-        clips: list[Clip] = []
-
-        def count_shard_error(reason: str) -> None:
-            if (
-                cursor["emitted"] >= resume_at
-            ):  # errors met while replaying consumed samples were counted before
-                skipped[reason] += 1
-
-        while True:
-            shards = epoch_shards(
-                settings.shards,
-                settings.seed,
-                epoch,
-                settings.rank,
-                settings.world,
-                worker,
-                settings.num_workers,
-            )
-            rng = np.random.default_rng([settings.seed, epoch, settings.rank, worker])
-            cursor["emitted"] = produced = 0
-            for sample in shuffle_buffer(
-                self._raw_samples(shards, count_shard_error), settings.buffer_size, rng
-            ):
-                cursor["emitted"] += 1
-                if cursor["emitted"] <= resume_at:
-                    continue  # consumed before the checkpoint: skipped without decoding
-                try:
-                    clips.append(self._prepare(sample, epoch))
-                except SkipSample as skip:
-                    skipped[skip.reason] += 1
-                    continue
-                produced += 1
-                if len(clips) == settings.batch_size:
-                    state = {"epoch": epoch, "emitted": cursor["emitted"], "skipped": dict(skipped)}
-                    yield collate(clips, worker, state)
-                    clips = []
-            if (
-                produced == 0 and resume_at == 0
-            ):  # a whole epoch without one usable sample: never spin silently
-                raise ShardError(
-                    f"rank {settings.rank} worker {worker}: no usable sample in {len(shards)} shards "
-                    f"(skipped by reason: {dict(skipped)})"
-                )
-            epoch, resume_at = epoch + 1, 0
-
-    @staticmethod
-    def _raw_samples(shards: list[str], on_error: Any) -> Iterator[dict]:
-        for path in shards:
-            try:
-                yield from iter_shard(path)
-            except Exception:  # a truncated or corrupt tar: keep what was read, count it, move on
-                on_error("corrupt_shard")
-
-    def _prepare(self, sample: dict, epoch: int) -> Clip:
-        key = sample["__key__"]
-        meta, caption = read_captioned(sample)
-        if self.settings.latent_shape is not None:
-            return Clip(key, caption, self._latent(sample), self._text(sample))
-        if "mp4" not in sample:
-            raise SkipSample("missing_video")
-        rng = np.random.default_rng([self.settings.seed, epoch, zlib.crc32(key.encode())])
-        window = meta.get("frame_window")
-        if window is not None and not (isinstance(window, list) and len(window) == 2):
-            raise SkipSample("bad_metadata", f"frame_window {window!r} is not [first, last)")
-        return Clip(key, caption, decode_clip(sample["mp4"], self.settings.spec, rng, window))
-
-    def _latent(self, sample: dict) -> torch.Tensor:
-        """A precomputed (C, f, h, w) latent as float32; raises SkipSample for a missing or other-shaped one."""
-        if "latent.npy" not in sample:
-            raise SkipSample("missing_latent")
-        try:
-            latent = load_npy(sample["latent.npy"])
-        except ValueError as error:
-            raise SkipSample("bad_latent", str(error)) from error
-        if tuple(latent.shape) != self.settings.latent_shape:
-            raise SkipSample("wrong_bucket", f"latent {latent.shape} != {self.settings.latent_shape}")
-        return torch.from_numpy(latent.astype(np.float32))
-
-    @staticmethod
-    def _text(sample: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Precomputed caption embedding (T, E) and mask (T,), when the shard has them."""
-        if "text.npy" not in sample:
-            return None
-        try:
-            text = load_npy(sample["text.npy"]).astype(np.float32)
-            mask = load_npy(sample["text_mask.npy"]).astype(bool)
-        except (KeyError, ValueError) as error:
-            raise SkipSample("bad_text_embedding", str(error)) from error
-        if text.ndim != 2 or mask.shape != text.shape[:1] or not mask.any():
-            raise SkipSample("bad_text_embedding", f"text {text.shape}, mask {mask.shape}")
-        return torch.from_numpy(text), torch.from_numpy(mask)
+    table: BucketTable
+    batch_sizes: tuple[int, ...]
+    seed: int = 0
+    shuffle_window: int = 1000  # samples shuffled together, after a seeded shard order
+    window: str = "random"  # where a clip is cut from its video: random | center
+    target_fps: float | None = None  # None: the table's frame stride for every video
+    max_upscale: float = math.inf  # a bucket needing more enlargement than this is not a candidate
+    latent_shapes: tuple[tuple[int, int, int, int], ...] | None = None  # per bucket: latent shards
+    image_ratio: float = 0.0  # fraction of batches from the second shard set (images)
+    num_workers: int = 0  # decode processes; 0 decodes in this process (no hang protection)
+    decode_timeout: float = 60.0
+    worker_max_tasks: int | None = 2000
+    prefetch_batches: int = 2
+    cache_dir: Path | None = None
 
 
 def merge_counts(counts: list[dict[str, int]]) -> dict[str, int]:
-    """Sum counters such as skipped samples by reason (over workers, or over ranks)."""
+    """Sum counters such as skipped samples by reason (over ranks)."""
     total: Counter = Counter()
     for count in counts:
         total.update(count)
     return dict(total)
 
 
-def collate(clips: list[Clip], worker: int, position: dict) -> Batch:
-    """Stack clips into a batch: x (B, C, F, H, W), caption [B], key [B], plus the stream position.
-
-    With precomputed caption embeddings, also text (B, T, E) and text_mask (B, T).
-    """
-    batch = {
-        "x": torch.stack([clip.x for clip in clips]),
-        "caption": [clip.caption for clip in clips],
-        "key": [clip.key for clip in clips],
-        "worker": worker,
-        "position": position,
+def merge_loader_states(states: list[dict]) -> dict:
+    """One state from every rank's `state_dict()` of a checkpoint, to resume with any number of ranks."""
+    plans = {state["plan"] for state in states}
+    if len(plans) != 1:
+        raise ValueError("loader states come from different data plans")
+    cursor = merge_cursors([state["cursor"] for state in states])
+    return {
+        "version": STATE_VERSION,
+        "plan": plans.pop(),
+        "cursor": {"start": cursor.start, "done": list(cursor.done)},
+        "skipped": merge_counts([state["skipped"] for state in states]),
     }
-    if all(clip.text is not None for clip in clips):
-        batch["text"] = torch.stack([clip.text[0] for clip in clips])
-        batch["text_mask"] = torch.stack([clip.text[1] for clip in clips])
+
+
+def collate(examples: list[Example], planned: PlannedBatch, bucket_name: str) -> Batch:
+    """Stack examples of one bucket: x (B, C, F, H, W) float32 (pixels in [-1, 1]), caption, key, bucket.
+
+    With precomputed caption embeddings on every example, also text (B, T, E) and text_mask (B, T).
+    """
+    x = torch.stack([example.x for example in examples])
+    batch = {
+        "x": to_unit_range(x) if x.dtype == torch.uint8 else x,
+        "caption": [example.caption for example in examples],
+        "key": [example.key for example in examples],
+        "bucket": bucket_name,
+        "source": planned.source,
+        "epoch": planned.epoch,
+    }
+    if all(example.text is not None for example in examples):
+        batch["text"] = torch.stack([example.text[0] for example in examples])
+        batch["text_mask"] = torch.stack([example.text[1] for example in examples])
     return batch
 
 
 class VideoLoader:
-    """The rank's loader: iterate for batches; `state_dict()` / `load_state_dict()` for exact resume."""
+    """One data-parallel rank's batches: iterate for them; `state_dict()` / `load_state_dict()` to resume."""
 
-    def __init__(
-        self,
-        shards: list[str],
-        spec: ClipSpec,
-        batch_size: int,
-        seed: int,
-        rank: int,
-        world: int,
-        num_workers: int,
-        buffer_size: int,
-        latent_shape: tuple[int, int, int, int] | None = None,
-    ):
-        streams = max(1, num_workers)
-        if len(shards) < world * streams:
-            raise ShardError(
-                f"{len(shards)} shards cannot feed {world} data-parallel ranks × {streams} loader workers; "
-                "write more shards or lower data.num_workers"
+    def __init__(self, sources: list[list[str]], settings: LoaderSettings, rank: int = 0, world: int = 1):
+        if not 1 <= len(sources) <= 2:
+            raise ValueError("a loader reads one shard set, or two (videos, then images)")
+        if len(settings.batch_sizes) != len(settings.table.buckets) or min(settings.batch_sizes) < 1:
+            raise ValueError("need one batch size >= 1 per bucket")
+        self.settings, self.rank, self.world = settings, rank, world
+        self.indexes = [build_index(urls, settings.cache_dir) for urls in sources]
+        self.rejected: Counter = Counter()  # unusable from metadata, over the whole corpus
+        self.bucket_counts: Counter = Counter()
+        planners = [self._planner(position, index) for position, index in enumerate(self.indexes)]
+        self.mixture = Mixture(planners, settings.image_ratio if len(sources) == 2 else 0.0)
+        self.cursor = RankCursor(world=world, rank=rank)
+        self.skipped: Counter = Counter()  # decode-time skips on this rank
+        self.plan_id = self._plan_id()
+
+    def _planner(self, position: int, index: ShardSetIndex) -> EpochPlanner:
+        settings, table = self.settings, self.settings.table
+        buckets = np.full(len(index), -1, np.int16)
+        for sample, record in enumerate(index.records):
+            if record["kind"] == "latent":
+                try:
+                    buckets[sample] = table.index(record["bucket"])
+                except KeyError:
+                    self.rejected["wrong_bucket"] += 1
+                continue
+            stride = clip_stride(record["fps"], settings.target_fps, table.stride)
+            placed = table.place(
+                record["width"], record["height"], record["frames"], stride, settings.max_upscale
             )
-        self.settings = StreamSettings(
-            shards, spec, batch_size, seed, rank, world, streams, buffer_size, latent_shape
+            if isinstance(placed, str):
+                self.rejected[placed] += 1
+            else:
+                buckets[sample] = table.buckets.index(placed)
+        self.rejected.update(index.rejected)
+        self.rejected["corrupt_shard"] += index.corrupt_shards
+        self.bucket_counts.update(table.buckets[b].name for b in buckets[buckets >= 0])
+        if not (buckets >= 0).any():
+            raise ShardError(
+                f"no usable sample in {len(index.urls)} shards (e.g. {index.urls[0]}); "
+                f"rejected by reason: {dict(+self.rejected)}"
+            )
+        weights = tuple(bucket.weight for bucket in table.buckets)
+        return EpochPlanner(
+            position,
+            index.shard,
+            buckets,
+            settings.batch_sizes,
+            weights,
+            settings.seed,
+            settings.shuffle_window,
         )
-        self.num_workers = num_workers
-        self.positions = [fresh_position() for _ in range(streams)]
-        self.consumed = 0
+
+    def _plan_id(self) -> str:
+        settings = self.settings
+        described = {
+            "sources": [[index.urls, len(index)] for index in self.indexes],
+            "table": [[b.name, b.weight] for b in settings.table.buckets] + [settings.table.stride],
+            "batch_sizes": settings.batch_sizes,
+            "seed": settings.seed,
+            "shuffle_window": settings.shuffle_window,
+            "image_ratio": self.mixture.ratio,
+            "target_fps": settings.target_fps,
+            "max_upscale": str(settings.max_upscale),
+        }
+        return hashlib.sha1(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
+
+    def planned(self, j: int) -> PlannedBatch:
+        """This rank's j-th batch of the plan (counting from the current start)."""
+        return self.mixture.batch(self.cursor.position(j))
+
+    def _tasks(self, first: int, plan_order: deque) -> Iterator[SampleTask]:
+        for j in itertools.count(first):
+            planned = self.planned(j)
+            bucket = self.settings.table.buckets[planned.bucket]
+            index = self.indexes[planned.source]
+            latent = self.settings.latent_shapes[planned.bucket] if self.settings.latent_shapes else None
+            plan_order.append((j, planned))
+            for sample in planned.samples:
+                yield SampleTask(
+                    index.locations[index.shard[sample]], int(index.start[sample]), int(index.length[sample]),
+                    bucket.frames, bucket.height, bucket.width, latent, planned.epoch,
+                )  # fmt: skip
 
     def __iter__(self) -> Iterator[Batch]:
-        offset = self.consumed % len(self.positions)
-        stream = ClipStream(self.settings, copy.deepcopy(self.positions), offset)
-        loader = DataLoader(
-            stream,
-            batch_size=None,
-            num_workers=self.num_workers,
-            prefetch_factor=2 if self.num_workers else None,
+        settings = self.settings
+        sample_settings = SampleSettings(
+            settings.seed, settings.table.stride, settings.target_fps, settings.window
         )
-        for batch in loader:
-            self.positions[batch["worker"]] = batch["position"]
-            self.consumed += 1
-            yield batch
+        work = partial(load_example, sample_settings)
+        plan_order: deque = deque()
+        tasks = self._tasks(self.cursor.taken, plan_order)
+        if settings.num_workers == 0:
+            results: Iterator = ((task, work(task)) for task in tasks)
+        else:
+            largest = max(settings.batch_sizes)
+            results = _Prefetcher(
+                supervised_map(
+                    work, tasks, settings.num_workers, settings.decode_timeout,
+                    max_pending=4 * settings.num_workers + largest, max_tasks=settings.worker_max_tasks,
+                ),
+                depth=settings.prefetch_batches * largest,
+            )  # fmt: skip
+        try:
+            empty_run = 0  # consecutive batches without one usable sample
+            while True:
+                _, first = next(results)
+                j, planned = plan_order.popleft()  # queued before its first sample was
+                outcomes = [first] + [next(results)[1] for _ in range(len(planned.samples) - 1)]
+                examples = [outcome for outcome in outcomes if isinstance(outcome, Example)]
+                # Skipped, or a WorkerFailure: the decode hung (timeout) or crashed its worker
+                skipped = Counter(outcome.reason for outcome in outcomes if not isinstance(outcome, Example))
+                self.cursor.taken = j + 1
+                self.skipped.update(skipped)
+                if examples:
+                    empty_run = 0
+                    yield collate(examples, planned, settings.table.buckets[planned.bucket].name)
+                    continue
+                empty_run += 1
+                if empty_run >= len(self.mixture.planners[planned.source].epoch(planned.epoch)):
+                    raise ShardError(
+                        f"rank {self.rank}: an epoch's worth of batches without one usable sample "
+                        f"(skipped by reason: {dict(self.skipped)})"
+                    )
+        finally:
+            if isinstance(results, _Prefetcher):
+                results.close()
 
     def skip_counts(self) -> dict[str, int]:
-        """Samples skipped so far on this rank, by reason."""
-        return merge_counts([position["skipped"] for position in self.positions])
+        """Samples skipped while decoding on this rank so far, by reason."""
+        return dict(self.skipped)
 
     def state_dict(self) -> dict:
-        """Everything needed to continue exactly after the last consumed batch."""
+        """This rank's place in the plan, and its skip counts (plain types)."""
         return {
-            "positions": copy.deepcopy(self.positions),
-            "consumed": self.consumed,
-            "world": self.settings.world,
-            "num_shards": len(self.settings.shards),
-            "seed": self.settings.seed,
+            "version": STATE_VERSION,
+            "plan": self.plan_id,
+            "cursor": self.cursor.state(),
+            "skipped": dict(self.skipped),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from `state`; the rank count, worker count, seed and shard count must match."""
-        saved = (state["world"], len(state["positions"]), state["num_shards"], state["seed"])
-        current = (self.settings.world, len(self.positions), len(self.settings.shards), self.settings.seed)
-        if saved != current:
+        """Continue from this rank's own state (same ranks) or a `merge_loader_states` result (any ranks)."""
+        if state.get("version") != STATE_VERSION:
             raise ValueError(
-                "loader state was saved with (ranks, workers, shards, seed) = "
-                f"{saved}, this run has {current}; resume with the same settings"
+                f"loader state version {state.get('version')} is not {STATE_VERSION}; start a new run"
             )
-        self.positions = copy.deepcopy(state["positions"])
-        self.consumed = state["consumed"]
+        if state["plan"] != self.plan_id:
+            raise ValueError(
+                "the data plan changed since this state was saved (shards, bucket table, batch sizes, seed, "
+                "shuffle window, image ratio or frame rate); resume with the same data settings"
+            )
+        cursor = state["cursor"]
+        if "rank" not in cursor:  # merged over all ranks of the saving run
+            self.cursor = RankCursor(cursor["start"], tuple(cursor["done"]), self.world, self.rank, 0)
+            self.skipped = Counter(state["skipped"] if self.rank == 0 else {})
+            return
+        if (cursor["world"], cursor["rank"]) != (self.world, self.rank):
+            raise ValueError(
+                f"this state is rank {cursor['rank']} of {cursor['world']}; this loader is rank {self.rank} of "
+                f"{self.world}: merge every rank's state with merge_loader_states()"
+            )
+        self.cursor = replace(RankCursor(**cursor))
+        self.skipped = Counter(state["skipped"])
+
+
+class _Prefetcher:
+    """Drives a generator in a background thread, so decoding continues while the caller trains."""
+
+    _END = object()
+
+    def __init__(self, source: Iterator, depth: int):
+        self.source, self.items = source, queue.Queue(maxsize=max(1, depth))
+        self.stopping = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True, name="loader-prefetch")
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for item in self.source:
+                while not self.stopping.is_set():
+                    try:
+                        self.items.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self.stopping.is_set():
+                    return
+        except BaseException as error:  # handed to the consumer
+            self.error = error
+        finally:
+            self.source.close()
+            self.items.put(self._END)
+
+    def __iter__(self) -> _Prefetcher:
+        return self
+
+    def __next__(self) -> Any:
+        item = self.items.get()
+        if item is self._END:
+            if self.error is not None:
+                raise self.error
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        """Stop the thread and the worker processes behind it."""
+        self.stopping.set()
+        while self.thread.is_alive():
+            try:
+                self.items.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        self.thread.join()

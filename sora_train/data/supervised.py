@@ -4,6 +4,7 @@
 and turns a worker that exceeds the per-item timeout into `WorkerFailure("timeout")` and one that
 dies (a segfault in a decoder, an out-of-memory kill) into `WorkerFailure("decoder_crash")`. The
 worker is replaced and the stream goes on: one bad file costs its own result, never the run.
+Used by data preparation (probing files) and by the training loader (decoding clips).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class _Worker:
         self.ready = False  # the per-item clock starts once the worker has imported what it needs
         self.task: int | None = None
         self.started = 0.0
+        self.served = 0  # items answered; a worker is recycled after `max_tasks` of them
 
     def submit(self, index: int, item: Any) -> None:
         self.task, self.started = index, time.monotonic()
@@ -74,12 +76,14 @@ def supervised_map(
     workers: int,
     timeout: float,
     max_pending: int | None = None,
+    max_tasks: int | None = None,
 ) -> Iterator[tuple[Any, Any]]:
     """Yield `(item, fn(item) or WorkerFailure)` in input order, computed in `workers` processes.
 
-    `fn` must be a picklable top-level function; exceptions it raises are not caught here, so
-    it should return its own error values. Memory stays bounded by `max_pending` items
-    (default 4 per worker) whatever the length of `items`.
+    `fn` must be a picklable top-level function (or a partial of one); exceptions it raises are
+    not caught here, so it should return its own error values. Memory stays bounded by
+    `max_pending` items (default 4 per worker) whatever the length of `items`, and a worker is
+    replaced after `max_tasks` items (None: never), so leaks in native decoders cannot grow.
     """
     source = iter(items)
     first = next(source, _DIED)
@@ -136,6 +140,10 @@ def supervised_map(
                         index, result = message
                         done[index] = result
                         worker.task = None
+                        worker.served += 1
+                        if max_tasks is not None and worker.served >= max_tasks:
+                            worker.stop()
+                            pool[slot] = _Worker(context, fn)
                         continue
                 if not worker.ready:
                     if worker.process.is_alive():

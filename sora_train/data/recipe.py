@@ -1,0 +1,66 @@
+"""A run's data config -> its bucket table and its loader."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..models.patch import grid_size
+from .buckets import Bucket, BucketTable, batch_sizes_for, load_bucket_table
+from .loader import LoaderSettings, VideoLoader
+from .storage import resolve_shards
+
+if TYPE_CHECKING:
+    from ..config import DataConfig, TrainConfig
+    from ..models.vae import LatentSpace
+
+
+def bucket_table(data: DataConfig) -> BucketTable:
+    """`data.buckets`, or the one bucket num_frames × height × width at `frame_stride`."""
+    if data.buckets is None:
+        return BucketTable((Bucket(data.num_frames, data.height, data.width),), data.frame_stride)
+    return load_bucket_table(data.buckets)
+
+
+def tokens_per_sample(bucket: Bucket, latent_space: LatentSpace, patch_size: tuple[int, int, int]) -> int:
+    """Transformer tokens of one sample of `bucket`: its latent grid divided into patches."""
+    _, frames, height, width = latent_space.latent_shape(bucket.frames, bucket.height, bucket.width)
+    return math.prod(grid_size((frames, height, width), patch_size))
+
+
+def build_loader(
+    cfg: TrainConfig, rank: int, world: int, latent_space: LatentSpace, micro_batch: int
+) -> VideoLoader:
+    """The loader of data-parallel rank `rank` of `world` for this run (raises ValueError on bad data settings)."""
+    data = cfg.data
+    table = bucket_table(data)
+    patch = tuple(cfg.model.patch_size)
+    sizes = batch_sizes_for(
+        table,
+        data.tokens_per_batch,
+        lambda bucket: tokens_per_sample(bucket, latent_space, patch),
+        micro_batch,
+    )
+    latents = data.name == "latents"  # shards from `sora-prep encode`: no decoding, no VAE
+    settings = LoaderSettings(
+        table=table,
+        batch_sizes=sizes,
+        seed=cfg.seed,
+        shuffle_window=data.shuffle_buffer,
+        window=data.window,
+        target_fps=data.target_fps,
+        max_upscale=data.max_upscale,
+        latent_shapes=tuple(latent_space.latent_shape(b.frames, b.height, b.width) for b in table.buckets)
+        if latents
+        else None,
+        image_ratio=data.image_ratio,
+        num_workers=data.num_workers,
+        decode_timeout=data.decode_timeout,
+        worker_max_tasks=data.worker_max_tasks,
+        cache_dir=Path(data.cache_dir) if data.cache_dir else None,
+    )
+    sources = [resolve_shards(data.train, data.allow_pipe)]
+    if data.images is not None:
+        sources.append(resolve_shards(data.images, data.allow_pipe))
+    return VideoLoader(sources, settings, rank, world)
