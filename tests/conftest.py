@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# Shard indexes of test corpora stay out of the user's cache (subprocesses inherit this).
+os.environ.setdefault("SORA_CACHE_DIR", tempfile.mkdtemp(prefix="sora_test_cache_"))
 
 # A DiT small enough that a CPU step takes milliseconds; clips of 4 frames at 16×16 pixels.
 FAST = [

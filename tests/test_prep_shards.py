@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from sora_train.data_prep.build_shards import split_of
 from sora_train.data_prep.cli import main as prep_main
-from sora_train.data.supervised import WorkerFailure, supervised_map
 
 from sora_train.data.decode import ClipSpec, choose_indices
 from sora_train.data.shards import iter_shard
+from sora_train.data.supervised import WorkerFailure, supervised_map
 from sora_train.video_io import read_video
 
 from .video_files import write_audio_only, write_video

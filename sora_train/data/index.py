@@ -131,11 +131,9 @@ def scan_shard(location: str) -> dict:
             media_name = next((e for e in (*VIDEO_EXTENSIONS, *IMAGE_EXTENSIONS) if e in members), None)
             record = describe(current["key"], {e: members[e][2] for e in members})
             if record.get("reason") == "needs_probe" and media_name is not None:
-                _, offset, _ = members[media_name]
+                offset, length, _ = members[media_name]
                 stream.seek(offset)
-                record = describe(
-                    current["key"], {e: members[e][2] for e in members}, stream.read(members[media_name][1])
-                )
+                record = describe(current["key"], {e: members[e][2] for e in members}, stream.read(length))
             samples.append({**record, "start": current["start"], "length": current["end"] - current["start"]})
 
         try:
@@ -145,7 +143,10 @@ def scan_shard(location: str) -> dict:
                         continue
                     end = info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE  # padded
                     if info.offset_data + info.size > size:
-                        corrupt = f"member {info.name} ends after the file"
+                        corrupt, current = (
+                            f"member {info.name} ends after the file",
+                            None,
+                        )  # drop the torn sample
                         break
                     prefix, extension = base_plus_ext(info.name)
                     if prefix is None:
@@ -157,17 +158,21 @@ def scan_shard(location: str) -> dict:
                     current["members"][extension.lower()] = (info.offset_data, info.size, data)
                     current["end"] = min(end, size)
         except (tarfile.TarError, OSError, EOFError) as error:
-            corrupt = str(error) or type(error).__name__
+            corrupt, current = str(error) or type(error).__name__, None  # the sample in progress may be torn
         finish()
     return {"version": INDEX_VERSION, "samples": samples, "corrupt": corrupt}
+
+
+def scan_cache_path(url: str, location: str, cache_dir: Path) -> Path:
+    """Where the scan of a shard is cached: named by its URL and its current size and time stamp."""
+    name = hashlib.sha1(f"{url}|{shard_signature(location)}".encode()).hexdigest()
+    return cache_dir / "index" / f"{name}.json"
 
 
 def cached_scan(url: str, cache_dir: Path) -> tuple[str, dict]:
     """(readable location, scan) of one shard, from the cache when the shard has not changed."""
     location = materialize_pipe(url, cache_dir) if url.startswith(PIPE) else url
-    signature = shard_signature(location)
-    name = hashlib.sha1(f"{url}|{signature}".encode()).hexdigest()
-    path = cache_dir / "index" / f"{name}.json"
+    path = scan_cache_path(url, location, cache_dir)
     if path.is_file():
         try:
             scan = json.loads(path.read_text(encoding="utf-8"))
