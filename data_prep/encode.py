@@ -99,7 +99,9 @@ def encode_sample(
     if bucket is None:
         raise SkipSample("no_bucket", f"{frames} frames at {width}x{height}")
     spec = ClipSpec(bucket.frames, table.stride, bucket.height, bucket.width, window="center")
-    pixels = decode_clip(sample["mp4"], spec, np.random.default_rng(0), meta.get("frame_window"))
+    pixels = decode_clip(
+        sample["mp4"], spec, np.random.default_rng(0), meta.get("frame_window"), meta.get("num_frames")
+    )
     with torch.no_grad():
         latent = encoders.latent_space.encode(pixels[None].to(encoders.device))[0]  # (C, f, h, w)
     storage = STORAGE_DTYPES[options.storage_dtype]
