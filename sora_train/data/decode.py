@@ -173,7 +173,9 @@ def fit_frames(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
 
     Scales so the frame covers the target (aspect ratio kept), then crops the centre.
     """
-    video = rearrange(torch.from_numpy(np.require(frames, requirements=["C", "W"])), "f h w c -> f c h w").float()
+    video = rearrange(
+        torch.from_numpy(np.require(frames, requirements=["C", "W"])), "f h w c -> f c h w"
+    ).float()
     src_h, src_w = video.shape[-2:]
     scale = max(height / src_h, width / src_w)
     new_h, new_w = max(height, round(src_h * scale)), max(width, round(src_w * scale))

@@ -142,6 +142,7 @@ class VideoLoader:
                 self.rejected[placed] += 1
             else:
                 buckets[sample] = table.buckets.index(placed)
+        index.records.clear()  # placed: the arrays are all the plan needs
         self.rejected.update(index.rejected)
         self.rejected["corrupt_shard"] += index.corrupt_shards
         self.bucket_counts.update(table.buckets[b].name for b in buckets[buckets >= 0])
