@@ -47,16 +47,27 @@ def two_process_run(corpus, tmp_path_factory) -> Path:
 
 
 def run_args(corpus: Path) -> list[str]:
-    """The run's overrides, except where its run dir is and how its processes start."""
+    """The run's overrides, except where its run dir is and how its processes start.
+
+    Three buckets with a 96-token budget: batches of 3 square clips (32 tokens each) or 2
+    landscape or portrait ones (48 tokens each).
+    """
     return [
         *FAST, f"data.train={corpus / 'train'}", f"data.val={corpus / 'val'}", "parallel.zero_stage=2", "train.max_steps=8", "checkpoint.every=4",
         "train.global_batch_size=4", "train.sample_prompts=[a red square moving left on a black background]",
+        f"data.buckets={Path(__file__).parent / 'buckets_tiny.yaml'}", "data.tokens_per_batch=96",
     ]  # fmt: skip
 
 
 def test_two_process_run_checkpoints(two_process_run):
     rows = [r for r in read_metrics(two_process_run) if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, 9))
+    (index,) = [r for r in read_metrics(two_process_run) if r.get("event") == "data_index"]
+    assert index["batch_size_by_bucket"] == {"4x16x16": 3, "4x16x24": 2, "4x24x16": 2}
+    assert sum(index["samples_by_bucket"].values()) == 64 and len(index["samples_by_bucket"]) == 3
+    # 192 tokens a step (2 ranks × 96) over 6, 5 or 4 clips, depending on the buckets drawn
+    tokens_per_clip = {round(r["tokens_per_s"] / r["samples_per_s"], 1) for r in rows}
+    assert tokens_per_clip <= {32.0, 38.4, 48.0} and len(tokens_per_clip) > 1
     assert all(len(r["batch_hash"]) == 12 for r in rows)
     checkpoints = sorted(p.name for p in (two_process_run / "checkpoints").glob("step_*"))
     assert checkpoints == ["step_0000004", "step_0000008"]
