@@ -21,10 +21,14 @@ clips of 54-96 pixels, 16-20 frames). Building the loader's shard index is timed
 (first build into an empty cache, then a cached build) and left out of the throughput. Each side
 runs a short warm-up (worker start-up, imports, the first reader) before its clock starts, and
 both sides of a comparison measure the same number of samples. Comparisons are interleaved and
-repeated (`--repeats`); every figure is the median. Wall times count what else the machine did;
-for the in-process pair the CPU time of this process (all threads) is given as well. A per-clip
-CPU breakdown of the loader's own stages (in this process, median over the clips) shows where
-the difference goes, the resize + crop among them.
+repeated (`--repeats`); every figure is the median, every ratio the median of the paired runs.
+Wall times count what else the machine did (other processes; on a VM the CPU time the
+hypervisor takes, "steal", which is printed). CPU times do not: user + system seconds of every
+process doing the work (this one with all its threads, the loader's workers read from /proc,
+the bare processes' own), per sample. Their ratio, bare / loader, is the throughput ratio the
+two sides would have on otherwise idle cores, and is the steadier figure on a shared machine.
+A per-sample CPU breakdown of the loader's own stages (in this process, median over the samples)
+shows where the difference goes, the resize + crop among them. Linux only (/proc).
 
 Torch runs with `--torch-threads` intra-op threads in this process (default 1, so the in-process
 pair compares one core with one core); the loader's spawned workers keep torch's default.
@@ -62,9 +66,10 @@ from sora_train.data_prep.synthetic import generate_corpus
 
 from sora_train.data.buckets import Bucket, BucketTable
 from sora_train.data.decode import ClipSpec, decode_frames, fit_frames, to_unit_range
-from sora_train.data.index import build_index
+from sora_train.data.index import LATENT_MEMBER, ShardSetIndex, build_index
 from sora_train.data.loader import LoaderSettings, VideoLoader
 from sora_train.data.samples import caption_of, split_members
+from sora_train.data.shards import load_npy
 from sora_train.data.storage import read_range, resolve_shards
 from sora_train.video_io import encode_mp4
 
@@ -117,6 +122,12 @@ def tree_cpu() -> float:
             except (FileNotFoundError, ProcessLookupError):
                 continue  # a process that ended meanwhile
     return total
+
+
+def steal_jiffies() -> tuple[int, int]:
+    """(stolen, total) CPU time of the whole machine so far, in clock ticks: what the hypervisor took."""
+    ticks = [int(n) for n in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return ticks[7], sum(ticks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,39 +326,88 @@ def index_build(shards: list[str], settings: LoaderSettings) -> tuple[float, flo
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-clip breakdown of the loader's work
+# Per-sample breakdown of the loader's work
 
 
-BREAKDOWN = (
+VIDEO_STAGES = (
     "read byte range, split tar members, parse json",
     "decode (decord, centred window)",
     "resize + crop to the bucket (fit_frames)",
-    "uint8 -> float32 in [-1, 1] (collate)",
+    "collate: stack, uint8 -> float32 in [-1, 1]",
 )
+LATENT_STAGES = (
+    "read byte range, split tar members, parse json",
+    "latent_of: np.load of the .npy member",
+    "latent_of: finite check on float16 (np.isfinite)",
+    "latent_of: float16 -> float32 (ndarray.astype)",
+    "collate: stack",
+)
+
+
+def sample_members(index: ShardSetIndex, sample: int) -> tuple[dict, dict[str, bytes]]:
+    """(metadata, members) of one indexed sample, read the loader's way."""
+    location = index.locations[index.shard[sample]]
+    _, members = split_members(read_range(location, int(index.start[sample]), int(index.length[sample])))
+    meta, _ = caption_of(members)
+    return meta, members
+
+
+def median_laps(stages: tuple[str, ...], clocks: list[list[float]]) -> dict[str, float]:
+    """Median milliseconds of each stage, from per-sample lists of CPU clock readings (first sample left out)."""
+    laps = [[1000 * (b - a) for a, b in itertools.pairwise(clock)] for clock in clocks[1:]]
+    return {stage: statistics.median(lap[i] for lap in laps) for i, stage in enumerate(stages)}
 
 
 def video_breakdown(shards: list[str], settings: LoaderSettings) -> dict[str, float]:
     """Median CPU milliseconds per clip of each stage of the loader's video path, in this process."""
     index = build_index(shards, settings.cache_dir)
-    bucket = settings.table.buckets[0]
+    bucket, batch = settings.table.buckets[0], settings.batch_sizes[0]
     spec = ClipSpec(bucket.frames, settings.table.stride, bucket.height, bucket.width, "center")
-    times: list[list[float]] = []
+    clocks = []
     for sample in [0, *range(len(index))]:  # the first clip twice: a warm-up
         clock = [time.process_time()]
-        location = index.locations[index.shard[sample]]
-        data = read_range(location, int(index.start[sample]), int(index.length[sample]))
-        _, members = split_members(data)
-        meta, _ = caption_of(members)
+        meta, members = sample_members(index, sample)
         clock.append(time.process_time())
         rng = np.random.default_rng(0)  # unused: the window is centred
         frames = decode_frames(members["mp4"], spec, rng, None, int(meta["num_frames"]))
         clock.append(time.process_time())
         clip = fit_frames(frames, bucket.height, bucket.width)
         clock.append(time.process_time())
-        to_unit_range(clip)
+        to_unit_range(torch.stack([clip] * batch))
+        clock.append(clock[-1] + (time.process_time() - clock[-1]) / batch)  # this clip's share
+        clocks.append(clock)
+    return median_laps(VIDEO_STAGES, clocks)
+
+
+def latent_breakdown(shards: list[str], settings: LoaderSettings, limit: int = 512) -> dict[str, float]:
+    """Median CPU milliseconds per sample of each stage of the loader's latent path (`latent_of`'s steps)."""
+    index = build_index(shards, settings.cache_dir)
+    batch = settings.batch_sizes[0]
+    clocks = []
+    for sample in [0, *range(min(limit, len(index)))]:
+        clock = [time.process_time()]
+        _, members = sample_members(index, sample)
         clock.append(time.process_time())
-        times.append([1000 * (b - a) for a, b in itertools.pairwise(clock)])
-    return {stage: statistics.median(t[i] for t in times[1:]) for i, stage in enumerate(BREAKDOWN)}
+        latent = load_npy(members[LATENT_MEMBER])
+        clock.append(time.process_time())
+        assert np.isfinite(latent).all()
+        clock.append(time.process_time())
+        x = torch.from_numpy(latent.astype(np.float32))
+        clock.append(time.process_time())
+        torch.stack([x] * batch)
+        clock.append(clock[-1] + (time.process_time() - clock[-1]) / batch)  # this sample's share
+        clocks.append(clock)
+    return median_laps(LATENT_STAGES, clocks)
+
+
+def print_breakdown(title: str, breakdown: dict[str, float]) -> None:
+    """One breakdown as a Markdown table, with the sum."""
+    total = sum(breakdown.values())
+    print(f"\n| {title} | ms | share |")
+    print("|---|---|---|")
+    for stage, ms in breakdown.items():
+        print(f"| {stage} | {ms:.2f} | {100 * ms / total:.0f} % |")
+    print(f"| **sum** | **{total:.2f}** | |")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[tuple[str, int], tuple[list[Run], list[Run]]] = {
             (c.path, c.settings.num_workers): ([], []) for c in cases
         }
+        stolen, ticks = steal_jiffies()
         for repeat in range(args.repeats):
             for case in cases:
                 batch = case.settings.batch_sizes[0]
@@ -487,11 +548,16 @@ def main(argv: list[str] | None = None) -> int:
                 loader_runs.append(loader)
                 bare_runs.append(bare)
                 print(f"  repeat {repeat + 1}, {case.path}, {case.settings.num_workers} workers: "
-                      f"loader {loader.rate:.1f}/s, bare {bare.rate:.1f}/s, ratio {loader.rate / bare.rate:.2f}",
-                      flush=True)  # fmt: skip
-        breakdown = video_breakdown(video_shards, video_settings)
+                      f"loader {loader.rate:.1f}/s, bare {bare.rate:.1f}/s, ratio {loader.rate / bare.rate:.2f} "
+                      f"(CPU {bare.cpu_ms / loader.cpu_ms:.2f})", flush=True)  # fmt: skip
+        stolen, ticks = (now - before for now, before in zip(steal_jiffies(), (stolen, ticks), strict=True))
+        breakdowns = {
+            "loader CPU ms per clip, in this process": video_breakdown(video_shards, video_settings),
+            "loader CPU ms per latent, in this process": latent_breakdown(latent_shards, latent_settings),
+        }
 
         print(f"\nenvironment: {environment()}")
+        print(f"CPU time the hypervisor took (steal) during the comparisons: {100 * stolen / ticks:.0f} %")
         print(f"videos: {len(video_shards)} shards, {args.videos} clips ({described}), "
               f"{shard_mb(video_shards) / args.videos:.2f} MiB per clip; loaded as bucket "
               f"{video_table.buckets[0].name} at stride {args.stride}, batch {args.batch}")  # fmt: skip
@@ -503,12 +569,8 @@ def main(argv: list[str] | None = None) -> int:
         print("|---|---|---|---|---|")
         for path, (shards, (first, cached)) in builds.items():
             print(f"| {path} | {len(shards)} | {shard_mb(shards):.1f} | {first:.3f} | {cached:.3f} |")
-        total = sum(breakdown.values())
-        print("\n| loader CPU ms per clip, in this process | ms | share |")
-        print("|---|---|---|")
-        for stage, ms in breakdown.items():
-            print(f"| {stage} | {ms:.2f} | {100 * ms / total:.0f} % |")
-        print(f"| **sum** | **{total:.2f}** | |")
+        for title, breakdown in breakdowns.items():
+            print_breakdown(title, breakdown)
     finally:
         if args.keep:
             print(f"kept {root}")
