@@ -144,12 +144,13 @@ class VideoLoader:
                 buckets[sample] = table.buckets.index(placed)
         index.records.clear()  # placed: the arrays are all the plan needs
         self.rejected.update(index.rejected)
-        self.rejected["corrupt_shard"] += index.corrupt_shards
+        if index.corrupt_shards:
+            self.rejected["corrupt_shard"] += index.corrupt_shards
         self.bucket_counts.update(table.buckets[b].name for b in buckets[buckets >= 0])
         if not (buckets >= 0).any():
             raise ShardError(
                 f"no usable sample in {len(index.urls)} shards (e.g. {index.urls[0]}); "
-                f"rejected by reason: {dict(+self.rejected)}"
+                f"rejected by reason: {dict(self.rejected)}"
             )
         weights = tuple(bucket.weight for bucket in table.buckets)
         return EpochPlanner(
@@ -165,7 +166,7 @@ class VideoLoader:
     def _plan_id(self) -> str:
         settings = self.settings
         described = {
-            "sources": [[index.urls, len(index)] for index in self.indexes],
+            "sources": [[[Path(url).name for url in index.urls], len(index)] for index in self.indexes],
             "table": [[b.name, b.weight] for b in settings.table.buckets] + [settings.table.stride],
             "batch_sizes": settings.batch_sizes,
             "seed": settings.seed,

@@ -19,6 +19,7 @@ The loader never decides anything while streaming; it reads this plan.
 from __future__ import annotations
 
 import bisect
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,6 +48,9 @@ class EpochPlanner:
     window: int
     _plans: dict[int, list[PlannedBatch]] = field(default_factory=dict, repr=False)
     _epoch_starts: list[int] = field(default_factory=lambda: [0], repr=False)
+    _lock: threading.RLock = field(
+        default_factory=threading.RLock, repr=False
+    )  # the prefetch thread plans too
 
     def __post_init__(self):
         if not (self.bucket_of >= 0).any():
@@ -56,11 +60,12 @@ class EpochPlanner:
 
     def epoch(self, epoch: int) -> list[PlannedBatch]:
         """The batches of one epoch, in order (cached for the two most recent epochs)."""
-        if epoch not in self._plans:
-            self._plans[epoch] = self._plan(epoch)
-            for old in sorted(self._plans)[:-2]:
-                del self._plans[old]
-        return self._plans[epoch]
+        with self._lock:
+            if epoch not in self._plans:
+                self._plans[epoch] = self._plan(epoch)
+                for old in sorted(self._plans)[:-2]:
+                    del self._plans[old]
+            return self._plans[epoch]
 
     def _plan(self, epoch: int) -> list[PlannedBatch]:
         rng = np.random.default_rng([self.seed, self.source, epoch])
@@ -89,11 +94,12 @@ class EpochPlanner:
 
     def batch(self, position: int) -> PlannedBatch:
         """The `position`-th batch of this set's endless sequence of epochs."""
-        while position >= self._epoch_starts[-1]:
-            epoch = len(self._epoch_starts) - 1
-            self._epoch_starts.append(self._epoch_starts[-1] + len(self.epoch(epoch)))
-        epoch = bisect.bisect_right(self._epoch_starts, position) - 1
-        return self.epoch(epoch)[position - self._epoch_starts[epoch]]
+        with self._lock:
+            while position >= self._epoch_starts[-1]:
+                epoch = len(self._epoch_starts) - 1
+                self._epoch_starts.append(self._epoch_starts[-1] + len(self.epoch(epoch)))
+            epoch = bisect.bisect_right(self._epoch_starts, position) - 1
+            return self.epoch(epoch)[position - self._epoch_starts[epoch]]
 
 
 @dataclass
