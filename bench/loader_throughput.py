@@ -3,7 +3,7 @@
 Two comparisons, each at equal process counts, printed side by side from one run:
 
 * **video**: clips/s of `VideoLoader` (read the sample's byte range, split its tar members,
-  parse the json, decode with decord, resize + centre crop to the bucket, collate to float32)
+  parse the json, decode with decord, resize + centre crop to the bucket, stack the uint8 batch)
   against a bare decord loop over the same tars (`tarfile` in file order, `.read()` of each
   sample's mp4, `decord.VideoReader(io.BytesIO(data), num_threads=1)`, `get_batch` of the same
   frames, same stride, centred window, then `del reader`; no resize, no float conversion, no
@@ -31,7 +31,7 @@ A per-sample CPU breakdown of the loader's own stages (in this process, median o
 shows where the difference goes, the resize + crop among them. Linux only (/proc).
 
 Torch runs with `--torch-threads` intra-op threads in this process (default 1, so the in-process
-pair compares one core with one core); the loader's spawned workers keep torch's default.
+pair compares one core with one core); the loader's decode workers run one thread each.
 
     python bench/loader_throughput.py [--size 256] [--source-frames 33] [--videos 48]
         [--frames 17] [--stride 2] [--bucket-side 224] [--batch 4] [--video-samples 48]
@@ -65,10 +65,10 @@ from sora_train.data_prep.shard_writer import write_shard
 from sora_train.data_prep.synthetic import generate_corpus
 
 from sora_train.data.buckets import Bucket, BucketTable
-from sora_train.data.decode import ClipSpec, decode_frames, fit_frames, to_unit_range
+from sora_train.data.decode import ClipSpec, decode_frames, fit_frames
 from sora_train.data.index import LATENT_MEMBER, ShardSetIndex, build_index
 from sora_train.data.loader import LoaderSettings, VideoLoader
-from sora_train.data.samples import caption_of, split_members
+from sora_train.data.samples import all_finite, caption_of, split_members
 from sora_train.data.shards import load_npy
 from sora_train.data.storage import read_range, resolve_shards
 from sora_train.video_io import encode_mp4
@@ -333,13 +333,12 @@ VIDEO_STAGES = (
     "read byte range, split tar members, parse json",
     "decode (decord, centred window)",
     "resize + crop to the bucket (fit_frames)",
-    "collate: stack, uint8 -> float32 in [-1, 1]",
+    "collate: stack uint8 frames",
 )
 LATENT_STAGES = (
     "read byte range, split tar members, parse json",
-    "latent_of: np.load of the .npy member",
-    "latent_of: finite check on float16 (np.isfinite)",
-    "latent_of: float16 -> float32 (ndarray.astype)",
+    "latent_of: load_npy of the .npy member",
+    "latent_of: finite check (all_finite)",
     "collate: stack",
 )
 
@@ -371,9 +370,9 @@ def video_breakdown(shards: list[str], settings: LoaderSettings) -> dict[str, fl
         rng = np.random.default_rng(0)  # unused: the window is centred
         frames = decode_frames(members["mp4"], spec, rng, None, int(meta["num_frames"]))
         clock.append(time.process_time())
-        clip = fit_frames(frames, bucket.height, bucket.width)
+        clip = fit_frames(frames, bucket.height, bucket.width).numpy()
         clock.append(time.process_time())
-        to_unit_range(torch.stack([clip] * batch))
+        torch.from_numpy(np.stack([clip] * batch))
         clock.append(clock[-1] + (time.process_time() - clock[-1]) / batch)  # this clip's share
         clocks.append(clock)
     return median_laps(VIDEO_STAGES, clocks)
@@ -390,11 +389,9 @@ def latent_breakdown(shards: list[str], settings: LoaderSettings, limit: int = 5
         clock.append(time.process_time())
         latent = load_npy(members[LATENT_MEMBER])
         clock.append(time.process_time())
-        assert np.isfinite(latent).all()
+        assert all_finite(latent)
         clock.append(time.process_time())
-        x = torch.from_numpy(latent.astype(np.float32))
-        clock.append(time.process_time())
-        torch.stack([x] * batch)
+        torch.from_numpy(np.stack([latent] * batch))
         clock.append(clock[-1] + (time.process_time() - clock[-1]) / batch)  # this sample's share
         clocks.append(clock)
     return median_laps(LATENT_STAGES, clocks)

@@ -39,6 +39,7 @@ from .config import (
     to_train_config,
     validate,
 )
+from .data.decode import to_unit_range
 from .data.loader import Batch, merge_counts
 from .data.recipe import build_loader
 from .data.storage import ShardError
@@ -88,7 +89,8 @@ def forward_backward(
     """One micro-batch: encode (unless `latent_space` is None: the batch holds latents), noise at
     logit-normal t, flow-matching loss, backward. Returns the loss."""
     device = engine.device
-    x0 = batch["x"].to(device=device, dtype=dtype)  # (B, C, f, h, w) latents, or (B, 3, F, H, W) pixels
+    x0 = batch["x"].to(device)  # (B, C, f, h, w) float latents, or (B, 3, F, H, W) uint8 pixels
+    x0 = to_unit_range(x0, dtype) if x0.dtype == torch.uint8 else x0.to(dtype)
     if latent_space is not None:
         x0 = latent_space.encode(x0).to(dtype)  # pretrained spaces return float32
     text, mask = text_input(batch, prompts, cfg.data.caption_dropout, generator)

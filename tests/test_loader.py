@@ -76,9 +76,8 @@ def video_meta(text: str, frames: int = 12, height: int = 32, width: int = 40, *
 
 def test_loader_reads_generated_corpus(corpus):
     batch = next(iter(make_loader(corpus, batch=4)))
-    assert batch["x"].shape == (4, 3, 4, 16, 16) and batch["x"].dtype == torch.float32
-    assert batch["x"].min() >= -1.0 and batch["x"].max() <= 1.0
-    assert batch["x"].amax() > 0.5  # a bright object, not an empty frame
+    assert batch["x"].shape == (4, 3, 4, 16, 16) and batch["x"].dtype == torch.uint8
+    assert batch["x"].amax() > 200  # a bright object, not an empty frame
     assert all("moving" in c for c in batch["caption"]) and len(set(batch["key"])) == 4
     assert batch["bucket"] == "4x16x16" and batch["epoch"] == 0
 

@@ -158,9 +158,9 @@ def decode_clip(
     )
 
 
-def to_unit_range(video: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels -> float32 in [-1, 1]."""
-    return video.float() / 127.5 - 1.0
+def to_unit_range(video: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 pixels -> `dtype` in [-1, 1]."""
+    return video.to(dtype) / 127.5 - 1.0
 
 
 def resize_crop(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
@@ -171,18 +171,18 @@ def resize_crop(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
 def fit_frames(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
     """(F, H0, W0, 3) uint8 -> (3, F, height, width) uint8.
 
-    Scales so the frame covers the target (aspect ratio kept), then crops the centre.
+    Crops the centre of the frame to the target's aspect ratio, then resizes (antialiased
+    bilinear, on uint8 in channels-last layout, which is several times faster than float).
     """
-    video = rearrange(
-        torch.from_numpy(np.require(frames, requirements=["C", "W"])), "f h w c -> f c h w"
-    ).float()
+    video = rearrange(torch.from_numpy(np.require(frames, requirements=["C", "W"])), "f h w c -> f c h w")
     src_h, src_w = video.shape[-2:]
     scale = max(height / src_h, width / src_w)
-    new_h, new_w = max(height, round(src_h * scale)), max(width, round(src_w * scale))
-    if (new_h, new_w) != (src_h, src_w):
+    crop_h, crop_w = min(src_h, round(height / scale)), min(src_w, round(width / scale))
+    top, left = (src_h - crop_h) // 2, (src_w - crop_w) // 2
+    video = video[:, :, top : top + crop_h, left : left + crop_w]
+    if (crop_h, crop_w) != (height, width):
         video = F.interpolate(
-            video, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False
-        )
-    top, left = (new_h - height) // 2, (new_w - width) // 2
-    video = video[:, :, top : top + height, left : left + width]
-    return rearrange(video.round().clamp(0, 255).to(torch.uint8), "f c h w -> c f h w").contiguous()
+            video.contiguous(memory_format=torch.channels_last),
+            size=(height, width), mode="bilinear", antialias=True, align_corners=False,
+        )  # fmt: skip
+    return rearrange(video, "f c h w -> c f h w").contiguous()

@@ -50,12 +50,16 @@ class SampleSettings:
 
 @dataclass(frozen=True)
 class Example:
-    """A decoded sample: x is (C, F, H, W) uint8 pixels or (C, f, h, w) float32 latents."""
+    """A decoded sample: x is (C, F, H, W) uint8 pixels or (C, f, h, w) latents as stored.
+
+    NumPy arrays, not tensors: they cross from a decode worker by pickling, which is several times
+    cheaper than torch's shared-memory hand-over for arrays this size.
+    """
 
     key: str
     caption: str
-    x: torch.Tensor
-    text: tuple[torch.Tensor, torch.Tensor] | None = None  # precomputed (T, E) embedding and (T,) mask
+    x: np.ndarray
+    text: tuple[np.ndarray, np.ndarray] | None = None  # precomputed (T, E) embedding and (T,) mask
 
 
 @dataclass(frozen=True)
@@ -68,24 +72,74 @@ class Skipped:
 
 
 def split_members(data: bytes) -> tuple[str, dict[str, bytes]]:
-    """(key, {extension: bytes}) of one sample's tar members; raises SkipSample(corrupt_sample)."""
+    """(key, {extension: bytes}) of one sample's tar members; raises SkipSample(corrupt_sample).
+
+    Reads the ustar headers directly (the shard index has already walked them with `tarfile`);
+    GNU long names are followed, and anything more unusual goes through `tarfile`.
+    """
+    members: dict[str, bytes] = {}
+    key, offset, long_name = None, 0, None
+    while offset + tarfile.BLOCKSIZE <= len(data):
+        header = data[offset : offset + tarfile.BLOCKSIZE]
+        if not header.strip(b"\0"):
+            break
+        try:
+            size = tarfile.nti(header[124:136])
+        except tarfile.InvalidHeaderError as error:
+            raise SkipSample("corrupt_sample", str(error)) from error
+        kind, start = header[156:157], offset + tarfile.BLOCKSIZE
+        body = data[start : start + size]
+        offset = start + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        if len(body) != size:
+            raise SkipSample("corrupt_sample", "a member ends after the sample's byte range")
+        if kind == tarfile.GNUTYPE_LONGNAME:
+            long_name = body.rstrip(b"\0").decode("utf-8", errors="replace")
+            continue
+        if kind in (tarfile.XHDTYPE, tarfile.XGLTYPE):
+            return _split_with_tarfile(data)
+        name = long_name or _ustar_name(header)
+        long_name = None
+        if kind not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+            continue
+        prefix, extension = base_plus_ext(name)
+        if prefix is None:
+            continue
+        if key is not None and prefix != key:
+            raise SkipSample("corrupt_sample", f"members of {key} and {prefix} in one range")
+        key, members[extension.lower()] = prefix, body
+    if key is None:
+        raise SkipSample("corrupt_sample", "no member in the sample's byte range")
+    return key, members
+
+
+def _ustar_name(header: bytes) -> str:
+    name = header[0:100].split(b"\0", 1)[0]
+    prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
+    return (prefix + b"/" + name if prefix else name).decode("utf-8", errors="replace")
+
+
+def _split_with_tarfile(data: bytes) -> tuple[str, dict[str, bytes]]:
     members: dict[str, bytes] = {}
     key = None
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for info in tar:
-                if not info.isreg():
-                    continue
                 prefix, extension = base_plus_ext(info.name)
+                if not info.isreg() or prefix is None:
+                    continue
                 if key is not None and prefix != key:
                     raise SkipSample("corrupt_sample", f"members of {key} and {prefix} in one range")
-                key = prefix
-                members[extension.lower()] = tar.extractfile(info).read()
+                key, members[extension.lower()] = prefix, tar.extractfile(info).read()
     except (tarfile.TarError, OSError, EOFError) as error:
         raise SkipSample("corrupt_sample", str(error)) from error
     if key is None:
         raise SkipSample("corrupt_sample", "no member in the sample's byte range")
     return key, members
+
+
+def single_threaded() -> None:
+    """Decode workers run one torch thread each, so N workers and the trainer share the cores."""
+    torch.set_num_threads(1)
 
 
 def caption_of(members: dict[str, bytes]) -> tuple[dict, str]:
@@ -128,16 +182,16 @@ def load_example(settings: SampleSettings, task: SampleTask) -> Example | Skippe
 
 def video_clip(
     data: bytes, meta: dict, settings: SampleSettings, task: SampleTask, rng: np.random.Generator
-) -> torch.Tensor:
+) -> np.ndarray:
     """(3, F, H, W) uint8 clip of the bucket's shape from a video's bytes."""
     stride = clip_stride(float(meta.get("fps") or 0.0), settings.target_fps, settings.stride)
     spec = ClipSpec(task.frames, stride, task.height, task.width, settings.window)
     known = meta.get("num_frames")
     frames = decode_frames(data, spec, rng, meta.get("frame_window"), int(known) if known else None)
-    return fit_frames(frames, task.height, task.width)
+    return fit_frames(frames, task.height, task.width).numpy()
 
 
-def image_clip(data: bytes, task: SampleTask) -> torch.Tensor:
+def image_clip(data: bytes, task: SampleTask) -> np.ndarray:
     """(3, 1, H, W) uint8 clip from an image's bytes (EXIF orientation applied)."""
     from PIL import Image, ImageOps
 
@@ -146,11 +200,12 @@ def image_clip(data: bytes, task: SampleTask) -> torch.Tensor:
             pixels = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
     except Exception as error:
         raise SkipSample("decode_error", f"image: {error}") from error
-    return fit_frames(pixels[None], task.height, task.width)
+    return fit_frames(pixels[None], task.height, task.width).numpy()
 
 
-def latent_of(members: dict[str, bytes], shape: tuple[int, int, int, int]) -> torch.Tensor:
-    """A precomputed (C, f, h, w) latent as float32; raises SkipSample for a missing or other-shaped one."""
+def latent_of(members: dict[str, bytes], shape: tuple[int, int, int, int]) -> np.ndarray:
+    """A precomputed (C, f, h, w) latent in its stored dtype; raises SkipSample for a missing, other-shaped
+    or non-finite one."""
     if LATENT_MEMBER not in members:
         raise SkipSample("missing_latent")
     try:
@@ -159,12 +214,26 @@ def latent_of(members: dict[str, bytes], shape: tuple[int, int, int, int]) -> to
         raise SkipSample("bad_latent", str(error)) from error
     if tuple(latent.shape) != shape:
         raise SkipSample("bad_latent", f"latent {latent.shape} != {shape} of its bucket")
-    if not np.isfinite(latent).all():
+    if latent.dtype.kind != "f":
+        raise SkipSample("bad_latent", f"dtype {latent.dtype} is not floating point")
+    if not all_finite(latent):
         raise SkipSample("bad_latent", "non-finite values")
-    return torch.from_numpy(latent.astype(np.float32))
+    return latent
 
 
-def text_of(members: dict[str, bytes]) -> tuple[torch.Tensor, torch.Tensor] | None:
+EXPONENT_MASKS = {2: (np.uint16, 0x7C00), 4: (np.uint32, 0x7F800000), 8: (np.uint64, 0x7FF0000000000000)}
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """No inf or NaN in a float array: no element has every exponent bit set (integer ops, fast for float16)."""
+    if array.dtype.itemsize not in EXPONENT_MASKS:
+        return bool(np.isfinite(array).all())
+    bits, mask = EXPONENT_MASKS[array.dtype.itemsize]
+    exponent = np.bitwise_and(array.view(bits), bits(mask))
+    return not bool((exponent == mask).any())
+
+
+def text_of(members: dict[str, bytes]) -> tuple[np.ndarray, np.ndarray] | None:
     """Precomputed caption embedding (T, E) and mask (T,), when the shard has them."""
     if "text.npy" not in members:
         return None
@@ -175,4 +244,4 @@ def text_of(members: dict[str, bytes]) -> tuple[torch.Tensor, torch.Tensor] | No
         raise SkipSample("bad_text_embedding", str(error)) from error
     if text.ndim != 2 or mask.shape != text.shape[:1] or not mask.any():
         raise SkipSample("bad_text_embedding", f"text {text.shape}, mask {mask.shape}")
-    return torch.from_numpy(text), torch.from_numpy(mask)
+    return text, mask

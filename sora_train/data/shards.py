@@ -7,8 +7,10 @@ members sharing a key: {"__key__": str, "mp4": bytes, "json": bytes, ...}.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,9 +64,35 @@ def read_metadata(sample: dict) -> dict:
     return meta
 
 
+NPY_MAGIC = b"\x93NUMPY"
+
+
+@functools.lru_cache(maxsize=256)
+def _npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran order, dtype) of a `.npy` header; headers repeat, so parsing is cached."""
+    stream = io.BytesIO(header)
+    major, _ = np.lib.format.read_magic(stream)
+    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    return read(stream)
+
+
 def load_npy(data: bytes) -> np.ndarray:
-    """A `.npy` member's bytes -> array (never unpickles)."""
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    """A `.npy` member's bytes -> read-only array view (never unpickles; raises ValueError)."""
+    if data[:6] != NPY_MAGIC or len(data) < 10:
+        raise ValueError("not a .npy array")
+    major = data[6]
+    if major not in (1, 2):  # version 3 (utf-8 field names) is rare: numpy parses it
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    length_bytes = 2 if major == 1 else 4
+    header_end = 8 + length_bytes + int.from_bytes(data[8 : 8 + length_bytes], "little")
+    shape, fortran, dtype = _npy_header(data[:header_end])
+    if dtype.hasobject:
+        raise ValueError("object arrays would need unpickling")
+    count = math.prod(shape)
+    if len(data) - header_end < count * dtype.itemsize:
+        raise ValueError(f"array data is {len(data) - header_end} bytes, {count * dtype.itemsize} expected")
+    array = np.frombuffer(data, dtype, count, offset=header_end)
+    return array.reshape(shape, order="F" if fortran else "C")
 
 
 def read_captioned(sample: dict) -> tuple[dict, str]:

@@ -15,6 +15,7 @@ Nothing here runs a shell unless a `pipe:` source was explicitly allowed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import subprocess
@@ -92,13 +93,19 @@ def open_shard(url: str) -> BinaryIO:
     return open(_local(url), "rb")
 
 
+OPEN_SHARDS = 16  # local shard files a process keeps open between reads
+
+
+@functools.lru_cache(maxsize=OPEN_SHARDS)
+def _open_local(path: str) -> BinaryIO:
+    return open(path, "rb", buffering=0)
+
+
 def read_range(url: str, start: int, length: int) -> bytes:
     """`length` bytes of a shard from offset `start` (one ranged request for an object store)."""
     if is_remote(url):
         return _filesystem(url).cat_file(url, start=start, end=start + length)
-    with open(_local(url), "rb") as stream:
-        stream.seek(start)
-        data = stream.read(length)
+    data = os.pread(_open_local(_local(url)).fileno(), length, start)
     if len(data) != length:
         raise OSError(f"{url}: wanted {length} bytes at {start}, the file ends after {len(data)}")
     return data

@@ -29,8 +29,10 @@ class WorkerFailure:
     detail: str
 
 
-def _serve(fn: Callable[[Any], Any], conn: Connection) -> None:
-    """Worker loop: say ready (imports done), then receive (index, item), send (index, fn(item))."""
+def _serve(fn: Callable[[Any], Any], conn: Connection, setup: Callable[[], None] | None) -> None:
+    """Worker loop: set up, say ready (imports done), then receive (index, item), send (index, fn(item))."""
+    if setup is not None:
+        setup()
     conn.send(None)
     while True:
         message = conn.recv()
@@ -43,9 +45,9 @@ def _serve(fn: Callable[[Any], Any], conn: Connection) -> None:
 class _Worker:
     """One worker process with its own pipe and the item it is busy with."""
 
-    def __init__(self, context: Any, fn: Callable[[Any], Any]):
+    def __init__(self, context: Any, fn: Callable[[Any], Any], setup: Callable[[], None] | None = None):
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=_serve, args=(fn, child), daemon=True)
+        self.process = context.Process(target=_serve, args=(fn, child, setup), daemon=True)
         self.process.start()
         child.close()
         self.ready = False  # the per-item clock starts once the worker has imported what it needs
@@ -77,6 +79,7 @@ def supervised_map(
     timeout: float,
     max_pending: int | None = None,
     max_tasks: int | None = None,
+    worker_setup: Callable[[], None] | None = None,
 ) -> Iterator[tuple[Any, Any]]:
     """Yield `(item, fn(item) or WorkerFailure)` in input order, computed in `workers` processes.
 
@@ -84,6 +87,7 @@ def supervised_map(
     not caught here, so it should return its own error values. Memory stays bounded by
     `max_pending` items (default 4 per worker) whatever the length of `items`, and a worker is
     replaced after `max_tasks` items (None: never), so leaks in native decoders cannot grow.
+    `worker_setup` (picklable, no arguments) runs in each worker before it takes items.
     """
     source = iter(items)
     first = next(source, _DIED)
@@ -92,7 +96,7 @@ def supervised_map(
     source = itertools.chain([first], source)
     context = multiprocessing.get_context("spawn")
     max_pending = max_pending or 4 * workers
-    pool = [_Worker(context, fn) for _ in range(workers)]
+    pool = [_Worker(context, fn, worker_setup) for _ in range(workers)]
     waiting: dict[int, Any] = {}  # submitted or queued items by input index
     queue: list[int] = []  # indices not yet given to a worker
     done: dict[int, Any] = {}
@@ -143,7 +147,7 @@ def supervised_map(
                         worker.served += 1
                         if max_tasks is not None and worker.served >= max_tasks:
                             worker.stop()
-                            pool[slot] = _Worker(context, fn)
+                            pool[slot] = _Worker(context, fn, worker_setup)
                         continue
                 if not worker.ready:
                     if worker.process.is_alive():
@@ -161,7 +165,7 @@ def supervised_map(
                 else:
                     continue
                 worker.stop(kill=True)
-                pool[slot] = _Worker(context, fn)
+                pool[slot] = _Worker(context, fn, worker_setup)
     finally:
         for worker in pool:
             worker.stop(kill=worker.task is not None)
