@@ -28,7 +28,8 @@ import torch
 
 from sora_train.data.buckets import BucketTable, load_bucket_table
 from sora_train.data.decode import ClipSpec, SkipSample, decode_clip
-from sora_train.data.shards import iter_shard, read_captioned, resolve_shards
+from sora_train.data.shards import iter_shard, read_captioned
+from sora_train.data.storage import resolve_shards
 from sora_train.parallel.dist import shutdown_distributed
 
 from .shard_writer import ShardFile, index_path, write_json_atomic

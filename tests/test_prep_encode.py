@@ -12,7 +12,8 @@ from sora_train.data_prep.cli import main as prep_main
 
 from sora_train.data.buckets import bucket_table_from_dict
 from sora_train.data.decode import ClipSpec, decode_clip
-from sora_train.data.shards import iter_shard, load_npy, resolve_shards
+from sora_train.data.shards import iter_shard, load_npy
+from sora_train.data.storage import resolve_shards
 from sora_train.metrics import read_metrics
 from sora_train.models.vae import WanVAE
 from sora_train.video_io import read_video

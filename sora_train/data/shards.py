@@ -1,8 +1,8 @@
-"""Finding shards and reading samples out of them, without a shell and without unpickling.
+"""Reading samples out of local shards in file order, and their members, without unpickling.
 
-A shard source is a directory of `*.tar` files, a single `.tar`, or a brace pattern such as
-`/data/train/shard-{000000..000127}.tar`. A sample is the dict webdataset groups from the
-members sharing a key: {"__key__": str, "mp4": bytes, "json": bytes, ...}.
+Used by data preparation and evaluation (the training loader reads by byte range instead). A
+sample is the dict webdataset groups from the members sharing a key:
+{"__key__": str, "mp4": bytes, "json": bytes, ...}.
 """
 
 from __future__ import annotations
@@ -12,39 +12,12 @@ import io
 import json
 import math
 from collections.abc import Iterator
-from pathlib import Path
 
-import braceexpand
 import numpy as np
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from .decode import SkipSample
-
-
-class ShardError(ValueError):
-    """A shard source that cannot be used (missing, empty, or not allowed)."""
-
-
-def resolve_shards(source: str) -> list[str]:
-    """Expand a shard source into a sorted list of tar paths; raises ShardError if there are none."""
-    if source.startswith("pipe:"):
-        raise ShardError(f"{source}: pipe: sources run a shell and are not accepted")
-    if "{" in source:
-        paths = list(braceexpand.braceexpand(source))
-        missing = [p for p in paths if not Path(p).is_file()]
-        if missing:
-            raise ShardError(
-                f"{source}: {len(missing)} of {len(paths)} shards are missing, e.g. {missing[0]}"
-            )
-    elif Path(source).is_dir():
-        paths = sorted(str(p) for p in Path(source).glob("*.tar"))
-    elif Path(source).is_file():
-        paths = [source]
-    else:
-        raise ShardError(f"{source}: no such file or directory")
-    if not paths:
-        raise ShardError(f"{source}: no .tar shards found")
-    return sorted(paths)
+from .storage import resolve_shards
 
 
 def iter_shard(path: str) -> Iterator[dict]:
