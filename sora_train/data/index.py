@@ -142,11 +142,8 @@ def scan_shard(location: str) -> dict:
                     if not info.isreg():
                         continue
                     end = info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE  # padded
-                    if info.offset_data + info.size > size:
-                        corrupt, current = (
-                            f"member {info.name} ends after the file",
-                            None,
-                        )  # drop the torn sample
+                    if info.offset_data + info.size > size:  # torn: its sample is dropped
+                        corrupt, current = f"member {info.name} ends after the file", None
                         break
                     prefix, extension = base_plus_ext(info.name)
                     if prefix is None:
