@@ -63,9 +63,8 @@ class DataConfig:
     num_workers: int = 1  # decode processes per rank; 0 decodes in the training process
     shuffle_buffer: int = 256  # samples shuffled together (after a seeded shard order)
     caption_dropout: float = 0.1
-    buckets: str | None = (
-        None  # a table in configs/buckets or a .yaml path; None: num_frames × height × width
-    )
+    # A bucket table in configs/buckets or a .yaml path; None: one bucket num_frames × height × width.
+    buckets: str | None = None
     tokens_per_batch: int = 0  # per-rank token budget that sizes each bucket's batch; 0: the micro batch size
     target_fps: float | None = None  # sample frames at this rate (stride per video); None: the frame stride
     max_upscale: float = 2.0  # a bucket needing more enlargement than this is not a candidate
@@ -74,9 +73,8 @@ class DataConfig:
     decode_timeout: float = 60.0  # seconds one sample may take to decode before it is skipped
     worker_max_tasks: int = 2000  # samples a decode process handles before it is replaced
     allow_pipe: bool = False  # accept pipe:COMMAND shard sources (they run a shell)
-    cache_dir: str | None = (
-        None  # shard indexes and pipe copies; None: $SORA_CACHE_DIR or ~/.cache/sora_train
-    )
+    # Shard indexes and pipe: copies; None: $SORA_CACHE_DIR or ~/.cache/sora_train.
+    cache_dir: str | None = None
 
 
 @dataclass

@@ -28,6 +28,8 @@ def error_line(result) -> str:
         (["model=huge"], "unknown model 'huge'; choose one of: B, S, tiny"),
         (["optim.learning_rate=1"], "unknown config key 'optim.learning_rate'"),
         (["resume=/nonexistent/ckpt"], "resume=/nonexistent/ckpt: no such checkpoint"),
+        (["data.buckets=nope"], "data.buckets: unknown bucket table 'nope'"),
+        (["data.buckets=video_256"], "bucket 33x256x256 is not divisible by model.patch_size=[2, 2, 2]"),
     ],
 )
 def test_bad_configuration_is_one_clear_line(tmp_path, overrides, message):
