@@ -51,7 +51,6 @@ import platform
 import shutil
 import statistics
 import tarfile
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -61,6 +60,7 @@ from typing import Any
 import decord
 import numpy as np
 import torch
+from scratch import scratch_dir  # bench/scratch.py: the script's own directory is on sys.path
 from sora_train.data_prep.shard_writer import write_shard
 from sora_train.data_prep.synthetic import generate_corpus
 
@@ -483,10 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     """Write the shards, time the index builds, run the comparisons, print the tables."""
     args = parse_args(argv)
     torch.set_num_threads(args.torch_threads)
-    root = args.workdir or Path(tempfile.mkdtemp(prefix="loader_throughput-"))
-    root.mkdir(parents=True, exist_ok=True)
-    made = [root / name for name in ("videos", "corpus", "latents", "cache_video", "cache_latent")]
-    try:
+    names = ["videos", "corpus", "latents", "cache_video", "cache_latent"]
+    with scratch_dir(args.workdir, args.keep, "loader_throughput-", names) as root:
         start = time.perf_counter()
         if args.size:
             video_dir = write_video_shards(
@@ -568,14 +566,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {path} | {len(shards)} | {shard_mb(shards):.1f} | {first:.3f} | {cached:.3f} |")
         for title, breakdown in breakdowns.items():
             print_breakdown(title, breakdown)
-    finally:
-        if args.keep:
-            print(f"kept {root}")
-        elif args.workdir is None:
-            shutil.rmtree(root, ignore_errors=True)
-        else:
-            for path in made:
-                shutil.rmtree(path, ignore_errors=True)
     return 0
 
 

@@ -40,7 +40,6 @@ import resource
 import shutil
 import statistics
 import tarfile
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -54,6 +53,7 @@ import numpy as np
 # that is the CLI, so this script imports it too, and the worker's start-up costs what it costs
 # there. decord is imported inside the functions that use it, since `sora-prep` does not load it.
 import sora_train.data_prep.cli  # noqa: F401  (see above)
+from scratch import scratch_dir  # bench/scratch.py: the script's own directory is on sys.path
 from sora_train.data_prep.build_shards import ShardOptions, build_shards
 from sora_train.data_prep.probe import PrepOptions, file_hash, probe_video
 from sora_train.data_prep.shard_writer import ShardFile
@@ -353,11 +353,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Generate the clips, measure each resolution, print the tables."""
     args = parse_args(argv)
-    root = args.workdir or Path(tempfile.mkdtemp(prefix="prep_throughput-"))
-    root.mkdir(parents=True, exist_ok=True)
-    made = [root / name for name in ("empty", "out_empty")]
-    made += [root / f"{kind}_{r}" for r in RESOLUTIONS for kind in ("clips", "out")]
-    try:
+    names = ["empty", "out_empty"] + [f"{kind}_{r}" for r in RESOLUTIONS for kind in ("clips", "out")]
+    with scratch_dir(args.workdir, args.keep, "prep_throughput-", names) as root:
         rows, breakdowns = [], {}
         for resolution, (width, height) in RESOLUTIONS.items():
             print(f"{resolution}: generating {args.clips} clips at {width}x{height}, "
@@ -369,14 +366,6 @@ def main(argv: list[str] | None = None) -> int:
         print_table(rows)
         print_breakdown(breakdowns)
         print(NOTES)
-    finally:
-        if args.keep:
-            print(f"kept {root}")
-        elif args.workdir is None:
-            shutil.rmtree(root, ignore_errors=True)
-        else:
-            for path in made:
-                shutil.rmtree(path, ignore_errors=True)
     return 0
 
 
