@@ -68,8 +68,8 @@ from sora_train.data.buckets import Bucket, BucketTable
 from sora_train.data.decode import ClipSpec, decode_frames, fit_frames
 from sora_train.data.index import LATENT_MEMBER, ShardSetIndex, build_index
 from sora_train.data.loader import LoaderSettings, VideoLoader
-from sora_train.data.samples import all_finite, caption_of, split_members
-from sora_train.data.shards import load_npy
+from sora_train.data.samples import all_finite, split_members
+from sora_train.data.shards import load_npy, read_captioned
 from sora_train.data.storage import read_range, resolve_shards
 from sora_train.video_io import encode_mp4
 
@@ -347,7 +347,7 @@ def sample_members(index: ShardSetIndex, sample: int) -> tuple[dict, dict[str, b
     """(metadata, members) of one indexed sample, read the loader's way."""
     location = index.locations[index.shard[sample]]
     _, members = split_members(read_range(location, int(index.start[sample]), int(index.length[sample])))
-    meta, _ = caption_of(members)
+    meta, _ = read_captioned(members)
     return meta, members
 
 

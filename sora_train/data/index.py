@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from webdataset.tariterators import base_plus_ext
 
+from .decode import SkipSample
+from .shards import read_captioned
 from .storage import PIPE, materialize_pipe, open_shard, shard_signature
 
 INDEX_VERSION = 2
@@ -58,19 +60,10 @@ def describe(key: str, members: dict[str, bytes | None], media: bytes | None = N
     if kind is None:
         return {**record, "reason": "missing_video"}
     record["kind"] = kind
-    meta: dict = {}
-    if "json" in members:
-        try:
-            meta = json.loads(members["json"].decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            return {**record, "reason": "bad_metadata"}
-        if not isinstance(meta, dict):
-            return {**record, "reason": "bad_metadata"}
-    caption = meta.get("caption")
-    if not (isinstance(caption, str) and caption.strip()):
-        text = members.get("txt")
-        if not (text and text.decode("utf-8", errors="replace").strip()):
-            return {**record, "reason": "missing_caption"}
+    try:
+        meta, _ = read_captioned({name: members[name] for name in METADATA_MEMBERS if name in members})
+    except SkipSample as skip:
+        return {**record, "reason": skip.reason}
     if kind == "latent":
         if not isinstance(meta.get("bucket"), str):
             return {**record, "reason": "bad_metadata"}

@@ -20,7 +20,7 @@ from webdataset.tariterators import base_plus_ext
 
 from .decode import ClipSpec, SkipSample, clip_stride, decode_frames, fit_frames
 from .index import IMAGE_EXTENSIONS, LATENT_MEMBER, VIDEO_EXTENSIONS
-from .shards import load_npy, read_metadata
+from .shards import load_npy, read_captioned
 from .storage import read_range
 
 
@@ -142,28 +142,12 @@ def single_threaded() -> None:
     torch.set_num_threads(1)
 
 
-def caption_of(members: dict[str, bytes]) -> tuple[dict, str]:
-    """(metadata, caption) from the json member, or the txt member for the caption."""
-    meta: dict = {}
-    if "json" in members:
-        try:
-            meta = read_metadata({"json": members["json"]})
-        except (ValueError, UnicodeDecodeError) as error:
-            raise SkipSample("bad_metadata", str(error)) from error
-    caption = meta.get("caption")
-    if not (isinstance(caption, str) and caption.strip()):
-        caption = members.get("txt", b"").decode("utf-8", errors="replace").strip()
-    if not caption:
-        raise SkipSample("missing_caption")
-    return meta, caption
-
-
 def load_example(settings: SampleSettings, task: SampleTask) -> Example | Skipped:
     """Read and decode one sample (the decode workers' function); never raises for bad data."""
     key = f"@{task.start}"
     try:
         key, members = split_members(read_range(task.location, task.start, task.length))
-        meta, caption = caption_of(members)
+        meta, caption = read_captioned(members)
         if task.latent_shape is not None:
             return Example(key, caption, latent_of(members, task.latent_shape), text_of(members))
         rng = np.random.default_rng([settings.seed, task.epoch, zlib.crc32(key.encode())])

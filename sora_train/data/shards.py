@@ -69,13 +69,21 @@ def load_npy(data: bytes) -> np.ndarray:
 
 
 def read_captioned(sample: dict) -> tuple[dict, str]:
-    """(metadata, caption) of a sample; raises SkipSample(bad_metadata | missing_caption)."""
-    try:
-        meta = read_metadata(sample)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise SkipSample("bad_metadata", str(error)) from error
+    """(metadata, caption) of a sample: the json member's caption, else the txt member's text.
+
+    The json member is optional (metadata is then empty); raises SkipSample(bad_metadata |
+    missing_caption).
+    """
+    meta: dict = {}
+    if "json" in sample:
+        try:
+            meta = read_metadata(sample)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise SkipSample("bad_metadata", str(error)) from error
     caption = meta.get("caption")
-    if not isinstance(caption, str) or not caption.strip():
+    if not (isinstance(caption, str) and caption.strip()):
+        caption = (sample.get("txt") or b"").decode("utf-8", errors="replace").strip()
+    if not caption:
         raise SkipSample("missing_caption")
     return meta, caption
 
