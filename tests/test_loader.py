@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sora_train.data.buckets import Bucket, BucketTable, batch_sizes_for
-from sora_train.data.decode import ClipSpec, SkipSample, decode_clip, resize_crop
+from sora_train.data.decode import ClipSpec, SkipSample, decode_clip, fit_frames, to_unit_range
 from sora_train.data.loader import LoaderSettings, VideoLoader, merge_loader_states
 from sora_train.data.storage import ShardError, resolve_shards
 from sora_train.video_io import encode_mp4
@@ -116,7 +116,7 @@ def test_decode_clip_resizes_without_distortion():
     with pytest.raises(SkipSample) as info:
         decode_clip(encode_mp4(frames), ClipSpec(8, 2, 16, 16), np.random.default_rng(0))
     assert info.value.reason == "too_short"
-    square = resize_crop(np.full((1, 20, 40, 3), 255, np.uint8), 10, 10)
+    square = to_unit_range(fit_frames(np.full((1, 20, 40, 3), 255, np.uint8), 10, 10))
     assert square.shape == (3, 1, 10, 10) and torch.allclose(square, torch.ones_like(square))
 
 

@@ -163,11 +163,6 @@ def to_unit_range(video: torch.Tensor, dtype: torch.dtype = torch.float32) -> to
     return video.to(dtype) / 127.5 - 1.0
 
 
-def resize_crop(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
-    """(F, H0, W0, 3) uint8 -> (3, F, height, width) float32 in [-1, 1] (see `fit_frames`)."""
-    return to_unit_range(fit_frames(frames, height, width))
-
-
 def fit_frames(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
     """(F, H0, W0, 3) uint8 -> (3, F, height, width) uint8.
 
