@@ -8,8 +8,10 @@ Nothing downstream sees a raw DictConfig.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
@@ -119,14 +121,30 @@ class TrainLoopConfig:
         ]
     )
     threads_per_rank: int = 0  # torch intra-op threads per process on CPU; 0: cores / local processes
+    log_keys: bool = False  # log every step's sample keys to metrics.jsonl (audits the data order)
 
 
 @dataclass
 class CheckpointConfig:
-    """How often to save; checkpoints go to RUN_DIR/checkpoints/step_XXXXXXX."""
+    """How often to save, what to keep, how to verify; checkpoints go to RUN_DIR/checkpoints/step_XXXXXXX."""
 
     every: int = 100
     save_final: bool = True
+    keep_last: int = 3  # complete checkpoints kept (0: all); the newest complete one is never deleted
+    keep_every: int = 0  # also keep checkpoints at multiples of this step (0: none)
+    verify: str = "hash"  # how resume checks files against the manifest: hash (digests) | size
+    requeue: bool = False  # on preemption under SLURM, also run `scontrol requeue $SLURM_JOB_ID`
+
+
+@dataclass
+class GuardConfig:
+    """Training-health guards: non-finite steps are skipped on all ranks; loss spikes are logged."""
+
+    max_consecutive_skips: int = 5  # stop the run after this many skipped steps in a row (0: never)
+    spike_zscore: float = (
+        6.0  # a loss this many running standard deviations above the running mean is a spike
+    )
+    spike_warmup: int = 50  # steps of statistics before spikes are flagged
 
 
 @dataclass
@@ -171,12 +189,13 @@ class TrainConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    guards: GuardConfig = field(default_factory=GuardConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run_dir: str = MISSING
-    resume: str = "auto"  # auto | never | PATH to a checkpoint directory
+    resume: str = "auto"  # auto | never | PATH to a checkpoint directory or a run dir
     seed: int = 0
 
 
@@ -189,6 +208,12 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
     """Resolve a composed DictConfig into a `TrainConfig` (interpolations resolved, types checked)."""
     cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg))
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    """A short digest of the settings that shape training (not where it runs or resumes from)."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("run_dir", "resume")}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def expected_world_size(cfg: TrainConfig) -> int:
@@ -275,6 +300,12 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         raise ConfigError(
             f"checkpoint.every must be >= 0 (0: no periodic checkpoints), got {cfg.checkpoint.every}"
         )
+    if cfg.checkpoint.keep_last < 0 or cfg.checkpoint.keep_every < 0:
+        raise ConfigError("checkpoint.keep_last and checkpoint.keep_every must be >= 0 (0: keep all / none)")
+    if cfg.checkpoint.verify not in ("hash", "size"):
+        raise ConfigError(f"checkpoint.verify must be hash or size, got {cfg.checkpoint.verify!r}")
+    if cfg.guards.max_consecutive_skips < 0 or cfg.guards.spike_warmup < 0:
+        raise ConfigError("guards.max_consecutive_skips and guards.spike_warmup must be >= 0")
     if cfg.resume not in ("auto", "never") and not Path(cfg.resume).exists():
         raise ConfigError(f"resume={cfg.resume}: no such checkpoint")
     if not (data.generate_if_missing and data.name == "synthetic"):

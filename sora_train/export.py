@@ -1,7 +1,9 @@
 """sora-export: a checkpoint's weights as safetensors + config.json, loadable by sora-sample.
 
 `--weights ema` (default) takes the EMA weights the checkpoint holds; `--weights raw`
-consolidates the DeepSpeed ZeRO shards (any stage) into full fp32 weights.
+consolidates the DeepSpeed ZeRO shards (any stage) into full fp32 weights. The checkpoint's
+manifest is verified first, and DeepSpeed's files are read with weights-only loads, so a file
+this trainer did not write is never unpickled.
 """
 
 from __future__ import annotations
@@ -11,39 +13,48 @@ import shutil
 import sys
 from pathlib import Path
 
-from .checkpoint import LATEST, TRAINER_STATE, checkpoint_root
+from .checkpoint import CheckpointInvalid, CheckpointStore, checkpoint_root, verify_checkpoint
+from .checkpoint.safe_load import UnsafeCheckpoint, weights_only_loads
+from .checkpoint.store import is_checkpoint_dir
 from .pretrained import CONFIG_FILE, EMA_WEIGHTS, EXPORT_WEIGHTS, load_model, save_weights
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a run dir's newest checkpoint; raises FileNotFoundError otherwise."""
+    """A checkpoint directory that verifies against its manifest, or a run dir's newest such one.
+
+    Raises FileNotFoundError when there is none (naming what was wrong with each candidate).
+    """
     path = Path(path)
-    pointer = checkpoint_root(path) / LATEST
-    if pointer.is_file():
-        path = checkpoint_root(path) / pointer.read_text().strip()
-    if not (path / TRAINER_STATE).is_file():
-        raise FileNotFoundError(f"{path} is not a checkpoint (no {TRAINER_STATE}) nor a run dir with one")
-    return path
+    candidates = [path] if is_checkpoint_dir(path) else CheckpointStore(checkpoint_root(path)).committed()
+    problems = []
+    for candidate in candidates:
+        found = verify_checkpoint(candidate)
+        if not found:
+            return candidate
+        problems.append(f"{candidate.name}: {'; '.join(found[:3])}")
+    detail = f" ({'; '.join(problems)})" if problems else ""
+    raise FileNotFoundError(f"{path} is not a valid checkpoint nor a run dir with one{detail}")
 
 
 def consolidated_weights(checkpoint: Path) -> dict:
-    """Full fp32 weights gathered from the ZeRO shards of a checkpoint."""
+    """Full fp32 weights gathered from the ZeRO shards of a checkpoint (weights-only loads)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name))
+    with weights_only_loads():
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name))
 
 
 def export(checkpoint: str | Path, out: str | Path, weights: str = "ema") -> Path:
     """Write out/model.safetensors and out/config.json from a checkpoint; returns `out`."""
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"--weights must be ema or raw, got {weights!r}")
     source = resolve_checkpoint(checkpoint)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if weights == "ema":
         shutil.copyfile(source / EMA_WEIGHTS, out / EXPORT_WEIGHTS)
-    elif weights == "raw":
-        save_weights(out / EXPORT_WEIGHTS, consolidated_weights(source))
     else:
-        raise ValueError(f"--weights must be ema or raw, got {weights!r}")
+        save_weights(out / EXPORT_WEIGHTS, consolidated_weights(source))
     shutil.copyfile(source / CONFIG_FILE, out / CONFIG_FILE)
     load_model(out)  # proves the export loads: names and shapes match the config
     return out
@@ -52,13 +63,15 @@ def export(checkpoint: str | Path, out: str | Path, weights: str = "ema") -> Pat
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `sora-export`."""
     parser = argparse.ArgumentParser(prog="sora-export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="a checkpoint directory, or a run dir (its newest checkpoint)")
+    parser.add_argument(
+        "checkpoint", help="a checkpoint directory, or a run dir (its newest valid checkpoint)"
+    )
     parser.add_argument("--out", required=True, help="directory for model.safetensors and config.json")
     parser.add_argument("--weights", choices=("ema", "raw"), default="ema")
     args = parser.parse_args(argv)
     try:
         out = export(args.checkpoint, args.out, args.weights)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, CheckpointInvalid, UnsafeCheckpoint) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"exported {args.weights} weights to {out}")

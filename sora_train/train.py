@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import hydra
@@ -23,29 +24,34 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from safetensors.torch import load_file
 
-from .checkpoint import (
-    EMA_WEIGHTS,
-    capture_rng,
-    find_checkpoint,
-    load_checkpoint,
-    restore_rng,
-    save_checkpoint,
+from .checkpoint import CheckpointStore, Selection, checkpoint_root, find_checkpoint, save_checkpoint
+from .checkpoint.resuming import (
+    check_model_fits,
+    config_changes,
+    load_engine_state,
+    read_rank_state,
+    read_trainer_state,
+    resumed_accumulation,
 )
+from .checkpoint.rng import capture_rng, reseed_rng, restore_rng
+from .checkpoint.universal import convert_to_universal
 from .config import (
     ConfigError,
     TrainConfig,
+    config_hash,
     micro_batch_size,
     register_schema,
     to_train_config,
     validate,
 )
 from .data.decode import to_unit_range
-from .data.loader import Batch, merge_counts
+from .data.loader import Batch, merge_counts, merge_loader_states
 from .data.recipe import build_loader
 from .data.storage import ShardError
 from .diffusion.flow import flow_loss, sample_timesteps
 from .ema import EMA
 from .generate import generate_videos, save_clips
+from .guards import TrainingDiverged, TrainingGuards
 from .metrics import MetricsLogger, keys_hash
 from .models.denoiser import VideoDenoiser, build_denoiser
 from .models.patch import grid_size
@@ -56,12 +62,21 @@ from .parallel.dist import (
     DistInfo,
     all_gather_objects,
     all_reduce_mean,
+    any_rank,
     barrier,
     init_distributed,
     shutdown_distributed,
 )
 from .parallel.zero import build_engine, use_bf16
-from .pretrained import inference_config
+from .preemption import (
+    EXIT_PREEMPTED,
+    PreemptionWatch,
+    clear_preempted,
+    mark_preempted,
+    requeue_slurm_job,
+    was_preempted,
+)
+from .pretrained import EMA_WEIGHTS, inference_config
 from .recipes import config_dir
 from .run_info import write_run_info
 
@@ -157,18 +172,55 @@ def run_synthetic_eval(model: VideoDenoiser, cfg: TrainConfig, dist_info: DistIn
     return {"color_acc": color / max(1, clips), "motion_acc": motion / max(1, clips), "num_clips": clips}
 
 
-def train(cfg: TrainConfig) -> None:
-    """Train on this process' share of the job (joins or creates the process group)."""
+def train(cfg: TrainConfig) -> bool:
+    """Train on this process' share of the job (joins or creates the process group).
+
+    Returns False when the run stopped early on a preemption signal (after checkpointing).
+    """
     dist_info = init_distributed()
     try:
-        _train(cfg, dist_info)
+        finished = _train(cfg, dist_info)
     except BaseException:
         shutdown_distributed(wait_for_peers=False)
         raise
     shutdown_distributed()
+    return finished
 
 
-def _train(cfg: TrainConfig, dist_info: DistInfo) -> None:
+@dataclass
+class Resumed:
+    """Where training continues from: the step, and what the checkpoint holds beyond the engine."""
+
+    step: int = 0
+    wandb_id: str | None = None
+    passed_over: list[str] = field(default_factory=list)
+    config_changes: list[tuple[str, object, object]] = field(default_factory=list)
+
+
+def prepare_resume(cfg: TrainConfig, dist_info: DistInfo) -> tuple[Selection, dict | None, Path | None]:
+    """Pick the checkpoint (verified by all ranks), adapt gradient accumulation to a new number of
+    ranks, and convert the checkpoint for it (on rank 0). Returns the selection, its trainer
+    state, and the universal checkpoint to load when the number of ranks changed."""
+    selection = find_checkpoint(cfg, dist_info.rank, dist_info.world_size, all_gather_objects)
+    if selection.directory is None:
+        return selection, None, None
+    trainer_state = read_trainer_state(selection.directory)
+    cfg.train.grad_accum_steps = resumed_accumulation(trainer_state, cfg, dist_info.world_size)
+    if trainer_state["world_size"] == dist_info.world_size:
+        return selection, trainer_state, None
+    universal = CheckpointStore(selection.directory.parent).universal_dir(trainer_state["step"])
+    if dist_info.is_main:
+        print(
+            f"{selection.directory.name} was saved by {trainer_state['world_size']} ranks; converting it for "
+            f"{dist_info.world_size} (grad_accum_steps={cfg.train.grad_accum_steps})",
+            flush=True,
+        )
+        convert_to_universal(selection.directory, universal)
+    barrier()
+    return selection, trainer_state, universal
+
+
+def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
     run_dirs = set(all_gather_objects(str(Path(cfg.run_dir).resolve())))
     if len(run_dirs) > 1:
         raise ConfigError(
@@ -179,16 +231,24 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> None:
     world, rank, device = dist_info.world_size, dist_info.rank, dist_info.device
     if dist_info.is_main:
         ensure_synthetic_corpus(cfg)  # when started by torchrun directly (launch/torchrun.sh)
+    selection, trainer_state, universal = prepare_resume(cfg, dist_info)
+    if dist_info.is_main:
         write_run_info(cfg, world)
+        clear_preempted(cfg.run_dir)
     barrier()
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_denoiser(cfg.model)
+    if trainer_state is not None:
+        check_model_fits(selection.directory, model, trainer_state["config"], cfg)
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
-    engine = build_engine(model, cfg, world)
+    engine = build_engine(model, cfg, world, load_universal=universal is not None)
     dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
     ema = EMA(engine.module, cfg.train.ema_decay)
+    guards = TrainingGuards(
+        cfg.guards.max_consecutive_skips, cfg.guards.spike_zscore, cfg.guards.spike_warmup
+    )
     latent_space = build_latent_space(cfg.model.latent_space, cfg.model.vae_path, device)
     precomputed = cfg.data.name == "latents"  # latent shards from `sora-prep encode`: no decoding, no VAE
     try:
@@ -197,35 +257,46 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> None:
         raise ConfigError(str(error)) from error
     generator = torch.Generator().manual_seed(cfg.seed + 1000 * (rank + 1))
 
-    step, wandb_id = 0, None
-    checkpoint = find_checkpoint(cfg)
-    if checkpoint is not None:
-        trainer_state, rank_state = load_checkpoint(engine, checkpoint, dist_info)
-        step, wandb_id = trainer_state["step"], trainer_state.get("wandb_id")
-        loader.load_state_dict(rank_state["loader"])
-        restore_rng(rank_state["rng"], generator)
+    resumed = Resumed(passed_over=selection.passed_over)
+    if trainer_state is not None:
+        checkpoint = selection.directory
+        load_engine_state(engine, universal or checkpoint)
+        resumed.step, resumed.wandb_id = trainer_state["step"], trainer_state.get("wandb_id")
+        resumed.config_changes = config_changes(trainer_state["config"], asdict(cfg))
+        if universal is None:  # the same ranks: each continues its own streams exactly
+            rank_state = read_rank_state(checkpoint, rank)
+            loader.load_state_dict(rank_state["loader"])
+            restore_rng(rank_state["rng"], generator)
+        else:  # new ranks: the data plan is dealt again from every old rank's position
+            saved = [read_rank_state(checkpoint, r)["loader"] for r in range(trainer_state["world_size"])]
+            loader.load_state_dict(merge_loader_states(saved))
+            reseed_rng(cfg.seed, resumed.step, rank, generator)
         ema.load_state_dict(load_file(str(checkpoint / EMA_WEIGHTS)), trainer_state["ema_updates"])
-        if dist_info.is_main:
-            print(f"resumed from {checkpoint} at step {step}", flush=True)
-    logger = MetricsLogger(cfg, step, wandb_id) if dist_info.is_main else None
+        guards.load_state_dict(trainer_state["guards"])
+    step = resumed.step
+    logger = MetricsLogger(cfg, step, resumed.wandb_id) if dist_info.is_main else None
     if logger:
-        logger.log_event("data_index", step, {
-            "rejected_by_reason": dict(+loader.rejected), "samples_by_bucket": dict(loader.bucket_counts),
-            "batch_size_by_bucket": {b.name: size for b, size in zip(
-                loader.settings.table.buckets, loader.settings.batch_sizes, strict=True)},
-        })  # fmt: skip
+        report_start(logger, selection.directory, resumed, loader)
 
     prompts = PromptEncoder(cfg.model, device)
     patch = tuple(cfg.model.patch_size)
     batches = iter(loader)
+    preemption = PreemptionWatch().install()
 
-    def save(at_step: int) -> None:
-        wandb_run_id = logger.wandb_id if logger else None
-        trainer_state = {"ema_updates": ema.updates, "wandb_id": wandb_run_id, "world_size": world}
+    def save(at_step: int) -> Path:
+        trainer_state = {
+            "world_size": world, "grad_accum_steps": cfg.train.grad_accum_steps, "ema_updates": ema.updates,
+            "guards": guards.state_dict(), "wandb_id": logger.wandb_id if logger else None,
+            "config": asdict(cfg), "config_hash": config_hash(cfg),
+        }  # fmt: skip
         rank_state = {"rng": capture_rng(generator), "loader": loader.state_dict()}
-        saved = save_checkpoint(engine, cfg, dist_info, at_step, rank_state, trainer_state, ema.state_dict())
+        saved = save_checkpoint(
+            engine, cfg.run_dir, dist_info, at_step, rank_state, trainer_state, ema.state_dict(),
+            inference_config(cfg), cfg.checkpoint.keep_last, cfg.checkpoint.keep_every,
+        )  # fmt: skip
         if logger:
             logger.log_event("checkpoint", at_step, {"path": str(saved)})
+        return saved
 
     last_saved = step
     while step < cfg.train.max_steps:
@@ -236,14 +307,17 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> None:
             data_wait += time.perf_counter() - fetch
             encoder = None if precomputed else latent_space
             losses.append(forward_backward(engine, batch, prompts, encoder, generator, cfg, dtype))
+            engine.step()  # DeepSpeed counts micro-batches; the last one of a step updates the weights
             keys.extend(batch["key"])
             tokens += batch_tokens(batch["x"].shape, encoder, patch)
-        engine.step()
         step += 1
-        ema.update(engine.module)
+        applied = engine.was_step_applied()  # False: a non-finite gradient norm discarded it on all ranks
+        if applied:
+            ema.update(engine.module)
         elapsed = time.perf_counter() - started
 
         loss, wait = all_reduce_mean([sum(losses) / len(losses), data_wait / elapsed], device)
+        verdict = guards.observe(applied, loss)
         gathered = all_gather_objects((keys, tokens, loader.skip_counts()))  # per rank, in rank order
         if logger:
             all_keys = [k for rank_keys, _, _ in gathered for k in rank_keys]
@@ -253,15 +327,38 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> None:
                 "samples_per_s": len(all_keys) / elapsed, "tokens_per_s": sum(t for _, t, _ in gathered) / elapsed,
                 "data_wait": wait, "batch_hash": keys_hash(all_keys),
                 "skipped": sum(merge_counts([skips for _, _, skips in gathered]).values()),
+                "skipped_steps": guards.state.skipped_steps, "loss_spikes": guards.state.loss_spikes,
             })  # fmt: skip
+            if cfg.train.log_keys:
+                logger.log_event("keys", step, {"keys": all_keys})
+            if verdict.skipped or verdict.spike:
+                kind = "nonfinite_step_skipped" if verdict.skipped else "loss_spike"
+                logger.log_event(kind, step, {"loss": loss, **guards.state_dict()})
+        if verdict.stop:
+            raise TrainingDiverged(guards.diverged_message(step))
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             save(step)
             last_saved = step
+        if any_rank(preemption.requested, device):
+            saved = (
+                save(step)
+                if last_saved != step
+                else CheckpointStore(checkpoint_root(cfg.run_dir)).final_dir(step)
+            )
+            if logger:
+                logger.log_event("preempted", step, {"signal": preemption.signal, "checkpoint": str(saved)})
+                mark_preempted(cfg.run_dir, step, saved)
+                if cfg.checkpoint.requeue:
+                    logger.log_event("requeue", step, {"requested": requeue_slurm_job()})
+                logger.close()
+            barrier()
+            return False
         if cfg.train.sample_every and step % cfg.train.sample_every == 0 and step < cfg.train.max_steps:
             if logger:
                 paths = write_samples(ema_model(ema, cfg, device), cfg, step)
                 logger.log_videos(step, paths, cfg.train.sample_prompts)
             barrier()
+    preemption.uninstall()
 
     if cfg.checkpoint.save_final and last_saved != step:
         save(step)
@@ -281,6 +378,28 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> None:
     barrier()
     if logger:
         logger.close()
+    return True
+
+
+def report_start(logger: MetricsLogger, checkpoint: Path | None, resumed: Resumed, loader) -> None:
+    """Console lines and metrics events for how this run starts: resumed checkpoint, what was
+    passed over, changed settings, and the data index."""
+    for problem in resumed.passed_over:
+        print(f"checkpoint passed over: {problem}", flush=True)
+    if resumed.passed_over:
+        logger.log_event("checkpoints_passed_over", resumed.step, {"problems": resumed.passed_over})
+    if checkpoint is not None:
+        print(f"resumed from {checkpoint} at step {resumed.step}", flush=True)
+        for key, old, new in resumed.config_changes:
+            print(f"warning: {key} changed since the checkpoint: {old!r} -> {new!r}", flush=True)
+        logger.log_event("resumed", resumed.step, {
+            "checkpoint": str(checkpoint), "config_changes": {k: [o, n] for k, o, n in resumed.config_changes},
+        })  # fmt: skip
+    logger.log_event("data_index", resumed.step, {
+        "rejected_by_reason": dict(+loader.rejected), "samples_by_bucket": dict(loader.bucket_counts),
+        "batch_size_by_bucket": {b.name: size for b, size in zip(
+            loader.settings.table.buckets, loader.settings.batch_sizes, strict=True)},
+    })  # fmt: skip
 
 
 def job_config(dict_cfg: DictConfig) -> TrainConfig:
@@ -296,14 +415,17 @@ def job_config(dict_cfg: DictConfig) -> TrainConfig:
 
 
 def launch_local(cfg: TrainConfig) -> int:
-    """Start launch.nproc_per_node processes with torchrun on this machine; returns their exit code."""
+    """Start launch.nproc_per_node processes with torchrun on this machine; returns their exit code
+    (EXIT_PREEMPTED when they stopped on a preemption signal, which torchrun reports as 1)."""
     overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("run_dir=")]
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.launch.nproc_per_node}",
         "-m", "sora_train.train", *overrides, f"run_dir={cfg.run_dir}",
     ]  # fmt: skip
     print(f"run dir {cfg.run_dir}: starting {cfg.launch.nproc_per_node} processes", flush=True)
-    return subprocess.run(command, env={**os.environ, "SORA_RUN_DIR": cfg.run_dir}).returncode
+    started = time.time()
+    code = subprocess.run(command, env={**os.environ, "SORA_RUN_DIR": cfg.run_dir}).returncode
+    return EXIT_PREEMPTED if code and was_preempted(cfg.run_dir, started) else code
 
 
 @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
@@ -318,10 +440,14 @@ def _hydra_main(dict_cfg: DictConfig) -> None:
             if code:
                 sys.exit(code)
             return
-        train(cfg)
+        if not train(cfg):
+            sys.exit(EXIT_PREEMPTED)
     except (ConfigError, ShardError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except TrainingDiverged as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(3)
 
 
 def precheck_overrides(overrides: list[str]) -> str | None:

@@ -99,6 +99,13 @@ def all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
     return (tensor / dist.get_world_size()).tolist()
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` is set on at least one rank (collective)."""
+    tensor = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
 def all_gather_objects(obj: object) -> list:
     """One picklable object from every rank, in rank order (small objects only)."""
     gathered: list = [None] * dist.get_world_size()

@@ -17,15 +17,20 @@ def use_bf16(cfg: TrainConfig) -> bool:
     return cfg.train.precision == "bf16"
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
-    """The DeepSpeed config dict for this run and world size."""
+def deepspeed_config(cfg: TrainConfig, world_size: int, load_universal: bool = False) -> dict:
+    """The DeepSpeed config dict for this run and world size.
+
+    `load_universal` reads a universal checkpoint (saved by a different number of ranks).
+    Non-finite gradient norms discard the step on all ranks at every ZeRO stage and precision
+    (in bf16 through `check_grad_overflow`; in fp32 DeepSpeed checks the clipping norm).
+    """
     on_gpu = torch.cuda.is_available()
     return {
         "train_batch_size": cfg.train.global_batch_size,
         "train_micro_batch_size_per_gpu": micro_batch_size(cfg, world_size),
         "gradient_accumulation_steps": cfg.train.grad_accum_steps,
         "gradient_clipping": cfg.train.grad_clip,
-        "bf16": {"enabled": use_bf16(cfg)},
+        "bf16": {"enabled": use_bf16(cfg), "check_grad_overflow": True},
         "zero_optimization": {
             "stage": cfg.parallel.zero_stage,
             "overlap_comm": on_gpu,
@@ -33,6 +38,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
             "reduce_bucket_size": 50_000_000,
             "allgather_bucket_size": 50_000_000,
         },
+        "checkpoint": {"load_universal": load_universal},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -64,9 +70,17 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_ratio: float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_engine(model: nn.Module, cfg: TrainConfig, world_size: int):
-    """Wrap `model` in a DeepSpeed engine with AdamW and the warmup + cosine schedule."""
+def build_engine(model: nn.Module, cfg: TrainConfig, world_size: int, load_universal: bool = False):
+    """Wrap `model` in a DeepSpeed engine with AdamW and the warmup + cosine schedule.
+
+    Every save carries DeepSpeed's universal-checkpoint marker, so any checkpoint can later be
+    converted for a different number of ranks.
+    """
     import deepspeed
+
+    from ..checkpoint.universal import UNIVERSAL_INFO
+
+    model.universal_checkpoint_info = dict(UNIVERSAL_INFO)
 
     optimizer = build_optimizer(model, cfg)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -74,6 +88,9 @@ def build_engine(model: nn.Module, cfg: TrainConfig, world_size: int):
         lambda step: warmup_cosine(step, cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio),
     )
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(cfg, world_size)
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=schedule,
+        config=deepspeed_config(cfg, world_size, load_universal),
     )
     return engine

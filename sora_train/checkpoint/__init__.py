@@ -1,0 +1,17 @@
+"""Checkpoints that never lie: atomic saves with a verified manifest, exact and elastic resume.
+
+`saving` writes a checkpoint (collective, atomic); `resuming` picks the newest valid one and
+loads it; `store` owns the directory layout; `manifest` the file digests; `safe_load` keeps
+DeepSpeed's loads to weights and plain data; `universal` converts for a new number of ranks;
+`rng` captures every random stream.
+"""
+
+from .manifest import CheckpointInvalid
+from .resuming import Selection, find_checkpoint, verify_checkpoint
+from .saving import TRAINER_STATE, save_checkpoint
+from .store import CHECKPOINTS, LATEST, CheckpointStore, checkpoint_root, tag_for
+
+__all__ = [
+    "CHECKPOINTS", "LATEST", "TRAINER_STATE", "CheckpointInvalid", "CheckpointStore", "Selection",
+    "checkpoint_root", "find_checkpoint", "save_checkpoint", "tag_for", "verify_checkpoint",
+]  # fmt: skip
