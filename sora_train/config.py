@@ -132,7 +132,7 @@ class CheckpointConfig:
     save_final: bool = True
     keep_last: int = 3  # complete checkpoints kept (0: all); the newest complete one is never deleted
     keep_every: int = 0  # also keep checkpoints at multiples of this step (0: none)
-    verify: str = "hash"  # how resume checks files against the manifest: hash (digests) | size
+    verify: str = "checksum"  # how resume checks files against the manifest: checksum | size (faster)
     requeue: bool = False  # on preemption under SLURM, also run `scontrol requeue $SLURM_JOB_ID`
 
 
@@ -302,8 +302,8 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         )
     if cfg.checkpoint.keep_last < 0 or cfg.checkpoint.keep_every < 0:
         raise ConfigError("checkpoint.keep_last and checkpoint.keep_every must be >= 0 (0: keep all / none)")
-    if cfg.checkpoint.verify not in ("hash", "size"):
-        raise ConfigError(f"checkpoint.verify must be hash or size, got {cfg.checkpoint.verify!r}")
+    if cfg.checkpoint.verify not in ("checksum", "size"):
+        raise ConfigError(f"checkpoint.verify must be checksum or size, got {cfg.checkpoint.verify!r}")
     if cfg.guards.max_consecutive_skips < 0 or cfg.guards.spike_warmup < 0:
         raise ConfigError("guards.max_consecutive_skips and guards.spike_warmup must be >= 0")
     if cfg.resume not in ("auto", "never") and not Path(cfg.resume).exists():

@@ -24,7 +24,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from safetensors.torch import load_file
 
-from .checkpoint import CheckpointStore, Selection, checkpoint_root, find_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointInvalid,
+    CheckpointStore,
+    Selection,
+    checkpoint_root,
+    find_checkpoint,
+    save_checkpoint,
+)
 from .checkpoint.resuming import (
     check_model_fits,
     config_changes,
@@ -34,6 +41,7 @@ from .checkpoint.resuming import (
     resumed_accumulation,
 )
 from .checkpoint.rng import capture_rng, reseed_rng, restore_rng
+from .checkpoint.safe_load import UnsafeCheckpoint
 from .checkpoint.universal import convert_to_universal
 from .config import (
     ConfigError,
@@ -298,6 +306,19 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
             logger.log_event("checkpoint", at_step, {"path": str(saved)})
         return saved
 
+    def stop_for_preemption(at_step: int, already_saved: bool) -> None:
+        """Checkpoint (unless this step just was), leave the marker, ask SLURM to requeue (collective)."""
+        signals = all_gather_objects(preemption.signal)  # which ranks were told, for the record
+        store = CheckpointStore(checkpoint_root(cfg.run_dir))
+        saved = store.final_dir(at_step) if already_saved else save(at_step)
+        if logger:
+            logger.log_event("preempted", at_step, {"signals_by_rank": signals, "checkpoint": str(saved)})
+            mark_preempted(cfg.run_dir, at_step, saved)
+            if cfg.checkpoint.requeue:
+                logger.log_event("requeue", at_step, {"requested": requeue_slurm_job()})
+            logger.close()
+        barrier()
+
     last_saved = step
     while step < cfg.train.max_steps:
         started, data_wait, losses, keys, tokens = time.perf_counter(), 0.0, [], [], 0
@@ -340,18 +361,7 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
             save(step)
             last_saved = step
         if any_rank(preemption.requested, device):
-            saved = (
-                save(step)
-                if last_saved != step
-                else CheckpointStore(checkpoint_root(cfg.run_dir)).final_dir(step)
-            )
-            if logger:
-                logger.log_event("preempted", step, {"signal": preemption.signal, "checkpoint": str(saved)})
-                mark_preempted(cfg.run_dir, step, saved)
-                if cfg.checkpoint.requeue:
-                    logger.log_event("requeue", step, {"requested": requeue_slurm_job()})
-                logger.close()
-            barrier()
+            stop_for_preemption(step, already_saved=last_saved == step)
             return False
         if cfg.train.sample_every and step % cfg.train.sample_every == 0 and step < cfg.train.max_steps:
             if logger:
@@ -442,7 +452,7 @@ def _hydra_main(dict_cfg: DictConfig) -> None:
             return
         if not train(cfg):
             sys.exit(EXIT_PREEMPTED)
-    except (ConfigError, ShardError) as error:
+    except (ConfigError, ShardError, CheckpointInvalid, UnsafeCheckpoint) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
     except TrainingDiverged as error:

@@ -58,6 +58,18 @@ def run_module(
     )
 
 
+def run_script(script: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python script args` in a fresh process, output captured."""
+    return subprocess.run(
+        [sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
 def run_train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run sora-train with the given overrides."""
     return run_module("sora_train.train", *args, timeout=timeout)

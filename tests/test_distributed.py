@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -13,7 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sora_train.checkpoint.safe_load import weights_only_loads
+from sora_train.checkpoint.store import tag_for
 from sora_train.metrics import read_metrics
+from sora_train.preemption import EXIT_PREEMPTED
 
 from .conftest import FAST, REPO, assert_ok, run_module, run_torchrun, run_train
 
@@ -55,7 +61,7 @@ def run_args(corpus: Path) -> list[str]:
     return [
         *FAST, f"data.train={corpus / 'train'}", f"data.val={corpus / 'val'}", "parallel.zero_stage=2", "train.max_steps=8", "checkpoint.every=4",
         "train.global_batch_size=4", "train.sample_prompts=[a red square moving left on a black background]",
-        f"data.buckets={Path(__file__).parent / 'buckets_tiny.yaml'}", "data.tokens_per_batch=96",
+        f"data.buckets={Path(__file__).parent / 'buckets_tiny.yaml'}", "data.tokens_per_batch=96", "train.log_keys=true",
     ]  # fmt: skip
 
 
@@ -79,32 +85,183 @@ def test_two_process_run_checkpoints(two_process_run):
     assert list((two_process_run / "samples" / "step_0000008").glob("*.mp4"))
 
 
-def test_resume_auto_matches_uninterrupted_run(two_process_run, corpus, tmp_path):
-    resumed = tmp_path / "resumed"
-    shutil.copytree(two_process_run, resumed)
-    # Roll the copy back to the step-4 checkpoint, as if the run had died just after it.
-    shutil.rmtree(resumed / "checkpoints" / "step_0000008")
-    (resumed / "checkpoints" / "latest").write_text("step_0000004\n")
-    # The uninterrupted run started its own 2 processes; this one goes through launch/torchrun.sh.
-    result = subprocess.run(
-        [str(REPO / "launch" / "torchrun.sh"), *run_args(corpus), "resume=auto"],
-        capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PYTHON": sys.executable, "NPROC": "2", "SORA_RUN_DIR": str(resumed)},
+def launch(corpus: Path, run_dir: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    """Start the reference run's configuration on 2 processes (sora-train starts torchrun) without waiting."""
+    log = (run_dir.parent / f"{run_dir.name}.log").open("a")
+    return subprocess.Popen(
+        [sys.executable, "-m", "sora_train.train", *run_args(corpus), "launch.nproc_per_node=2", f"run_dir={run_dir}", *extra],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
     )  # fmt: skip
-    assert_ok(result)
-    assert "resumed from" in result.stdout and "step_0000004" in result.stdout
 
-    def by_step(run: Path) -> dict[int, dict]:
-        return {r["step"]: r for r in read_metrics(run) if "loss" in r}
 
-    reference, continued = by_step(two_process_run), by_step(resumed)
-    assert sorted(continued) == list(range(1, 9))
-    for step in range(5, 9):
-        assert continued[step]["batch_hash"] == reference[step]["batch_hash"], step
-        assert abs(continued[step]["loss"] - reference[step]["loss"]) < 1e-6, step
-    final = "checkpoints/step_0000008/ema.safetensors"
-    for name, value in load_file(two_process_run / final).items():
-        torch.testing.assert_close(load_file(resumed / final)[name], value, rtol=0, atol=1e-6)
+def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 240) -> None:
+    """Return as soon as metrics.jsonl records `step` (polled every 10 ms)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and any(
+            r.get("step", 0) >= step and "loss" in r for r in read_metrics(run_dir)
+        ):
+            return
+        assert process.poll() is None, f"the run ended (exit {process.returncode}) before step {step}"
+        time.sleep(0.01)
+    raise TimeoutError(f"no step {step} within {timeout}s")
+
+
+def trainer_pid(run_dir: Path, rank: int) -> int:
+    """The training process of `rank` in the run at `run_dir` (not its decode workers), from /proc."""
+    for proc in Path("/proc").iterdir():
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            command = (proc / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if (f"SORA_RUN_DIR={run_dir}".encode() in environ and f"RANK={rank}".encode() in environ
+                and b"sora_train.train" in command and b"torch.distributed.run" not in command):  # fmt: skip
+            return int(proc.name)
+    raise LookupError(f"no rank {rank} process for {run_dir}")
+
+
+def assert_same_training(run: Path, reference: Path, steps: range) -> None:
+    """Same batches and losses at `steps`, and bitwise-equal final weights, EMA and optimizer shards."""
+    mine, theirs = by_step(run), by_step(reference)
+    assert sorted(mine) == list(range(1, steps.stop))
+    for step in steps:
+        assert mine[step]["batch_hash"] == theirs[step]["batch_hash"], step
+        assert mine[step]["loss"] == theirs[step]["loss"], step
+    final = tag_for(steps.stop - 1)
+    for name in (
+        "ema.safetensors",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ):
+        assert (run / "checkpoints" / final / name).read_bytes() == (
+            reference / "checkpoints" / final / name
+        ).read_bytes(), name
+
+
+def by_step(run: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in read_metrics(run) if "loss" in r}
+
+
+def test_kill_9_of_a_rank_mid_run_then_resume_is_bitwise_exact(two_process_run, corpus, tmp_path):
+    run_dir = tmp_path / "killed"
+    process = launch(corpus, run_dir)
+    wait_for_step(run_dir, 5, process)  # the step-4 checkpoint is committed; step 6 is under way
+    os.kill(trainer_pid(run_dir, rank=1), signal.SIGKILL)
+    assert process.wait(timeout=120) != 0
+    assert max(by_step(run_dir)) < 8, "the run finished before the kill landed"
+
+    resumed = run_train(*run_args(corpus), "launch.nproc_per_node=2", f"run_dir={run_dir}")
+    assert_ok(resumed)
+    assert f"resumed from {run_dir / 'checkpoints' / tag_for(4)} at step 4" in resumed.stdout
+    assert_same_training(run_dir, two_process_run, range(5, 9))
+
+
+def test_sigusr1_checkpoints_at_the_next_step_then_requeues_and_the_relaunch_is_exact(
+    two_process_run, corpus, tmp_path
+):
+    run_dir, bin_dir = tmp_path / "preempted", tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm = {"SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    process = launch(corpus, run_dir, "checkpoint.requeue=true", env=slurm)
+    wait_for_step(run_dir, 2, process)
+    os.kill(trainer_pid(run_dir, rank=1), signal.SIGUSR1)  # one rank only: the ranks agree on it
+    assert process.wait(timeout=120) == EXIT_PREEMPTED
+
+    (preempted,) = [r for r in read_metrics(run_dir) if r.get("event") == "preempted"]
+    stopped = preempted["step"]
+    assert 2 <= stopped < 8 and preempted["signals_by_rank"] == [None, signal.SIGUSR1]
+    assert max(by_step(run_dir)) == stopped  # no step after the agreed boundary
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == tag_for(stopped)
+    assert (tmp_path / "scontrol.log").read_text().splitlines() == ["requeue 4242"]
+    assert json.loads((run_dir / "preempted.json").read_text())["step"] == stopped
+
+    resumed = run_train(*run_args(corpus), "launch.nproc_per_node=2", f"run_dir={run_dir}")
+    assert_ok(resumed)
+    assert f"at step {stopped}" in resumed.stdout and not (run_dir / "preempted.json").exists()
+    assert_same_training(run_dir, two_process_run, range(stopped + 1, 9))
+
+
+def test_two_ranks_to_one_and_back_keeps_every_batch_of_the_epoch(two_process_run, corpus, tmp_path):
+    """2 ranks (steps 1-4) → 1 rank with 2 accumulation steps (5-6) → 2 ranks (7-8), through universal checkpoints."""
+    run_dir = tmp_path / "elastic"
+    shutil.copytree(two_process_run, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / tag_for(8))
+    one = run_train(*run_args(corpus), "checkpoint.every=2", f"run_dir={run_dir}", "train.max_steps=6")
+    assert_ok(one)
+    assert "saved by 2 ranks; converting it for 1 (grad_accum_steps=2)" in one.stdout
+    two = run_train(*run_args(corpus), "checkpoint.every=2", f"run_dir={run_dir}", "launch.nproc_per_node=2")
+    assert_ok(two)
+    assert "saved by 1 ranks; converting it for 2 (grad_accum_steps=1)" in two.stdout
+    assert (run_dir / "checkpoints" / f"{tag_for(4)}.universal").is_dir()
+
+    def keys_by_step(run: Path) -> dict[int, list[str]]:
+        return {r["step"]: r["keys"] for r in read_metrics(run) if r.get("event") == "keys"}
+
+    elastic, reference = keys_by_step(run_dir), keys_by_step(two_process_run)
+    assert sorted(elastic) == list(range(1, 9))
+    for step in range(1, 9):  # the same samples in every step, whatever the number of ranks
+        assert sorted(elastic[step]) == sorted(reference[step]), step
+    seen = [key for step in range(1, 9) for key in elastic[step]]
+    assert len(seen) == len(set(seen))  # within the epoch: nothing repeated (and, above, nothing lost)
+    mine, theirs = by_step(run_dir), by_step(two_process_run)
+    for step in range(5, 9):  # new noise draws on new ranks: close, not equal
+        assert abs(mine[step]["loss"] - theirs[step]["loss"]) < 0.15 * theirs[step]["loss"], step
+
+
+def test_a_nan_on_one_rank_skips_the_step_on_both(corpus, tmp_path):
+    run_dir = tmp_path / "nan"
+    args = [
+        *run_args(corpus),
+        "train.max_steps=4",
+        "checkpoint.every=1",
+        "checkpoint.keep_last=0",
+        f"run_dir={run_dir}",
+    ]
+    assert_ok(run_torchrun(2, SCRIPTS / "faulty_train.py", "nan", "1", "3", *args))
+    rows = by_step(run_dir)
+    assert [rows[s]["skipped_steps"] for s in (1, 2, 3, 4)] == [0, 0, 1, 1]
+    assert math.isnan(rows[3]["loss"]) and math.isfinite(rows[4]["loss"])
+    assert [r["step"] for r in read_metrics(run_dir) if r.get("event") == "nonfinite_step_skipped"] == [3]
+
+    def state(step: int) -> dict[str, bytes]:
+        directory = run_dir / "checkpoints" / tag_for(step)
+        names = [
+            "ema.safetensors",
+            "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        ]
+        return {name: optimizer_tensors(directory / name) for name in names}
+
+    before, skipped, after = state(2), state(3), state(4)
+    for name, tensors in before.items():  # each rank's weights, moments, EMA: untouched by step 3
+        assert tensors.keys() == skipped[name].keys()
+        assert all(torch.equal(tensors[k], skipped[name][k]) for k in tensors), name
+        assert any(not torch.equal(skipped[name][k], after[name][k]) for k in tensors), name  # step 4 trained
+
+
+def optimizer_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor in a checkpoint file, by its path in the nested state (weights-only load)."""
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    with weights_only_loads():
+        state = torch.load(path, map_location="cpu")
+    flat: dict[str, torch.Tensor] = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, torch.Tensor):
+            flat[prefix] = node
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}/{key}")
+        elif isinstance(node, list | tuple):
+            for index, value in enumerate(node):
+                walk(value, f"{prefix}/{index}")
+
+    walk(state["optimizer_state_dict"], "")
+    return flat
 
 
 @pytest.mark.parametrize("zero_stage", [1, 3])

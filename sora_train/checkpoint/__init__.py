@@ -1,7 +1,7 @@
 """Checkpoints that never lie: atomic saves with a verified manifest, exact and elastic resume.
 
 `saving` writes a checkpoint (collective, atomic); `resuming` picks the newest valid one and
-loads it; `store` owns the directory layout; `manifest` the file digests; `safe_load` keeps
+loads it; `store` owns the directory layout; `manifest` the file checksums; `safe_load` keeps
 DeepSpeed's loads to weights and plain data; `universal` converts for a new number of ranks;
 `rng` captures every random stream.
 """

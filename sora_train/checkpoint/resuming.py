@@ -1,7 +1,7 @@
 """Choosing the checkpoint to resume from, checking it fits this run, and loading it.
 
 A checkpoint is resumed only when its manifest verifies: every listed file present with its
-size and (by default) its digest, and nothing unlisted beside them. Verification is split
+size and (by default) its checksum, and nothing unlisted beside them. Verification is split
 over the ranks. Interrupted and corrupted saves are reported and passed over; a run that has
 checkpoints but no valid one stops rather than silently starting over.
 """
@@ -72,7 +72,7 @@ def find_checkpoint(cfg: TrainConfig, rank: int = 0, world: int = 1, gather: Gat
         candidates = store.committed()
     passed_over = [f"{staged.name}: a save that never finished" for staged in store.interrupted()]
     for candidate in candidates:
-        problems = verify_checkpoint(candidate, cfg.checkpoint.verify == "hash", rank, world, gather)
+        problems = verify_checkpoint(candidate, cfg.checkpoint.verify == "checksum", rank, world, gather)
         if not problems:
             return Selection(candidate, passed_over)
         passed_over.append(f"{candidate.name}: {'; '.join(problems[:3])}")

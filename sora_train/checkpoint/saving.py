@@ -5,7 +5,7 @@ Layout of a committed RUN_DIR/checkpoints/step_XXXXXXX/:
   rank_NNNNN.pt         per-rank RNG states and loader position (tensors and plain types only)
   trainer_state.json    step, world layout, EMA update count, guard statistics, wandb run id, config
   ema.safetensors       EMA weights; config.json rebuilds the model (so a checkpoint samples directly)
-  manifest.json         every file above with its size and digest, written last
+  manifest.json         every file above with its size and CRC-32, written last
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def save_checkpoint(
 ) -> Path:
     """Save on every rank (collective); returns the committed checkpoint directory.
 
-    Every rank writes into a staging directory; each then flushes and digests its share of
+    Every rank writes into a staging directory; each then flushes and checksums its share of
     the files; rank 0 writes the manifest, renames the directory into place, moves `latest`
     and prunes old checkpoints. A crash at any point leaves the previous checkpoints intact.
     """
@@ -59,9 +59,9 @@ def save_checkpoint(
         (staging / TRAINER_STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=2) + "\n")
     barrier()
     names = list_files(staging)
-    digests = all_gather_objects(describe_files(staging, names[dist_info.rank :: dist_info.world_size]))
+    shares = all_gather_objects(describe_files(staging, names[dist_info.rank :: dist_info.world_size]))
     if dist_info.is_main:
-        files = {name: entry for share in digests for name, entry in share.items()}
+        files = {name: entry for share in shares for name, entry in share.items()}
         write_manifest(staging, files, step=step, world_size=dist_info.world_size)
         store.commit(step)
         store.prune(keep_last, keep_every)

@@ -134,7 +134,7 @@ class CheckpointStore:
 
 
 def _looks_complete(directory: Path) -> bool:
-    """Its manifest reads and every listed file has the listed size (no digests: cheap)."""
+    """Its manifest reads and every listed file has the listed size (no checksums: cheap)."""
     try:
         manifest = read_manifest(directory)
     except CheckpointInvalid:

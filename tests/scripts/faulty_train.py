@@ -1,0 +1,63 @@
+"""sora-train with one fault injected, for the recovery tests (runs alone or under torchrun).
+
+python faulty_train.py nan RANK STEPS [overrides]    RANK's loss is NaN at STEPS (comma-separated)
+python faulty_train.py crash_in_save STEP [overrides] SIGKILL this process halfway through the save
+                                                     at STEP: every file written, none checksummed
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+
+def inject_nan(rank: int, steps: set[int]) -> None:
+    """Multiply the loss by NaN on `rank` at `steps` (one micro-batch per step), so the gradients are NaN."""
+    import sora_train.train as train
+
+    real_loss, calls = train.flow_loss, [0]
+
+    def flow_loss(*args, **kwargs):
+        calls[0] += 1
+        loss = real_loss(*args, **kwargs)
+        hit = int(os.environ.get("RANK", 0)) == rank and calls[0] in steps
+        return loss * float("nan") if hit else loss
+
+    train.flow_loss = flow_loss
+
+
+def crash_in_save(step: int) -> None:
+    """Kill the process when the save at `step` starts checksumming its staged files."""
+    import sora_train.checkpoint.saving as saving
+    from sora_train.checkpoint.store import tag_for
+
+    real_describe = saving.describe_files
+
+    def describe_files(directory: Path, names: list[str]):
+        if directory.name.endswith(tag_for(step)):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_describe(directory, names)
+
+    saving.describe_files = describe_files
+
+
+def main() -> None:
+    fault, *rest = sys.argv[1:]
+    if fault == "nan":
+        rank, steps, *overrides = rest
+        inject_nan(int(rank), {int(s) for s in steps.split(",")})
+    elif fault == "crash_in_save":
+        step, *overrides = rest
+        crash_in_save(int(step))
+    else:
+        raise SystemExit(f"unknown fault {fault!r}")
+    from sora_train.train import cli
+
+    sys.argv = [sys.argv[0], *overrides]
+    cli()
+
+
+if __name__ == "__main__":
+    main()
