@@ -6,6 +6,10 @@
 #
 # The run dir is computed here once (SORA_RUN_DIR, default runs/<timestamp>) so every rank
 # writes to the same place; set SORA_RUN_DIR yourself to resume a run in place.
+#
+# Signals: SIGUSR1 (SLURM's warning ahead of the time limit) is passed to the training
+# processes, which checkpoint at the next step and stop; SIGTERM and SIGINT go to torchrun,
+# which passes them on. Exit code 75 means "stopped on a signal after checkpointing: requeue".
 set -euo pipefail
 
 PYTHON=${PYTHON:-python3}
@@ -17,4 +21,22 @@ export SORA_RUN_DIR=${SORA_RUN_DIR:-runs/$(date +%Y-%m-%d_%H-%M-%S)}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 echo "run dir ${SORA_RUN_DIR}: ${NPROC} processes" >&2
-exec "${PYTHON}" -m torch.distributed.run --standalone --nproc-per-node "${NPROC}" -m sora_train.train "$@"
+started=$(date +%s)
+"${PYTHON}" -m torch.distributed.run --standalone --nproc-per-node "${NPROC}" -m sora_train.train "$@" &
+torchrun=$!
+# torchrun itself would die of SIGUSR1, so it goes to its children, the training processes.
+trap 'pkill -USR1 -P "${torchrun}" || true' USR1
+trap 'kill -TERM "${torchrun}" 2>/dev/null || true' TERM INT
+code=0
+while :; do
+  wait "${torchrun}" && code=0 || code=$?  # a trapped signal interrupts the wait (status > 128)
+  kill -0 "${torchrun}" 2>/dev/null || break
+done
+if [[ ${code} -gt 128 ]]; then  # interrupted just as torchrun ended: fetch its own status
+  wait "${torchrun}" && code=0 || code=$?
+fi
+# torchrun reports any worker's exit as 1; a preempted run leaves RUN_DIR/preempted.json.
+if [[ ${code} -ne 0 ]] && "${PYTHON}" -m sora_train.preemption "${SORA_RUN_DIR}" "${started}"; then
+  exit 75
+fi
+exit "${code}"

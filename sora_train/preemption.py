@@ -74,3 +74,7 @@ def requeue_slurm_job() -> bool:
     if result.returncode:
         print(f"scontrol requeue {job} failed: {result.stderr.strip()}", file=sys.stderr, flush=True)
     return result.returncode == 0
+
+
+if __name__ == "__main__":  # for launch scripts: exit 0 when RUN_DIR was preempted since SINCE
+    sys.exit(0 if was_preempted(sys.argv[1], float(sys.argv[2])) else 1)

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import hydra
@@ -22,7 +21,6 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
-from safetensors.torch import load_file
 
 from .checkpoint import (
     CheckpointInvalid,
@@ -32,28 +30,20 @@ from .checkpoint import (
     find_checkpoint,
     save_checkpoint,
 )
-from .checkpoint.resuming import (
-    check_model_fits,
-    config_changes,
-    load_engine_state,
-    read_rank_state,
-    read_trainer_state,
-    resumed_accumulation,
-)
-from .checkpoint.rng import capture_rng, reseed_rng, restore_rng
+from .checkpoint.resuming import check_model_fits, read_trainer_state, resumed_accumulation
 from .checkpoint.safe_load import UnsafeCheckpoint
+from .checkpoint.train_state import Resumed, TrainState
 from .checkpoint.universal import convert_to_universal
 from .config import (
     ConfigError,
     TrainConfig,
-    config_hash,
     micro_batch_size,
     register_schema,
     to_train_config,
     validate,
 )
 from .data.decode import to_unit_range
-from .data.loader import Batch, merge_counts, merge_loader_states
+from .data.loader import Batch, merge_counts
 from .data.recipe import build_loader
 from .data.storage import ShardError
 from .diffusion.flow import flow_loss, sample_timesteps
@@ -84,7 +74,7 @@ from .preemption import (
     requeue_slurm_job,
     was_preempted,
 )
-from .pretrained import EMA_WEIGHTS, inference_config
+from .pretrained import inference_config
 from .recipes import config_dir
 from .run_info import write_run_info
 
@@ -195,16 +185,6 @@ def train(cfg: TrainConfig) -> bool:
     return finished
 
 
-@dataclass
-class Resumed:
-    """Where training continues from: the step, and what the checkpoint holds beyond the engine."""
-
-    step: int = 0
-    wandb_id: str | None = None
-    passed_over: list[str] = field(default_factory=list)
-    config_changes: list[tuple[str, object, object]] = field(default_factory=list)
-
-
 def prepare_resume(cfg: TrainConfig, dist_info: DistInfo) -> tuple[Selection, dict | None, Path | None]:
     """Pick the checkpoint (verified by all ranks), adapt gradient accumulation to a new number of
     ranks, and convert the checkpoint for it (on rank 0). Returns the selection, its trainer
@@ -264,23 +244,12 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
     except ValueError as error:  # bad shards or data settings: one clear line, not a traceback
         raise ConfigError(str(error)) from error
     generator = torch.Generator().manual_seed(cfg.seed + 1000 * (rank + 1))
+    state = TrainState(engine, ema, guards, loader, generator)
 
-    resumed = Resumed(passed_over=selection.passed_over)
+    resumed = Resumed()
     if trainer_state is not None:
-        checkpoint = selection.directory
-        load_engine_state(engine, universal or checkpoint)
-        resumed.step, resumed.wandb_id = trainer_state["step"], trainer_state.get("wandb_id")
-        resumed.config_changes = config_changes(trainer_state["config"], asdict(cfg))
-        if universal is None:  # the same ranks: each continues its own streams exactly
-            rank_state = read_rank_state(checkpoint, rank)
-            loader.load_state_dict(rank_state["loader"])
-            restore_rng(rank_state["rng"], generator)
-        else:  # new ranks: the data plan is dealt again from every old rank's position
-            saved = [read_rank_state(checkpoint, r)["loader"] for r in range(trainer_state["world_size"])]
-            loader.load_state_dict(merge_loader_states(saved))
-            reseed_rng(cfg.seed, resumed.step, rank, generator)
-        ema.load_state_dict(load_file(str(checkpoint / EMA_WEIGHTS)), trainer_state["ema_updates"])
-        guards.load_state_dict(trainer_state["guards"])
+        resumed = state.restore(selection.directory, trainer_state, universal, cfg, rank)
+    resumed.passed_over = selection.passed_over
     step = resumed.step
     logger = MetricsLogger(cfg, step, resumed.wandb_id) if dist_info.is_main else None
     if logger:
@@ -292,12 +261,7 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
     preemption = PreemptionWatch().install()
 
     def save(at_step: int) -> Path:
-        trainer_state = {
-            "world_size": world, "grad_accum_steps": cfg.train.grad_accum_steps, "ema_updates": ema.updates,
-            "guards": guards.state_dict(), "wandb_id": logger.wandb_id if logger else None,
-            "config": asdict(cfg), "config_hash": config_hash(cfg),
-        }  # fmt: skip
-        rank_state = {"rng": capture_rng(generator), "loader": loader.state_dict()}
+        trainer_state, rank_state = state.capture(cfg, world, logger.wandb_id if logger else None)
         saved = save_checkpoint(
             engine, cfg.run_dir, dist_info, at_step, rank_state, trainer_state, ema.state_dict(),
             inference_config(cfg), cfg.checkpoint.keep_last, cfg.checkpoint.keep_every,

@@ -85,13 +85,28 @@ def test_two_process_run_checkpoints(two_process_run):
     assert list((two_process_run / "samples" / "step_0000008").glob("*.mp4"))
 
 
-def launch(corpus: Path, run_dir: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
-    """Start the reference run's configuration on 2 processes (sora-train starts torchrun) without waiting."""
+def launch(
+    corpus: Path, run_dir: Path, *extra: str, env: dict | None = None, script: bool = False
+) -> subprocess.Popen:
+    """Start the reference run's configuration on 2 processes without waiting: through sora-train
+    (which starts torchrun), or through launch/torchrun.sh with `script`."""
     log = (run_dir.parent / f"{run_dir.name}.log").open("a")
+    if script:
+        command = [str(REPO / "launch" / "torchrun.sh"), *run_args(corpus), *extra]
+        env = {"PYTHON": sys.executable, "NPROC": "2", "SORA_RUN_DIR": str(run_dir), **(env or {})}
+    else:
+        command = [
+            sys.executable,
+            "-m",
+            "sora_train.train",
+            *run_args(corpus),
+            "launch.nproc_per_node=2",
+            f"run_dir={run_dir}",
+            *extra,
+        ]
     return subprocess.Popen(
-        [sys.executable, "-m", "sora_train.train", *run_args(corpus), "launch.nproc_per_node=2", f"run_dir={run_dir}", *extra],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-    )  # fmt: skip
+        command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+    )
 
 
 def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 240) -> None:
@@ -157,7 +172,7 @@ def test_kill_9_of_a_rank_mid_run_then_resume_is_bitwise_exact(two_process_run, 
     assert_same_training(run_dir, two_process_run, range(5, 9))
 
 
-def test_sigusr1_checkpoints_at_the_next_step_then_requeues_and_the_relaunch_is_exact(
+def test_sigusr1_to_the_launch_script_checkpoints_at_the_next_step_requeues_and_the_relaunch_is_exact(
     two_process_run, corpus, tmp_path
 ):
     run_dir, bin_dir = tmp_path / "preempted", tmp_path / "bin"
@@ -165,14 +180,14 @@ def test_sigusr1_checkpoints_at_the_next_step_then_requeues_and_the_relaunch_is_
     (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
     (bin_dir / "scontrol").chmod(0o755)
     slurm = {"SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    process = launch(corpus, run_dir, "checkpoint.requeue=true", env=slurm)
+    process = launch(corpus, run_dir, "checkpoint.requeue=true", env=slurm, script=True)
     wait_for_step(run_dir, 2, process)
-    os.kill(trainer_pid(run_dir, rank=1), signal.SIGUSR1)  # one rank only: the ranks agree on it
+    process.send_signal(signal.SIGUSR1)  # to the launch script, as SLURM's --signal=B:USR1 does
     assert process.wait(timeout=120) == EXIT_PREEMPTED
 
     (preempted,) = [r for r in read_metrics(run_dir) if r.get("event") == "preempted"]
     stopped = preempted["step"]
-    assert 2 <= stopped < 8 and preempted["signals_by_rank"] == [None, signal.SIGUSR1]
+    assert 2 <= stopped < 8 and preempted["signals_by_rank"] == [signal.SIGUSR1] * 2
     assert max(by_step(run_dir)) == stopped  # no step after the agreed boundary
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == tag_for(stopped)
     assert (tmp_path / "scontrol.log").read_text().splitlines() == ["requeue 4242"]

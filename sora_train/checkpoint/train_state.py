@@ -1,0 +1,72 @@
+"""The training state a checkpoint carries beyond DeepSpeed's: EMA, guards, data position, RNG, run ids."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ..config import TrainConfig, config_hash
+from ..data.loader import VideoLoader, merge_loader_states
+from ..ema import EMA
+from ..guards import TrainingGuards
+from ..pretrained import EMA_WEIGHTS
+from .resuming import config_changes, load_engine_state, read_rank_state
+from .rng import capture_rng, reseed_rng, restore_rng
+
+
+@dataclass
+class Resumed:
+    """Where training continues from, and what the start reports."""
+
+    step: int = 0
+    wandb_id: str | None = None
+    passed_over: list[str] = field(default_factory=list)
+    config_changes: list[tuple[str, object, object]] = field(default_factory=list)
+
+
+@dataclass
+class TrainState:
+    """The live objects a checkpoint saves and restores, besides the step."""
+
+    engine: object  # deepspeed.DeepSpeedEngine
+    ema: EMA
+    guards: TrainingGuards
+    loader: VideoLoader
+    generator: torch.Generator
+
+    def capture(self, cfg: TrainConfig, world_size: int, wandb_id: str | None) -> tuple[dict, dict]:
+        """(trainer_state for trainer_state.json, this rank's state for rank_NNNNN.pt)."""
+        trainer_state = {
+            "world_size": world_size, "grad_accum_steps": cfg.train.grad_accum_steps, "ema_updates": self.ema.updates,
+            "guards": self.guards.state_dict(), "wandb_id": wandb_id, "config": asdict(cfg),
+            "config_hash": config_hash(cfg),
+        }  # fmt: skip
+        rank_state = {"rng": capture_rng(self.generator), "loader": self.loader.state_dict()}
+        return trainer_state, rank_state
+
+    def restore(
+        self, checkpoint: Path, trainer_state: dict, universal: Path | None, cfg: TrainConfig, rank: int
+    ) -> Resumed:
+        """Load everything from `checkpoint` (collective). With the same ranks each continues its own
+        RNG streams and data position exactly; with new ranks (`universal` given) the data plan is
+        dealt again from every old rank's position and the RNG streams start afresh from the step."""
+        load_engine_state(self.engine, universal or checkpoint)
+        step = trainer_state["step"]
+        if universal is None:
+            rank_state = read_rank_state(checkpoint, rank)
+            self.loader.load_state_dict(rank_state["loader"])
+            restore_rng(rank_state["rng"], self.generator)
+        else:
+            saved = [read_rank_state(checkpoint, r)["loader"] for r in range(trainer_state["world_size"])]
+            self.loader.load_state_dict(merge_loader_states(saved))
+            reseed_rng(cfg.seed, step, rank, self.generator)
+        self.ema.load_state_dict(load_file(str(checkpoint / EMA_WEIGHTS)), trainer_state["ema_updates"])
+        self.guards.load_state_dict(trainer_state["guards"])
+        return Resumed(
+            step=step,
+            wandb_id=trainer_state.get("wandb_id"),
+            config_changes=config_changes(trainer_state["config"], asdict(cfg)),
+        )
