@@ -23,6 +23,11 @@ the disk; `mincore` then counts the pages still resident, which is printed (0 % 
 worked). A resume reads each file twice, once for its checksum (from the disk) and once for the load
 (from the page cache the checksum just filled); the raw read reads each file once.
 
+Then the time the training loop is blocked by a save, with the commit inline (the save returns
+once committed) and in the background (`checkpoint.async_commit`, the default: the save returns
+once the files are written; fsync, checksums and commit run on a thread), interleaved over the
+same number of repeats, with the time until the checkpoint is committed beside it.
+
 Each repeat runs checkpoint save, raw write, (drop), checkpoint load, raw read, each into or from
 files the repeat wrote (the previous repeat's are deleted first, not timed); every figure is the median over `--repeats`, every ratio the median of
 the paired ratios. Target: checkpoint / raw >= 0.5 for save and for load. Breakdowns show where the
@@ -229,7 +234,9 @@ def save_once(engine: Any, cfg: TrainConfig, dist_info: DistInfo, ema: EMA) -> t
     arguments = (engine, cfg.run_dir, dist_info, STEP, rank_state, trainer_state, ema.state_dict())
 
     def work() -> None:
-        saved.append(saving.save_checkpoint(*arguments, inference_config(cfg), keep_last=0, keep_every=0))
+        saved.append(
+            saving.save_checkpoint(*arguments, inference_config(cfg), keep_last=0, keep_every=0).wait()
+        )
 
     with clock.patched(stages):
         run = timed_run(clock, 0, work)
@@ -387,6 +394,40 @@ def one_repeat(
     return {"save": (save, write), "load": (load, read)}, resident, directory
 
 
+def blocking_seconds(
+    cfg: TrainConfig, dist_info: DistInfo, engine: Any, ema: EMA, background: bool
+) -> tuple[float, float]:
+    """Seconds until `save_checkpoint` returns (training blocked), and until the save is committed."""
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)
+    trainer_state = {
+        "world_size": 1,
+        "grad_accum_steps": 1,
+        "ema_updates": ema.updates,
+        "config": asdict(cfg),
+    }
+    rank_state = {"rng": capture_rng(torch.Generator().manual_seed(cfg.seed))}
+    start = time.perf_counter()
+    pending = saving.save_checkpoint(
+        engine, cfg.run_dir, dist_info, STEP, rank_state, trainer_state, ema.state_dict(), inference_config(cfg),
+        background=background,
+    )  # fmt: skip
+    returned = time.perf_counter() - start
+    pending.wait()
+    return returned, time.perf_counter() - start
+
+
+def print_blocking(times: dict[bool, list[tuple[float, float]]]) -> None:
+    """The training loop's wait per save, with the commit inline and on a background thread."""
+    print("\n| save | training blocked s | committed after s |")
+    print("|---|---|---|")
+    for background, label in ((False, "commit inline"), (True, "commit in the background (default)")):
+        blocked = statistics.median(r for r, _ in times[background])
+        committed = statistics.median(c for _, c in times[background])
+        print(f"| {label} | {blocked:.2f} | {committed:.2f} |")
+    inline = statistics.median(r for r, _ in times[False])
+    print(f"blocking time, background / inline: {statistics.median(r for r, _ in times[True]) / inline:.2f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Build the engine, run the interleaved repeats, print the tables."""
     args = parse_args(argv)
@@ -434,6 +475,11 @@ def main(argv: list[str] | None = None) -> int:
             for side in results:
                 print_breakdown(f"{side}: checkpoint stage", results[side][0])
                 print_breakdown(f"{side}: raw stage", results[side][1])
+            times: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+            for _ in range(args.repeats):
+                for background in (False, True):
+                    times[background].append(blocking_seconds(cfg, dist_info, engine, ema, background))
+            print_blocking(times)
     finally:
         shutdown_distributed()
     return 0

@@ -134,6 +134,7 @@ class CheckpointConfig:
     keep_every: int = 0  # also keep checkpoints at multiples of this step (0: none)
     verify: str = "checksum"  # how resume checks files against the manifest: checksum | size (faster)
     requeue: bool = False  # on preemption under SLURM, also run `scontrol requeue $SLURM_JOB_ID`
+    async_commit: bool = True  # flush, checksum and commit periodic saves on a thread while training goes on
 
 
 @dataclass

@@ -24,11 +24,14 @@ from omegaconf import DictConfig
 
 from .checkpoint import (
     CheckpointInvalid,
+    CheckpointSaveFailed,
     CheckpointStore,
+    PendingSave,
     Selection,
     checkpoint_root,
     find_checkpoint,
     save_checkpoint,
+    step_of,
 )
 from .checkpoint.resuming import check_model_fits, read_trainer_state, resumed_accumulation
 from .checkpoint.safe_load import UnsafeCheckpoint
@@ -260,20 +263,31 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
     batches = iter(loader)
     preemption = PreemptionWatch().install()
 
-    def save(at_step: int) -> Path:
+    store = CheckpointStore(checkpoint_root(cfg.run_dir))
+    pending: list[PendingSave] = []  # at most one save still committing in the background
+
+    def finish_saving() -> None:
+        """Wait for the save in flight (this rank's part; on rank 0 the commit) and log it."""
+        while pending:
+            directory = pending.pop().wait()
+            if logger:
+                logger.log_event("checkpoint", step_of(directory), {"path": str(directory)})
+
+    def save(at_step: int, background: bool = False) -> Path:
+        finish_saving()
         trainer_state, rank_state = state.capture(cfg, world, logger.wandb_id if logger else None)
-        saved = save_checkpoint(
+        pending.append(save_checkpoint(
             engine, cfg.run_dir, dist_info, at_step, rank_state, trainer_state, ema.state_dict(),
-            inference_config(cfg), cfg.checkpoint.keep_last, cfg.checkpoint.keep_every,
-        )  # fmt: skip
-        if logger:
-            logger.log_event("checkpoint", at_step, {"path": str(saved)})
-        return saved
+            inference_config(cfg), cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, background,
+        ))  # fmt: skip
+        if not background:
+            finish_saving()
+        return store.final_dir(at_step)
 
     def stop_for_preemption(at_step: int, already_saved: bool) -> None:
         """Checkpoint (unless this step just was), leave the marker, ask SLURM to requeue (collective)."""
         signals = all_gather_objects(preemption.signal)  # which ranks were told, for the record
-        store = CheckpointStore(checkpoint_root(cfg.run_dir))
+        finish_saving()
         saved = store.final_dir(at_step) if already_saved else save(at_step)
         if logger:
             logger.log_event("preempted", at_step, {"signals_by_rank": signals, "checkpoint": str(saved)})
@@ -321,8 +335,10 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
                 logger.log_event(kind, step, {"loss": loss, **guards.state_dict()})
         if verdict.stop:
             raise TrainingDiverged(guards.diverged_message(step))
+        if pending and pending[0].done:
+            finish_saving()
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-            save(step)
+            save(step, background=cfg.checkpoint.async_commit)
             last_saved = step
         if any_rank(preemption.requested, device):
             stop_for_preemption(step, already_saved=last_saved == step)
@@ -334,6 +350,7 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
             barrier()
     preemption.uninstall()
 
+    finish_saving()
     if cfg.checkpoint.save_final and last_saved != step:
         save(step)
     skipped = merge_counts(all_gather_objects(loader.skip_counts()))
@@ -422,6 +439,9 @@ def _hydra_main(dict_cfg: DictConfig) -> None:
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(3)
+    except CheckpointSaveFailed as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def precheck_overrides(overrides: list[str]) -> str | None:

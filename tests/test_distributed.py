@@ -233,6 +233,7 @@ def test_a_nan_on_one_rank_skips_the_step_on_both(corpus, tmp_path):
         "train.max_steps=4",
         "checkpoint.every=1",
         "checkpoint.keep_last=0",
+        "checkpoint.async_commit=false",
         f"run_dir={run_dir}",
     ]
     assert_ok(run_torchrun(2, SCRIPTS / "faulty_train.py", "nan", "1", "3", *args))

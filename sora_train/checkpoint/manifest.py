@@ -18,6 +18,9 @@ from pathlib import Path
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+PART_PREFIX = (
+    ".part-"  # a rank's share of the manifest during a background commit, never part of a checkpoint
+)
 _CHUNK = 8 << 20
 _THREADS = min(8, os.cpu_count() or 1)
 
@@ -45,11 +48,11 @@ def fsync_path(path: Path) -> None:
 
 
 def list_files(directory: Path) -> list[str]:
-    """Every regular file under `directory` except the manifest, as sorted relative POSIX paths."""
+    """Every regular file under `directory` except the manifest (and its parts), as sorted relative POSIX paths."""
     return sorted(
         path.relative_to(directory).as_posix()
         for path in directory.rglob("*")
-        if path.is_file() and path.name != MANIFEST
+        if path.is_file() and path.name != MANIFEST and not path.name.startswith(PART_PREFIX)
     )
 
 

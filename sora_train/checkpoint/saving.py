@@ -11,13 +11,17 @@ Layout of a committed RUN_DIR/checkpoints/step_XXXXXXX/:
 from __future__ import annotations
 
 import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..parallel.dist import DistInfo, all_gather_objects, barrier
 from ..pretrained import EMA_WEIGHTS, InferenceConfig, save_weights, write_config
-from .manifest import describe_files, list_files, write_manifest
+from .manifest import PART_PREFIX, describe_files, fsync_path, list_files, write_manifest
 from .store import CheckpointStore, checkpoint_root
 
 TRAINER_STATE = "trainer_state.json"
@@ -26,6 +30,34 @@ TRAINER_STATE = "trainer_state.json"
 def rank_file(rank: int) -> str:
     """This rank's RNG and loader state file."""
     return f"rank_{rank:05d}.pt"
+
+
+class CheckpointSaveFailed(RuntimeError):
+    """The background part of a save failed; the checkpoint was not committed."""
+
+
+@dataclass
+class PendingSave:
+    """A save whose flush, checksums and commit may still be running on a background thread."""
+
+    directory: Path  # where the checkpoint is once committed
+    thread: threading.Thread | None = None
+    errors: list[BaseException] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return self.thread is None or not self.thread.is_alive()
+
+    def wait(self) -> Path:
+        """Block until this rank's part is finished (on rank 0: the commit); re-raise its failure."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.errors:
+            raise CheckpointSaveFailed(
+                f"saving {self.directory.name} failed: {self.errors[0]}"
+            ) from self.errors[0]
+        return self.directory
 
 
 def save_checkpoint(
@@ -39,12 +71,17 @@ def save_checkpoint(
     inference: InferenceConfig,
     keep_last: int = 0,
     keep_every: int = 0,
-) -> Path:
-    """Save on every rank (collective); returns the committed checkpoint directory.
+    background: bool = False,
+) -> PendingSave:
+    """Save on every rank (collective).
 
     Every rank writes into a staging directory; each then flushes and checksums its share of
     the files; rank 0 writes the manifest, renames the directory into place, moves `latest`
     and prunes old checkpoints. A crash at any point leaves the previous checkpoints intact.
+
+    The writing is done when this returns. With `background`, the flush, checksums and commit
+    continue on a thread while training goes on (ranks hand their checksums to rank 0 through
+    files instead of a collective); `wait()` on the result before the next save and before exit.
     """
     store = CheckpointStore(checkpoint_root(run_dir))
     staging = store.staging_dir(step)
@@ -58,12 +95,56 @@ def save_checkpoint(
         write_config(staging, inference)
         (staging / TRAINER_STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=2) + "\n")
     barrier()
-    names = list_files(staging)
-    shares = all_gather_objects(describe_files(staging, names[dist_info.rank :: dist_info.world_size]))
-    if dist_info.is_main:
-        files = {name: entry for share in shares for name, entry in share.items()}
-        write_manifest(staging, files, step=step, world_size=dist_info.world_size)
-        store.commit(step)
-        store.prune(keep_last, keep_every)
-    barrier()
-    return store.final_dir(step)
+    share = list_files(staging)[dist_info.rank :: dist_info.world_size]
+    pending = PendingSave(store.final_dir(step))
+    if not background:
+        shares = all_gather_objects(describe_files(staging, share))
+        if dist_info.is_main:
+            files = {name: entry for part in shares for name, entry in part.items()}
+            _commit(store, step, files, dist_info.world_size, keep_last, keep_every)
+        barrier()
+        return pending
+
+    def finish() -> None:
+        try:
+            write_part(staging, dist_info.rank, describe_files(staging, share))
+            if dist_info.is_main:
+                files = gather_parts(staging, dist_info.world_size)
+                _commit(store, step, files, dist_info.world_size, keep_last, keep_every)
+        except BaseException as error:  # reported by wait(), on the training thread
+            pending.errors.append(error)
+
+    pending.thread = threading.Thread(target=finish, name=f"commit-{staging.name}")
+    pending.thread.start()
+    return pending
+
+
+def _commit(
+    store: CheckpointStore, step: int, files: dict, world_size: int, keep_last: int, keep_every: int
+) -> None:
+    write_manifest(store.staging_dir(step), files, step=step, world_size=world_size)
+    store.commit(step)
+    store.prune(keep_last, keep_every)
+
+
+def write_part(staging: Path, rank: int, files: dict) -> None:
+    """This rank's share of the manifest, published with one rename."""
+    partial = staging / f"{PART_PREFIX}{rank:05d}.tmp"
+    partial.write_text(json.dumps(files))
+    fsync_path(partial)
+    os.replace(partial, staging / f"{PART_PREFIX}{rank:05d}.json")
+
+
+def gather_parts(staging: Path, world_size: int, timeout: float = 3600.0) -> dict:
+    """Every rank's share of the manifest once all are there (polled); the part files are removed."""
+    paths = [staging / f"{PART_PREFIX}{rank:05d}.json" for rank in range(world_size)]
+    deadline = time.monotonic() + timeout
+    while not all(path.exists() for path in paths):
+        if time.monotonic() > deadline:
+            missing = [path.name for path in paths if not path.exists()]
+            raise TimeoutError(f"no checksums from {', '.join(missing)} after {timeout:.0f}s")
+        time.sleep(0.05)
+    files = {name: entry for path in paths for name, entry in json.loads(path.read_text()).items()}
+    for path in paths:
+        path.unlink()
+    return files
