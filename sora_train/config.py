@@ -142,9 +142,7 @@ class GuardConfig:
     """Training-health guards: non-finite steps are skipped on all ranks; loss spikes are logged."""
 
     max_consecutive_skips: int = 5  # stop the run after this many skipped steps in a row (0: never)
-    spike_zscore: float = (
-        6.0  # a loss this many running standard deviations above the running mean is a spike
-    )
+    spike_zscore: float = 6.0  # a spike: a loss this many running std above the running mean
     spike_warmup: int = 50  # steps of statistics before spikes are flagged
 
 

@@ -199,7 +199,7 @@ def prepare_resume(cfg: TrainConfig, dist_info: DistInfo) -> tuple[Selection, di
     cfg.train.grad_accum_steps = resumed_accumulation(trainer_state, cfg, dist_info.world_size)
     if trainer_state["world_size"] == dist_info.world_size:
         return selection, trainer_state, None
-    universal = CheckpointStore(selection.directory.parent).universal_dir(trainer_state["step"])
+    universal = CheckpointStore(checkpoint_root(cfg.run_dir)).universal_dir(trainer_state["step"])
     if dist_info.is_main:
         print(
             f"{selection.directory.name} was saved by {trainer_state['world_size']} ranks; converting it for "
