@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Train on one node with torchrun: one process per GPU (or NPROC processes on CPU).
+# Train with torchrun on this node: one process per GPU (or NPROC processes on CPU).
 #
 #   launch/torchrun.sh [overrides...]            e.g. launch/torchrun.sh experiment=demo train.max_steps=2000
 #   NPROC=2 launch/torchrun.sh model=S data=shards data.train=/data/train
 #
 # The run dir is computed here once (SORA_RUN_DIR, default runs/<timestamp>) so every rank
 # writes to the same place; set SORA_RUN_DIR yourself to resume a run in place.
+#
+# One of several nodes (launch/slurm.sbatch runs this on each): NNODES and RDZV_ENDPOINT=host:port
+# of the first node (RDZV_ID names the job) switch from --standalone to a c10d rendezvous.
 #
 # Signals: SIGUSR1 (SLURM's warning ahead of the time limit) is passed to the training
 # processes, which checkpoint at the next step and stop; SIGTERM and SIGINT go to torchrun,
@@ -20,9 +23,17 @@ fi
 export SORA_RUN_DIR=${SORA_RUN_DIR:-runs/$(date +%Y-%m-%d_%H-%M-%S)}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
-echo "run dir ${SORA_RUN_DIR}: ${NPROC} processes" >&2
+if [[ -n "${NNODES:-}" ]]; then
+  # c10d deals the ranks itself; NODE_RANK only names this node in the log
+  rendezvous=(--nnodes "${NNODES}" --rdzv-backend c10d --rdzv-id "${RDZV_ID:-sora_train}"
+    --rdzv-endpoint "${RDZV_ENDPOINT:?RDZV_ENDPOINT=host:port is needed with NNODES}")
+  echo "run dir ${SORA_RUN_DIR}: node ${NODE_RANK:-?} of ${NNODES}, ${NPROC} processes" >&2
+else
+  rendezvous=(--standalone)
+  echo "run dir ${SORA_RUN_DIR}: ${NPROC} processes" >&2
+fi
 started=$(date +%s)
-"${PYTHON}" -m torch.distributed.run --standalone --nproc-per-node "${NPROC}" -m sora_train.train "$@" &
+"${PYTHON}" -m torch.distributed.run "${rendezvous[@]}" --nproc-per-node "${NPROC}" -m sora_train.train "$@" &
 torchrun=$!
 # torchrun itself would die of SIGUSR1, so it goes to its children, the training processes.
 trap 'pkill -USR1 -P "${torchrun}" || true' USR1

@@ -19,12 +19,14 @@ from safetensors.torch import load_file
 from sora_train.checkpoint.safe_load import weights_only_loads
 from sora_train.checkpoint.store import tag_for
 from sora_train.metrics import read_metrics
+from sora_train.parallel.dist import free_port
 from sora_train.preemption import EXIT_PREEMPTED
 
 from .conftest import FAST, REPO, assert_ok, run_module, run_torchrun, run_train
 
 pytestmark = pytest.mark.distributed
 SCRIPTS = Path(__file__).parent / "scripts"
+FAKE_SLURM = Path(__file__).parent / "fake_slurm"  # sbatch, srun, scontrol stand-ins
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
@@ -196,6 +198,40 @@ def test_sigusr1_to_the_launch_script_checkpoints_at_the_next_step_requeues_and_
     resumed = run_train(*run_args(corpus), "launch.nproc_per_node=2", f"run_dir={run_dir}")
     assert_ok(resumed)
     assert f"at step {stopped}" in resumed.stdout and not (run_dir / "preempted.json").exists()
+    assert_same_training(run_dir, two_process_run, range(stopped + 1, 9))
+
+
+def test_slurm_script_on_two_fake_nodes_preempts_requeues_once_and_the_requeued_job_resumes(
+    two_process_run, corpus, tmp_path
+):
+    """launch/slurm.sbatch under stand-ins for sbatch, srun and scontrol: 2 "nodes" × 1 process here."""
+    log = tmp_path / "slurm.log"
+    env = {
+        **os.environ, "PATH": f"{FAKE_SLURM}{os.pathsep}{os.environ['PATH']}", "FAKE_SLURM_LOG": str(log),
+        "FAKE_SLURM_JOB_ID": "777", "PYTHON": sys.executable, "NPROC": "1", "RDZV_PORT": str(free_port()),
+        "SORA_LAUNCHER": str(REPO / "launch" / "torchrun.sh"),
+    }  # fmt: skip
+    # one thread per process, as in the reference (2 processes on 2 cores): the same arithmetic, bit for bit
+    overrides = [*run_args(corpus), "train.threads_per_rank=1"]
+    command = ["sbatch", "--nodes=2", str(REPO / "launch" / "slurm.sbatch"), *overrides]
+    run_dir = tmp_path / "runs" / "slurm-777"  # the job id's run dir, the same after the requeue
+    with (tmp_path / "job.out").open("w") as out:
+        job = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+        wait_for_step(run_dir, 2, job)
+        job.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@N does: the batch script gets it
+        assert job.wait(timeout=180) == EXIT_PREEMPTED, (tmp_path / "job.out").read_text()[-3000:]
+    (preempted,) = [r for r in read_metrics(run_dir) if r.get("event") == "preempted"]
+    stopped = preempted["step"]
+    assert preempted["signals_by_rank"] == [signal.SIGUSR1] * 2 and max(by_step(run_dir)) == stopped
+    calls = log.read_text().splitlines()
+    assert calls[:2] == [f"sbatch --nodes=2 {REPO / 'launch' / 'slurm.sbatch'}", calls[1]]
+    assert calls[1].startswith("srun 2 tasks: bash -c")
+    assert [c for c in calls if c.startswith("scontrol")] == ["scontrol requeue 777"]  # exactly one
+
+    requeued = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert requeued.returncode == 0, requeued.stdout[-3000:] + requeued.stderr[-3000:]
+    assert f"at step {stopped}" in requeued.stdout
+    assert [c for c in log.read_text().splitlines() if c.startswith("scontrol")] == ["scontrol requeue 777"]
     assert_same_training(run_dir, two_process_run, range(stopped + 1, 9))
 
 
