@@ -148,9 +148,21 @@ class GuardConfig:
 
 @dataclass
 class ParallelConfig:
-    """Data-parallel sharding with DeepSpeed ZeRO."""
+    """Data-parallel sharding with DeepSpeed ZeRO. Recipes: configs/parallel/zero1|zero2|zero3|zero3_offload."""
 
     zero_stage: int = 2
+    offload_optimizer: bool = False  # optimizer states (and its step) in CPU memory
+    offload_params: bool = False  # parameters in CPU memory between uses (ZeRO-3 only)
+    overlap_comm: str = (
+        "auto"  # overlap gradient reduction with the backward pass: auto (on GPU) | true | false
+    )
+    reduce_bucket_size: int = 50_000_000  # elements per gradient reduction
+    allgather_bucket_size: int = 50_000_000  # elements per parameter all-gather (ZeRO-1/2)
+    prefetch_bucket_size: int = 50_000_000  # elements of parameters fetched ahead (ZeRO-3)
+    param_persistence_threshold: int = (
+        100_000  # parameters smaller than this stay whole on every rank (ZeRO-3)
+    )
+    max_live_parameters: int = 1_000_000_000  # gathered parameter elements kept at once (ZeRO-3)
 
 
 @dataclass
@@ -280,6 +292,12 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {train.precision!r}")
     if cfg.parallel.zero_stage not in (1, 2, 3):
         raise ConfigError(f"parallel.zero_stage must be 1, 2 or 3, got {cfg.parallel.zero_stage}")
+    if cfg.parallel.offload_params and cfg.parallel.zero_stage != 3:
+        raise ConfigError("parallel.offload_params needs parallel.zero_stage=3 (use parallel=zero3_offload)")
+    if cfg.parallel.overlap_comm not in ("auto", "true", "false"):
+        raise ConfigError(
+            f"parallel.overlap_comm must be auto, true or false, got {cfg.parallel.overlap_comm!r}"
+        )
     if cfg.wandb.mode not in ("auto", "online", "offline", "disabled"):
         raise ConfigError(f"wandb.mode must be auto, online, offline or disabled, got {cfg.wandb.mode!r}")
     _validate_buckets(cfg)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ..config import TrainConfig, micro_batch_size
+from ..config import ParallelConfig, TrainConfig, micro_batch_size
 
 
 def use_bf16(cfg: TrainConfig) -> bool:
@@ -31,28 +31,58 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, load_universal: bool = F
         "gradient_accumulation_steps": cfg.train.grad_accum_steps,
         "gradient_clipping": cfg.train.grad_clip,
         "bf16": {"enabled": use_bf16(cfg), "check_grad_overflow": True},
-        "zero_optimization": {
-            "stage": cfg.parallel.zero_stage,
-            "overlap_comm": on_gpu,
-            "contiguous_gradients": True,
-            "reduce_bucket_size": 50_000_000,
-            "allgather_bucket_size": 50_000_000,
-        },
+        "zero_optimization": zero_config(cfg.parallel, on_gpu),
         "checkpoint": {"load_universal": load_universal},
         "zero_allow_untested_optimizer": True,
+        # Offloading with torch's AdamW (on a machine without a GPU): allowed, if slower than DeepSpeed's.
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
 
 
+def zero_config(parallel: ParallelConfig, on_gpu: bool) -> dict:
+    """DeepSpeed's `zero_optimization` section for the ZeRO stage, offload and bucket settings."""
+    overlap = on_gpu if parallel.overlap_comm == "auto" else parallel.overlap_comm == "true"
+    section = {
+        "stage": parallel.zero_stage,
+        "overlap_comm": overlap,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": parallel.reduce_bucket_size,
+    }
+    if parallel.offload_optimizer:
+        section["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if parallel.zero_stage < 3:
+        section["allgather_bucket_size"] = parallel.allgather_bucket_size
+        return section
+    section.update({
+        "stage3_prefetch_bucket_size": parallel.prefetch_bucket_size,
+        "stage3_param_persistence_threshold": parallel.param_persistence_threshold,
+        "stage3_max_live_parameters": parallel.max_live_parameters,
+    })  # fmt: skip
+    if parallel.offload_params:
+        section["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    return section
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (not on norms, biases or 1-D parameters)."""
+    """AdamW; weight decay on matrices only (not on norms, biases or 1-D parameters).
+
+    With the optimizer offloaded next to a GPU, DeepSpeed's vectorised CPU Adam (AdamW mode)
+    does the step; otherwise torch's (fused on a GPU).
+    """
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [
         {"params": decay, "weight_decay": cfg.optim.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if cfg.parallel.offload_optimizer and torch.cuda.is_available():
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(
+            groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, adamw_mode=True
+        )
     return torch.optim.AdamW(
         groups,
         lr=cfg.optim.lr,
