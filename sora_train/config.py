@@ -183,8 +183,12 @@ class WandbConfig:
 
 @dataclass
 class EvalConfig:
-    """The synthetic task's prompt-following evaluation, run at the end of training."""
+    """Validation loss on data.val, and the synthetic task's prompt-following evaluation at the end."""
 
+    validate: bool = True  # flow-matching loss on data.val (when set) at the end of training, per bucket
+    val_every: int = 0  # also every this many steps (0: only at the end)
+    val_batches: int = 0  # batches per rank per validation (0: the whole split)
+    val_timesteps: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
     synthetic: bool = False
     num_prompts: int = 48
     batch_size: int = 16
@@ -313,6 +317,12 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         raise ConfigError("data.num_workers must be >= 0, data.frame_stride and data.num_frames >= 1")
     if not 0.0 <= data.caption_dropout < 1.0:
         raise ConfigError(f"data.caption_dropout must be in [0, 1), got {data.caption_dropout}")
+    if (
+        cfg.eval.val_every < 0
+        or cfg.eval.val_batches < 0
+        or not all(0 < t < 1 for t in cfg.eval.val_timesteps)
+    ):
+        raise ConfigError("eval.val_every and eval.val_batches must be >= 0, eval.val_timesteps in (0, 1)")
     if cfg.checkpoint.every < 0:
         raise ConfigError(
             f"checkpoint.every must be >= 0 (0: no periodic checkpoints), got {cfg.checkpoint.every}"

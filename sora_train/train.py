@@ -51,6 +51,7 @@ from .data.recipe import build_loader
 from .data.storage import ShardError
 from .diffusion.flow import flow_loss, sample_timesteps
 from .ema import EMA
+from .eval.validation import loss_sums, merge_sums, one_pass
 from .generate import generate_videos, save_clips
 from .guards import TrainingDiverged, TrainingGuards
 from .metrics import MetricsLogger, keys_hash
@@ -242,8 +243,11 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
     )
     latent_space = build_latent_space(cfg.model.latent_space, cfg.model.vae_path, device)
     precomputed = cfg.data.name == "latents"  # latent shards from `sora-prep encode`: no decoding, no VAE
+    validating = cfg.eval.validate and cfg.data.val is not None
     try:
         loader = build_loader(cfg, rank, world, latent_space, micro_batch_size(cfg, world))
+        if validating:  # indexes the held-out split now, so a bad one fails before training
+            build_loader(cfg, rank, world, latent_space, micro_batch_size(cfg, world), split="val")
     except ValueError as error:  # bad shards or data settings: one clear line, not a traceback
         raise ConfigError(str(error)) from error
     generator = torch.Generator().manual_seed(cfg.seed + 1000 * (rank + 1))
@@ -262,6 +266,19 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
     patch = tuple(cfg.model.patch_size)
     batches = iter(loader)
     preemption = PreemptionWatch().install()
+
+    def validate(at_step: int) -> None:
+        """Validation loss on data.val with the EMA weights (collective); a `validation` event."""
+        held_out = build_loader(cfg, rank, world, latent_space, micro_batch_size(cfg, world), split="val")
+        sums = loss_sums(
+            ema_model(ema, cfg, device), one_pass(held_out, cfg.eval.val_batches), prompts,
+            None if precomputed else latent_space, cfg.eval.val_timesteps, cfg.seed, dtype,
+        )  # fmt: skip
+        means = merge_sums(all_gather_objects(sums))
+        if logger:
+            logger.log_event(
+                "validation", at_step, {"val_loss": means.get("all"), "val_loss_by_bucket": means}
+            )
 
     store = CheckpointStore(checkpoint_root(cfg.run_dir))
     pending: list[PendingSave] = []  # at most one save still committing in the background
@@ -343,6 +360,13 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
         if any_rank(preemption.requested, device):
             stop_for_preemption(step, already_saved=last_saved == step)
             return False
+        if (
+            validating
+            and cfg.eval.val_every
+            and step % cfg.eval.val_every == 0
+            and step < cfg.train.max_steps
+        ):
+            validate(step)
         if cfg.train.sample_every and step % cfg.train.sample_every == 0 and step < cfg.train.max_steps:
             if logger:
                 paths = write_samples(ema_model(ema, cfg, device), cfg, step)
@@ -353,6 +377,8 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
     finish_saving()
     if cfg.checkpoint.save_final and last_saved != step:
         save(step)
+    if validating:
+        validate(step)
     skipped = merge_counts(all_gather_objects(loader.skip_counts()))
     final_model = ema_model(ema, cfg, device)
     if logger:

@@ -63,13 +63,19 @@ def run_args(corpus: Path) -> list[str]:
     return [
         *FAST, f"data.train={corpus / 'train'}", f"data.val={corpus / 'val'}", "parallel.zero_stage=2", "train.max_steps=8", "checkpoint.every=4",
         "train.global_batch_size=4", "train.sample_prompts=[a red square moving left on a black background]",
-        f"data.buckets={Path(__file__).parent / 'buckets_tiny.yaml'}", "data.tokens_per_batch=96", "train.log_keys=true",
+        f"data.buckets={Path(__file__).parent / 'buckets_tiny.yaml'}", "data.tokens_per_batch=96", "train.log_keys=true", "eval.val_every=4",
     ]  # fmt: skip
 
 
 def test_two_process_run_checkpoints(two_process_run):
     rows = [r for r in read_metrics(two_process_run) if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, 9))
+    validations = [r for r in read_metrics(two_process_run) if r.get("event") == "validation"]
+    assert [r["step"] for r in validations] == [4, 8]  # every 4 steps and at the end
+    by_bucket = validations[-1]["val_loss_by_bucket"]
+    assert sorted(by_bucket) == ["4x16x16", "4x16x24", "4x24x16", "all"]
+    assert min(by_bucket.values()) <= by_bucket["all"] <= max(by_bucket.values())
+    assert validations[-1]["val_loss"] < validations[0]["val_loss"]  # the held-out loss falls
     (index,) = [r for r in read_metrics(two_process_run) if r.get("event") == "data_index"]
     assert index["batch_size_by_bucket"] == {"4x16x16": 3, "4x16x24": 2, "4x24x16": 2}
     assert sum(index["samples_by_bucket"].values()) == 64 and len(index["samples_by_bucket"]) == 3
@@ -145,6 +151,11 @@ def assert_same_training(run: Path, reference: Path, steps: range) -> None:
     for step in steps:
         assert mine[step]["batch_hash"] == theirs[step]["batch_hash"], step
         assert mine[step]["loss"] == theirs[step]["loss"], step
+
+    def final_validation(run_dir: Path) -> dict:
+        return [r for r in read_metrics(run_dir) if r.get("event") == "validation"][-1]
+
+    assert final_validation(run)["val_loss_by_bucket"] == final_validation(reference)["val_loss_by_bucket"]
     final = tag_for(steps.stop - 1)
     for name in (
         "ema.safetensors",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,9 +31,13 @@ def tokens_per_sample(bucket: Bucket, latent_space: LatentSpace, patch_size: tup
 
 
 def build_loader(
-    cfg: TrainConfig, rank: int, world: int, latent_space: LatentSpace, micro_batch: int
+    cfg: TrainConfig, rank: int, world: int, latent_space: LatentSpace, micro_batch: int, split: str = "train"
 ) -> VideoLoader:
-    """The loader of data-parallel rank `rank` of `world` for this run (raises ValueError on bad data settings)."""
+    """The loader of data-parallel rank `rank` of `world` for this run (raises ValueError on bad data settings).
+
+    `split="val"` reads data.val the same way, but always in the same order: no shuffle, centred
+    clips, no images, decoded in this process.
+    """
     data = cfg.data
     table = bucket_table(data)
     patch = tuple(cfg.model.patch_size)
@@ -60,6 +65,9 @@ def build_loader(
         worker_max_tasks=data.worker_max_tasks,
         cache_dir=Path(data.cache_dir) if data.cache_dir else None,
     )
+    if split == "val":
+        settings = replace(settings, shuffle_window=1, window="center", image_ratio=0.0, num_workers=0)
+        return VideoLoader([resolve_shards(data.val, data.allow_pipe)], settings, rank, world)
     sources = [resolve_shards(data.train, data.allow_pipe)]
     if data.images is not None:
         sources.append(resolve_shards(data.images, data.allow_pipe))

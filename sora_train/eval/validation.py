@@ -1,0 +1,85 @@
+"""Validation loss: the flow-matching loss on the held-out split at fixed timesteps, per bucket.
+
+The same clips, timesteps and noise every time (each clip's noise is seeded by its key), so
+values are comparable across evaluations, runs of a sweep and numbers of ranks. The model is
+a plain module (the EMA weights), so ranks need not see the same number of batches.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable, Iterator
+
+import torch
+from einops import reduce
+from torch import nn
+
+from ..data.decode import to_unit_range
+from ..data.loader import Batch
+from ..diffusion.flow import interpolate, velocity_target
+from ..models.prompts import PromptEncoder
+from ..models.vae import LatentSpace
+
+
+def clip_noise(keys: list[str], shape: torch.Size, seed: int) -> torch.Tensor:
+    """(B, ...) standard normal noise, each clip's drawn from a generator seeded by its key."""
+    return torch.stack([
+        torch.randn(shape[1:], generator=torch.Generator().manual_seed(seed + zlib.crc32(key.encode())))
+        for key in keys
+    ])  # fmt: skip
+
+
+@torch.no_grad()
+def loss_sums(
+    model: nn.Module, batches: Iterable[Batch], prompts: PromptEncoder, latent_space: LatentSpace | None,
+    timesteps: list[float], seed: int, dtype: torch.dtype,
+) -> dict[str, list[float]]:  # fmt: skip
+    """{bucket: [sum over clips of the loss averaged over `timesteps`, clips]} for this rank's batches.
+
+    `latent_space` None: the batches already hold latents.
+    """
+    sums: dict[str, list[float]] = {}
+    device = next(model.parameters()).device
+    for batch in batches:
+        x0 = batch["x"].to(device)  # (B, C, F, H, W) uint8 pixels or float latents
+        x0 = to_unit_range(x0, dtype) if x0.dtype == torch.uint8 else x0.to(dtype)
+        if latent_space is not None:
+            x0 = latent_space.encode(x0).to(dtype)
+        if "text" in batch and not prompts.learned:
+            text, mask = batch["text"].to(device, dtype), batch["text_mask"].to(device)
+        else:
+            text, mask = (tensor.to(device) for tensor in prompts(batch["caption"]))
+        noise = clip_noise(batch["key"], x0.shape, seed).to(device, dtype)
+        target = velocity_target(x0, noise).float()
+        per_clip = torch.zeros(x0.shape[0], device=device)
+        for value in timesteps:
+            t = torch.full((x0.shape[0],), value, device=device, dtype=dtype)
+            velocity = model(interpolate(x0, noise, t).to(dtype), t, text, mask).float()
+            per_clip += reduce((velocity - target) ** 2, "b ... -> b", "mean")  # flow_loss, per clip
+        bucket = sums.setdefault(batch["bucket"], [0.0, 0])
+        bucket[0] += float(per_clip.sum()) / len(timesteps)
+        bucket[1] += x0.shape[0]
+    return sums
+
+
+def one_pass(batches: Iterable[Batch], limit: int = 0) -> Iterator[Batch]:
+    """The first epoch of a loader's batches, or its first `limit` batches (0: no limit)."""
+    for count, batch in enumerate(batches):
+        if batch["epoch"] > 0 or (limit and count >= limit):
+            return
+        yield batch
+
+
+def merge_sums(per_rank: list[dict[str, list[float]]]) -> dict[str, float]:
+    """Mean loss per bucket and overall ("all", weighted by clips) from every rank's `loss_sums`."""
+    total: dict[str, list[float]] = {}
+    for sums in per_rank:
+        for bucket, (loss, clips) in sums.items():
+            entry = total.setdefault(bucket, [0.0, 0])
+            entry[0] += loss
+            entry[1] += clips
+    means = {bucket: loss / clips for bucket, (loss, clips) in sorted(total.items()) if clips}
+    clips = sum(count for _, count in total.values())
+    if clips:
+        means["all"] = sum(loss for loss, _ in total.values()) / clips
+    return means
