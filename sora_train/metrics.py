@@ -27,6 +27,12 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     )
 
 
+def final_validation_loss(run_dir: str | Path) -> float | None:
+    """The last validation loss a run logged (None when it has none)."""
+    losses = [row["val_loss"] for row in read_metrics(run_dir) if row.get("event") == "validation"]
+    return losses[-1] if losses and losses[-1] is not None else None
+
+
 def wandb_mode(mode: str) -> str:
     """auto -> online when an API key is configured, offline otherwise."""
     if mode != "auto":

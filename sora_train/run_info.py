@@ -16,6 +16,8 @@ from omegaconf import OmegaConf
 
 from .config import TrainConfig
 
+RUN_INFO = "run_info.json"
+
 PACKAGES = (
     "sora-train",
     "torch",
@@ -76,6 +78,14 @@ def hardware(world_size: int) -> dict:
     return info
 
 
+def job_overrides() -> list[str]:
+    """This job's command-line overrides (one job of a sweep has only its own), without run_dir."""
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else sys.argv[1:]
+    return [override for override in overrides if not override.startswith("run_dir=")]
+
+
 def write_run_info(cfg: TrainConfig, world_size: int) -> None:
     """Write RUN_DIR/config.yaml (resolved) and RUN_DIR/run_info.json."""
     run_dir = Path(cfg.run_dir)
@@ -84,8 +94,9 @@ def write_run_info(cfg: TrainConfig, world_size: int) -> None:
     info = {
         "git_sha": git_sha(),
         "command": sys.argv,
+        "overrides": job_overrides(),
         "versions": package_versions(),
         "hardware": hardware(world_size),
         "config": asdict(cfg),
     }
-    (run_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    (run_dir / RUN_INFO).write_text(json.dumps(info, indent=2, default=str) + "\n")

@@ -54,7 +54,7 @@ from .ema import EMA
 from .eval.validation import loss_sums, merge_sums, one_pass
 from .generate import generate_videos, save_clips
 from .guards import TrainingDiverged, TrainingGuards
-from .metrics import MetricsLogger, keys_hash
+from .metrics import MetricsLogger, final_validation_loss, keys_hash
 from .models.denoiser import VideoDenoiser, build_denoiser
 from .models.patch import grid_size
 from .models.prompts import PromptEncoder
@@ -446,18 +446,21 @@ def launch_local(cfg: TrainConfig) -> int:
 
 
 @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
-def _hydra_main(dict_cfg: DictConfig) -> None:
+def _hydra_main(dict_cfg: DictConfig) -> float | None:
+    """Train one job; returns its final validation loss (what a hyperparameter search minimises)."""
     cfg = job_config(dict_cfg)
     try:
         validate(cfg)
         if "LOCAL_RANK" not in os.environ:
             ensure_synthetic_corpus(cfg)  # here, before any rank exists to wait for it
-        if "LOCAL_RANK" not in os.environ and cfg.launch.nproc_per_node > 1:
+        # Several processes, or one job of a sweep: start them with torchrun, so each job gets
+        # fresh processes (DeepSpeed keeps process-wide state that a second run cannot reuse).
+        in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+        if "LOCAL_RANK" not in os.environ and (cfg.launch.nproc_per_node > 1 or in_sweep):
             code = launch_local(cfg)
             if code:
                 sys.exit(code)
-            return
-        if not train(cfg):
+        elif not train(cfg):
             sys.exit(EXIT_PREEMPTED)
     except (ConfigError, ShardError, CheckpointInvalid, UnsafeCheckpoint) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
@@ -468,6 +471,7 @@ def _hydra_main(dict_cfg: DictConfig) -> None:
     except CheckpointSaveFailed as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(1)
+    return final_validation_loss(cfg.run_dir)
 
 
 def precheck_overrides(overrides: list[str]) -> str | None:
