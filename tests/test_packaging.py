@@ -23,11 +23,15 @@ def test_wheel_ships_configs_and_data_prep(tmp_path):
         "sora_train/configs/experiment/demo.yaml",
         "sora_train/data_prep/synthetic.py",
         "sora_train/train.py",
+        "sora_train/configs/hydra/launcher/slurm.yaml",
     ):
         assert expected in names, expected
+    # every package of the source tree is in the wheel (a missing one only shows outside a checkout)
+    for init in (REPO / "sora_train").rglob("__init__.py"):
+        assert init.relative_to(REPO).as_posix() in names, init
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     scripts = zipfile.ZipFile(wheel).read(entry_points).decode()
-    for script in ("sora-train", "sora-prep", "sora-sample", "sora-export"):
+    for script in ("sora-train", "sora-prep", "sora-sample", "sora-export", "sora-sweep"):
         assert f"{script} =" in scripts
 
 
