@@ -267,7 +267,7 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
     batches = iter(loader)
     preemption = PreemptionWatch().install()
 
-    def validate(at_step: int) -> None:
+    def run_validation(at_step: int) -> None:
         """Validation loss on data.val with the EMA weights (collective); a `validation` event."""
         held_out = build_loader(cfg, rank, world, latent_space, micro_batch_size(cfg, world), split="val")
         sums = loss_sums(
@@ -366,7 +366,7 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
             and step % cfg.eval.val_every == 0
             and step < cfg.train.max_steps
         ):
-            validate(step)
+            run_validation(step)
         if cfg.train.sample_every and step % cfg.train.sample_every == 0 and step < cfg.train.max_steps:
             if logger:
                 paths = write_samples(ema_model(ema, cfg, device), cfg, step)
@@ -378,7 +378,7 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
     if cfg.checkpoint.save_final and last_saved != step:
         save(step)
     if validating:
-        validate(step)
+        run_validation(step)
     skipped = merge_counts(all_gather_objects(loader.skip_counts()))
     final_model = ema_model(ema, cfg, device)
     if logger:
