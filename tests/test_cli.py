@@ -48,9 +48,9 @@ def test_empty_dataset_never_trains(tmp_path):
 
 def test_export_and_sample_write_decodable_mp4(tmp_path, corpus):
     run_dir = tmp_path / "run"
-    data = f"data.train={corpus / 'train'}"
+    data = (f"data.train={corpus / 'train'}", f"data.val={corpus / 'val'}")
     steps = ("train.max_steps=2", "train.global_batch_size=2", "checkpoint.every=0")
-    assert_ok(run_train(*FAST, data, f"run_dir={run_dir}", *steps, timeout=300))
+    assert_ok(run_train(*FAST, *data, f"run_dir={run_dir}", *steps, timeout=300))
     for weights in ("ema", "raw"):
         export = tmp_path / f"export_{weights}"
         assert_ok(run_module("sora_train.export", str(run_dir), "--out", str(export), "--weights", weights))
