@@ -30,7 +30,7 @@ def summarize(run: Path) -> dict:
     steps = [row for row in rows if "loss" in row]
     return {
         "run": run.name,
-        "settings": dict(o.split("=", 1) for o in overrides if "=" in o and not o.startswith("run_dir=")),
+        "settings": dict(override.split("=", 1) for override in overrides if "=" in override),
         "steps": steps[-1]["step"] if steps else 0,
         "train_loss": steps[-1]["loss"] if steps else math.nan,
         "val_loss": math.nan if (val_loss := final_validation_loss(run)) is None else val_loss,
