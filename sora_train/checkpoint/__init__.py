@@ -8,11 +8,10 @@ DeepSpeed's loads to weights and plain data; `universal` converts for a new numb
 
 from .manifest import CheckpointInvalid
 from .resuming import Selection, find_checkpoint, verify_checkpoint
-from .saving import TRAINER_STATE, CheckpointSaveFailed, PendingSave, save_checkpoint
-from .store import CHECKPOINTS, LATEST, CheckpointStore, checkpoint_root, step_of, tag_for
+from .saving import CheckpointSaveFailed, PendingSave, save_checkpoint
+from .store import CheckpointStore, checkpoint_root, step_of, tag_for
 
 __all__ = [
-    "CHECKPOINTS", "LATEST", "TRAINER_STATE", "CheckpointInvalid", "CheckpointSaveFailed", "CheckpointStore",
-    "PendingSave", "Selection", "checkpoint_root", "find_checkpoint", "save_checkpoint", "step_of", "tag_for",
-    "verify_checkpoint",
+    "CheckpointInvalid", "CheckpointSaveFailed", "CheckpointStore", "PendingSave", "Selection", "checkpoint_root",
+    "find_checkpoint", "save_checkpoint", "step_of", "tag_for", "verify_checkpoint",
 ]  # fmt: skip
