@@ -22,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from .batch_inputs import clean_latents, text_input
 from .checkpoint import (
     CheckpointInvalid,
     CheckpointSaveFailed,
@@ -45,7 +46,6 @@ from .config import (
     to_train_config,
     validate,
 )
-from .data.decode import to_unit_range
 from .data.loader import Batch, merge_counts
 from .data.recipe import build_loader
 from .data.storage import ShardError
@@ -86,19 +86,6 @@ from .run_info import write_run_info
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
 
 
-def text_input(
-    batch: Batch, prompts: PromptEncoder, probability: float, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch's text input and mask, each caption replaced by the empty one with `probability`
-    (caption dropout, for classifier-free guidance). Precomputed embeddings are used when present
-    and the model conditions on a frozen encoder; the learned encoder always reads the captions."""
-    dropped = torch.rand(len(batch["caption"]), generator=generator) < probability
-    if "text" in batch and not prompts.learned:
-        return prompts.drop(batch["text"], batch["text_mask"], dropped)
-    captions = ["" if drop else c for c, drop in zip(batch["caption"], dropped.tolist(), strict=True)]
-    return prompts(captions)
-
-
 def forward_backward(
     engine, batch: Batch, prompts: PromptEncoder, latent_space: LatentSpace | None, generator: torch.Generator,
     cfg: TrainConfig, dtype: torch.dtype,
@@ -106,13 +93,8 @@ def forward_backward(
     """One micro-batch: encode (unless `latent_space` is None: the batch holds latents), noise at
     logit-normal t, flow-matching loss, backward. Returns the loss."""
     device = engine.device
-    x0 = batch["x"].to(device)  # (B, C, f, h, w) float latents, or (B, 3, F, H, W) uint8 pixels
-    x0 = to_unit_range(x0, dtype) if x0.dtype == torch.uint8 else x0.to(dtype)
-    if latent_space is not None:
-        x0 = latent_space.encode(x0).to(dtype)  # pretrained spaces return float32
-    text, mask = text_input(batch, prompts, cfg.data.caption_dropout, generator)
-    text = text.to(device) if not text.is_floating_point() else text.to(device, dtype)
-    mask = mask.to(device)
+    x0 = clean_latents(batch, latent_space, device, dtype)
+    text, mask = text_input(batch, prompts, cfg.data.caption_dropout, generator, device, dtype)
     t = sample_timesteps(x0.shape[0], generator, cfg.diffusion.logit_mean, cfg.diffusion.logit_std)
     noise = torch.randn(x0.shape, generator=generator)
     loss = flow_loss(

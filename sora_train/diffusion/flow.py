@@ -36,8 +36,14 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
 
-def flow_loss(predict: Velocity, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Mean squared error between the predicted and the true velocity at (x_t, t)."""
+def flow_errors(predict: Velocity, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Squared error, element by element (float32, x0's shape), between the predicted and the true
+    velocity at (x_t, t)."""
     x_t = interpolate(x0, noise, t)
     v = predict(x_t.to(x0.dtype), t)
-    return torch.mean((v.float() - velocity_target(x0, noise).float()) ** 2)
+    return (v.float() - velocity_target(x0, noise).float()) ** 2
+
+
+def flow_loss(predict: Velocity, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between the predicted and the true velocity at (x_t, t)."""
+    return torch.mean(flow_errors(predict, x0, noise, t))

@@ -14,9 +14,9 @@ import torch
 from einops import reduce
 from torch import nn
 
-from ..data.decode import to_unit_range
+from ..batch_inputs import clean_latents, text_input
 from ..data.loader import Batch
-from ..diffusion.flow import interpolate, velocity_target
+from ..diffusion.flow import flow_errors
 from ..models.prompts import PromptEncoder
 from ..models.vae import LatentSpace
 
@@ -40,22 +40,16 @@ def loss_sums(
     """
     sums: dict[str, list[float]] = {}
     device = next(model.parameters()).device
+    no_dropout = torch.Generator()
     for batch in batches:
-        x0 = batch["x"].to(device)  # (B, C, F, H, W) uint8 pixels or float latents
-        x0 = to_unit_range(x0, dtype) if x0.dtype == torch.uint8 else x0.to(dtype)
-        if latent_space is not None:
-            x0 = latent_space.encode(x0).to(dtype)
-        if "text" in batch and not prompts.learned:
-            text, mask = batch["text"].to(device, dtype), batch["text_mask"].to(device)
-        else:
-            text, mask = (tensor.to(device) for tensor in prompts(batch["caption"]))
+        x0 = clean_latents(batch, latent_space, device, dtype)
+        text, mask = text_input(batch, prompts, 0.0, no_dropout, device, dtype)
         noise = clip_noise(batch["key"], x0.shape, seed).to(device, dtype)
-        target = velocity_target(x0, noise).float()
         per_clip = torch.zeros(x0.shape[0], device=device)
         for value in timesteps:
             t = torch.full((x0.shape[0],), value, device=device, dtype=dtype)
-            velocity = model(interpolate(x0, noise, t).to(dtype), t, text, mask).float()
-            per_clip += reduce((velocity - target) ** 2, "b ... -> b", "mean")  # flow_loss, per clip
+            errors = flow_errors(lambda x_t, t_: model(x_t, t_, text, mask), x0, noise, t)  # noqa: B023 (called at once)
+            per_clip += reduce(errors, "b ... -> b", "mean")  # the flow-matching loss of each clip
         bucket = sums.setdefault(batch["bucket"], [0.0, 0])
         bucket[0] += float(per_clip.sum()) / len(timesteps)
         bucket[1] += x0.shape[0]
