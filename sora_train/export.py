@@ -13,9 +13,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from .checkpoint import CheckpointInvalid, CheckpointStore, checkpoint_root, verify_checkpoint
+from .checkpoint import CheckpointInvalid
+from .checkpoint.resuming import newest_valid_checkpoint
 from .checkpoint.safe_load import UnsafeCheckpoint, weights_only_loads
-from .checkpoint.store import is_checkpoint_dir
 from .pretrained import CONFIG_FILE, EMA_WEIGHTS, EXPORT_WEIGHTS, load_model, save_weights
 
 
@@ -24,16 +24,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
     Raises FileNotFoundError when there is none (naming what was wrong with each candidate).
     """
-    path = Path(path)
-    candidates = [path] if is_checkpoint_dir(path) else CheckpointStore(checkpoint_root(path)).committed()
-    problems = []
-    for candidate in candidates:
-        found = verify_checkpoint(candidate)
-        if not found:
-            return candidate
-        problems.append(f"{candidate.name}: {'; '.join(found[:3])}")
-    detail = f" ({'; '.join(problems)})" if problems else ""
-    raise FileNotFoundError(f"{path} is not a valid checkpoint nor a run dir with one{detail}")
+    try:
+        selection = newest_valid_checkpoint(Path(path))
+    except CheckpointInvalid as error:
+        raise FileNotFoundError(str(error)) from error
+    if selection.directory is None:
+        raise FileNotFoundError(f"{path} is not a checkpoint nor a run dir with one")
+    return selection.directory
 
 
 def consolidated_weights(checkpoint: Path) -> dict:

@@ -55,6 +55,28 @@ def verify_checkpoint(
     return [problem for share in gather(problems) for problem in share]
 
 
+def newest_valid_checkpoint(
+    path: Path, deep: bool = True, rank: int = 0, world: int = 1, gather: Gather = _local
+) -> Selection:
+    """`path` if it is a valid checkpoint directory, else the newest valid checkpoint of the run
+    dir `path` (collective when `world` > 1). None when there is no checkpoint at all; raises
+    CheckpointInvalid, naming what is wrong with each, when there are some but none is valid."""
+    if is_checkpoint_dir(path):
+        store, candidates = CheckpointStore(path.parent), [path]
+    else:
+        store = CheckpointStore(checkpoint_root(path))
+        candidates = store.committed()
+    passed_over = [f"{staged.name}: a save that never finished" for staged in store.interrupted()]
+    for candidate in candidates:
+        problems = verify_checkpoint(candidate, deep, rank, world, gather)
+        if not problems:
+            return Selection(candidate, passed_over)
+        passed_over.append(f"{candidate.name}: {'; '.join(problems[:3])}")
+    if candidates:
+        raise CheckpointInvalid(f"no valid checkpoint in {path} ({'; '.join(passed_over)})")
+    return Selection(None, passed_over)
+
+
 def find_checkpoint(cfg: TrainConfig, rank: int = 0, world: int = 1, gather: Gather = _local) -> Selection:
     """The checkpoint `cfg.resume` asks for (collective when `world` > 1).
 
@@ -64,25 +86,14 @@ def find_checkpoint(cfg: TrainConfig, rank: int = 0, world: int = 1, gather: Gat
     if cfg.resume == "never":
         return Selection(None)
     path = Path(cfg.run_dir if cfg.resume == "auto" else cfg.resume)
-    explicit = cfg.resume != "auto"
-    if is_checkpoint_dir(path):
-        store, candidates = CheckpointStore(path.parent), [path]
-    else:
-        store = CheckpointStore(checkpoint_root(path))
-        candidates = store.committed()
-    passed_over = [f"{staged.name}: a save that never finished" for staged in store.interrupted()]
-    for candidate in candidates:
-        problems = verify_checkpoint(candidate, cfg.checkpoint.verify == "checksum", rank, world, gather)
-        if not problems:
-            return Selection(candidate, passed_over)
-        passed_over.append(f"{candidate.name}: {'; '.join(problems[:3])}")
-    if candidates or explicit:
-        found = "; ".join(passed_over) or "no checkpoints"
-        raise ConfigError(
-            f"no valid checkpoint to resume from in {path} ({found}); "
-            "pass resume=never to start a new run, or resume=PATH for another checkpoint"
-        )
-    return Selection(None, passed_over)
+    hint = "pass resume=never to start a new run, or resume=PATH for another checkpoint"
+    try:
+        selection = newest_valid_checkpoint(path, cfg.checkpoint.verify == "checksum", rank, world, gather)
+    except CheckpointInvalid as error:
+        raise ConfigError(f"{error}; {hint}") from error
+    if selection.directory is None and cfg.resume != "auto":
+        raise ConfigError(f"no valid checkpoint in {path} (no checkpoints); {hint}")
+    return selection
 
 
 def read_trainer_state(directory: Path) -> dict:
