@@ -216,12 +216,19 @@ def stepped_engine(cfg: TrainConfig, dist_info: DistInfo) -> Any:
     return engine
 
 
-def save_once(engine: Any, cfg: TrainConfig, dist_info: DistInfo, ema: EMA) -> tuple[Run, Path]:
-    """One timed `save_checkpoint` into an empty run directory; returns the run and the checkpoint."""
+def save_arguments(engine: Any, cfg: TrainConfig, dist_info: DistInfo, ema: EMA) -> tuple:
+    """`save_checkpoint`'s positional arguments, as the trainer passes them, into an emptied run dir."""
     shutil.rmtree(cfg.run_dir, ignore_errors=True)
     rank_state = {"rng": capture_rng(torch.Generator().manual_seed(cfg.seed))}
     trainer_state = {"world_size": dist_info.world_size, "grad_accum_steps": cfg.train.grad_accum_steps,
                      "ema_updates": ema.updates, "config": asdict(cfg)}  # fmt: skip
+    weights = ema.state_dict()
+    return engine, cfg.run_dir, dist_info, STEP, rank_state, trainer_state, weights, inference_config(cfg)
+
+
+def save_once(engine: Any, cfg: TrainConfig, dist_info: DistInfo, ema: EMA) -> tuple[Run, Path]:
+    """One timed `save_checkpoint` into an empty run directory; returns the run and the checkpoint."""
+    arguments = save_arguments(engine, cfg, dist_info, ema)
     clock, saved = StageClock(), []
     stages = [
         (type(engine), "save_checkpoint", "DeepSpeed save_checkpoint: model + optimizer files (page cache)"),
@@ -231,12 +238,8 @@ def save_once(engine: Any, cfg: TrainConfig, dist_info: DistInfo, ema: EMA) -> t
         (CheckpointStore, "commit", "manifest, rename into place, `latest`"),
     ]
 
-    arguments = (engine, cfg.run_dir, dist_info, STEP, rank_state, trainer_state, ema.state_dict())
-
     def work() -> None:
-        saved.append(
-            saving.save_checkpoint(*arguments, inference_config(cfg), keep_last=0, keep_every=0).wait()
-        )
+        saved.append(saving.save_checkpoint(*arguments, keep_last=0, keep_every=0).wait())
 
     with clock.patched(stages):
         run = timed_run(clock, 0, work)
@@ -398,19 +401,9 @@ def blocking_seconds(
     cfg: TrainConfig, dist_info: DistInfo, engine: Any, ema: EMA, background: bool
 ) -> tuple[float, float]:
     """Seconds until `save_checkpoint` returns (training blocked), and until the save is committed."""
-    shutil.rmtree(cfg.run_dir, ignore_errors=True)
-    trainer_state = {
-        "world_size": 1,
-        "grad_accum_steps": 1,
-        "ema_updates": ema.updates,
-        "config": asdict(cfg),
-    }
-    rank_state = {"rng": capture_rng(torch.Generator().manual_seed(cfg.seed))}
+    arguments = save_arguments(engine, cfg, dist_info, ema)
     start = time.perf_counter()
-    pending = saving.save_checkpoint(
-        engine, cfg.run_dir, dist_info, STEP, rank_state, trainer_state, ema.state_dict(), inference_config(cfg),
-        background=background,
-    )  # fmt: skip
+    pending = saving.save_checkpoint(*arguments, background=background)
     returned = time.perf_counter() - start
     pending.wait()
     return returned, time.perf_counter() - start

@@ -44,12 +44,10 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def run_module(
-    module: str, *args: str, timeout: float = 300, env: dict | None = None
-) -> subprocess.CompletedProcess:
-    """Run `python -m module args` in a fresh process, output captured."""
+def run_python(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python args` in a fresh process from the repository root, output captured."""
     return subprocess.run(
-        [sys.executable, "-m", module, *args],
+        [sys.executable, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -58,16 +56,16 @@ def run_module(
     )
 
 
+def run_module(
+    module: str, *args: str, timeout: float = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Run `python -m module args` in a fresh process, output captured."""
+    return run_python("-m", module, *args, timeout=timeout, env=env)
+
+
 def run_script(script: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `python script args` in a fresh process, output captured."""
-    return subprocess.run(
-        [sys.executable, str(script), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    return run_python(str(script), *args, timeout=timeout)
 
 
 def run_train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
