@@ -148,9 +148,15 @@ class GuardConfig:
 
 @dataclass
 class ParallelConfig:
-    """Data-parallel sharding with DeepSpeed ZeRO. Recipes: configs/parallel/zero1|zero2|zero3|zero3_offload."""
+    """Data-parallel sharding with DeepSpeed ZeRO, and Ulysses sequence parallelism.
+
+    ZeRO recipes: configs/parallel/zero1|zero2|zero3|zero3_offload. The ranks form a data-parallel ×
+    sequence-parallel grid: `sequence_parallel` consecutive ranks share each sample, each holding a
+    slice of its tokens; ZeRO shards over all ranks.
+    """
 
     zero_stage: int = 2
+    sequence_parallel: int = 1  # ranks per sample (Ulysses); must divide the world size and model.num_heads
     offload_optimizer: bool = False  # optimizer states (and its step) in CPU memory
     offload_params: bool = False  # parameters in CPU memory between uses (ZeRO-3 only)
     overlap_comm: str = (
@@ -236,9 +242,14 @@ def expected_world_size(cfg: TrainConfig) -> int:
     return int(os.environ.get("WORLD_SIZE", cfg.launch.nproc_per_node))
 
 
+def data_parallel_size(cfg: TrainConfig, world_size: int) -> int:
+    """Ranks that see different samples: the world size over the sequence-parallel degree."""
+    return world_size // cfg.parallel.sequence_parallel
+
+
 def micro_batch_size(cfg: TrainConfig, world_size: int) -> int:
-    """Samples per rank per forward pass."""
-    return cfg.train.global_batch_size // (world_size * cfg.train.grad_accum_steps)
+    """Samples per data-parallel rank per forward pass."""
+    return cfg.train.global_batch_size // (data_parallel_size(cfg, world_size) * cfg.train.grad_accum_steps)
 
 
 def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
@@ -284,11 +295,22 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
             f"model.text_encoder={model.text_encoder} needs model.text_encoder_path= a local encoder directory, "
             f"got {model.text_encoder_path}"
         )
-    per_step = world_size * train.grad_accum_steps
+    sp = cfg.parallel.sequence_parallel
+    if sp < 1 or world_size % sp:
+        raise ConfigError(
+            f"parallel.sequence_parallel={sp} must be >= 1 and divide the world size ({world_size} ranks)"
+        )
+    if model.num_heads % sp:
+        raise ConfigError(
+            f"parallel.sequence_parallel={sp} must divide model.num_heads={model.num_heads}: "
+            "Ulysses attention gives each rank whole heads"
+        )
+    data_ranks = world_size // sp
+    per_step = data_ranks * train.grad_accum_steps
     if train.global_batch_size < per_step or train.global_batch_size % per_step:
         raise ConfigError(
-            f"train.global_batch_size={train.global_batch_size} does not divide across {world_size} ranks "
-            f"× {train.grad_accum_steps} accumulation steps; use a multiple of {per_step}"
+            f"train.global_batch_size={train.global_batch_size} does not divide across {data_ranks} "
+            f"data-parallel ranks × {train.grad_accum_steps} accumulation steps; use a multiple of {per_step}"
         )
     if train.max_steps < 1:
         raise ConfigError(f"train.max_steps must be at least 1, got {train.max_steps}")

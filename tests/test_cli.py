@@ -24,7 +24,7 @@ def error_line(result) -> str:
     [
         (["data.train=/nonexistent/shards"], "data.train=/nonexistent/shards: no such file or directory"),
         (["data.height=31"], "data.height=31 is not divisible by the patch size 2"),
-        (["train.global_batch_size=3", "launch.nproc_per_node=2"], "does not divide across 2 ranks"),
+        (["train.global_batch_size=3", "launch.nproc_per_node=2"], "does not divide across 2 data-parallel ranks"),
         (["model=huge"], "unknown model 'huge'; choose one of: B, S, tiny"),
         (["optim.learning_rate=1"], "unknown config key 'optim.learning_rate'"),
         (["resume=/nonexistent/ckpt"], "resume=/nonexistent/ckpt: no such checkpoint"),
