@@ -69,6 +69,8 @@ from .parallel.dist import (
     init_distributed,
     shutdown_distributed,
 )
+from .parallel.replicas import ReplicasDiverged, check_replicas
+from .parallel.sequence import apply_sequence_parallel
 from .parallel.zero import build_engine, use_bf16
 from .preemption import (
     EXIT_PREEMPTED,
@@ -156,12 +158,19 @@ def run_synthetic_eval(model: VideoDenoiser, cfg: TrainConfig, dist_info: DistIn
     return {"color_acc": color / max(1, clips), "motion_acc": motion / max(1, clips), "num_clips": clips}
 
 
+def data_reports(dist_info: DistInfo, value: object) -> list:
+    """`value` from each data-parallel rank, in order (collective): the ranks of a sequence-parallel
+    group hold the same samples, so only the first one of each group is counted."""
+    gathered = all_gather_objects(value)
+    return gathered[:: dist_info.sequence_parallel]
+
+
 def train(cfg: TrainConfig) -> bool:
     """Train on this process' share of the job (joins or creates the process group).
 
     Returns False when the run stopped early on a preemption signal (after checkpointing).
     """
-    dist_info = init_distributed()
+    dist_info = init_distributed(cfg.parallel.sequence_parallel)
     try:
         finished = _train(cfg, dist_info)
     except BaseException:
@@ -179,7 +188,7 @@ def prepare_resume(cfg: TrainConfig, dist_info: DistInfo) -> tuple[Selection, di
     if selection.directory is None:
         return selection, None, None
     trainer_state = read_trainer_state(selection.directory)
-    cfg.train.grad_accum_steps = resumed_accumulation(trainer_state, cfg, dist_info.world_size)
+    cfg.train.grad_accum_steps = resumed_accumulation(trainer_state, cfg, dist_info.data_world)
     if trainer_state["world_size"] == dist_info.world_size:
         return selection, trainer_state, None
     universal = CheckpointStore(checkpoint_root(cfg.run_dir)).universal_dir(trainer_state["step"])
@@ -202,7 +211,8 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
         )
     threads = cfg.train.threads_per_rank or max(1, (os.cpu_count() or 1) // dist_info.local_world_size)
     torch.set_num_threads(threads)
-    world, rank, device = dist_info.world_size, dist_info.rank, dist_info.device
+    world, device = dist_info.world_size, dist_info.device
+    data_rank, data_world = dist_info.data_rank, dist_info.data_world
     if dist_info.is_main:
         ensure_synthetic_corpus(cfg)  # when started by torchrun directly (launch/torchrun.sh)
     selection, trainer_state, universal = prepare_resume(cfg, dist_info)
@@ -213,6 +223,7 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_denoiser(cfg.model)
+    apply_sequence_parallel(model, dist_info.sequence_group)
     if trainer_state is not None:
         check_model_fits(selection.directory, model, trainer_state["config"], cfg)
     if cfg.train.activation_checkpointing:
@@ -227,17 +238,18 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
     precomputed = cfg.data.name == "latents"  # latent shards from `sora-prep encode`: no decoding, no VAE
     validating = cfg.eval.validate and cfg.data.val is not None
     try:
-        loader = build_loader(cfg, rank, world, latent_space, micro_batch_size(cfg, world))
+        loader = build_loader(cfg, data_rank, data_world, latent_space, micro_batch_size(cfg, world))
         if validating:  # indexes the held-out split now, so a bad one fails before training
-            build_loader(cfg, rank, world, latent_space, micro_batch_size(cfg, world), split="val")
+            build_loader(cfg, data_rank, data_world, latent_space, micro_batch_size(cfg, world), split="val")
     except ValueError as error:  # bad shards or data settings: one clear line, not a traceback
         raise ConfigError(str(error)) from error
-    generator = torch.Generator().manual_seed(cfg.seed + 1000 * (rank + 1))
+    # One stream per data-parallel rank: a sequence-parallel group draws the same t, noise and dropout.
+    generator = torch.Generator().manual_seed(cfg.seed + 1000 * (data_rank + 1))
     state = TrainState(engine, ema, guards, loader, generator)
 
     resumed = Resumed()
     if trainer_state is not None:
-        resumed = state.restore(selection.directory, trainer_state, universal, cfg, rank)
+        resumed = state.restore(selection.directory, trainer_state, universal, cfg, dist_info)
     resumed.passed_over = selection.passed_over
     step = resumed.step
     logger = MetricsLogger(cfg, step, resumed.wandb_id) if dist_info.is_main else None
@@ -251,12 +263,16 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
 
     def run_validation(at_step: int) -> None:
         """Validation loss on data.val with the EMA weights (collective); a `validation` event."""
-        held_out = build_loader(cfg, rank, world, latent_space, micro_batch_size(cfg, world), split="val")
+        held_out = build_loader(
+            cfg, data_rank, data_world, latent_space, micro_batch_size(cfg, world), split="val"
+        )
+        model = ema_model(ema, cfg, device)
+        apply_sequence_parallel(model, dist_info.sequence_group)
         sums = loss_sums(
-            ema_model(ema, cfg, device), one_pass(held_out, cfg.eval.val_batches), prompts,
+            model, one_pass(held_out, cfg.eval.val_batches), prompts,
             None if precomputed else latent_space, cfg.eval.val_timesteps, cfg.seed, dtype,
         )  # fmt: skip
-        means = merge_sums(all_gather_objects(sums))
+        means = merge_sums(data_reports(dist_info, sums))
         if logger:
             logger.log_event(
                 "validation", at_step, {"val_loss": means.get("all"), "val_loss_by_bucket": means}
@@ -274,7 +290,9 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
 
     def save(at_step: int, background: bool = False) -> Path:
         finish_saving()
+        checksums = check_replicas(engine.module, cfg.parallel.zero_stage, at_step)
         trainer_state, rank_state = state.capture(cfg, world, logger.wandb_id if logger else None)
+        rank_state["parameter_checksums"] = checksums  # identical on every rank (ZeRO-1/2), for audits
         pending.append(save_checkpoint(
             engine, cfg.run_dir, dist_info, at_step, rank_state, trainer_state, ema.state_dict(),
             inference_config(cfg), cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, background,
@@ -316,7 +334,7 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
 
         loss, wait = all_reduce_mean([sum(losses) / len(losses), data_wait / elapsed], device)
         verdict = guards.observe(applied, loss)
-        gathered = all_gather_objects((keys, tokens, loader.skip_counts()))  # per rank, in rank order
+        gathered = data_reports(dist_info, (keys, tokens, loader.skip_counts()))  # per data-parallel rank
         if logger:
             all_keys = [k for rank_keys, _, _ in gathered for k in rank_keys]
             logger.log({
@@ -361,7 +379,7 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
         save(step)
     if validating:
         run_validation(step)
-    skipped = merge_counts(all_gather_objects(loader.skip_counts()))
+    skipped = merge_counts(data_reports(dist_info, loader.skip_counts()))
     final_model = ema_model(ema, cfg, device)
     if logger:
         logger.log_event(
@@ -447,7 +465,7 @@ def _hydra_main(dict_cfg: DictConfig) -> float | None:
     except (ConfigError, ShardError, CheckpointInvalid, UnsafeCheckpoint) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except TrainingDiverged as error:
+    except (TrainingDiverged, ReplicasDiverged) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(3)
     except CheckpointSaveFailed as error:

@@ -256,6 +256,7 @@ def test_a_new_number_of_ranks_keeps_the_micro_batch_through_accumulation():
     assert resumed_accumulation({"world_size": 2, "grad_accum_steps": 1}, cfg, 1) == 2
     assert resumed_accumulation({"world_size": 1, "grad_accum_steps": 2}, cfg, 2) == 1
     assert resumed_accumulation({"world_size": 4, "grad_accum_steps": 2}, cfg, 8) == 1
+    assert resumed_accumulation({"world_size": 4, "sequence_parallel": 2, "grad_accum_steps": 1}, cfg, 1) == 2
     with pytest.raises(ConfigError, match="divides 2"):
         resumed_accumulation({"world_size": 2, "grad_accum_steps": 1}, cfg, 4)
 

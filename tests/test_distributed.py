@@ -329,16 +329,18 @@ def optimizer_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("recipe", ["zero1", "zero3", "zero3_offload"])
 def test_each_zero_recipe_trains_resumes_exactly_and_exports(corpus, tmp_path, recipe):
-    """ZeRO-2 is the reference run's; the other recipes: 3 steps, then a resume from step 2 that ends the same."""
+    """ZeRO-2 is the reference run's; the other recipes: 4 steps, then a resume from step 2 that ends the same
+    (two steps after the resume: ZeRO-3 records its parameter-fetch trace in the first one)."""
     run_dir, resumed = tmp_path / "run", tmp_path / "resumed"
     args = [a for a in run_args(corpus) if not a.startswith("parallel.")]
-    args += [f"parallel={recipe}", "train.max_steps=3", "checkpoint.every=2", "launch.nproc_per_node=2"]
+    args += [f"parallel={recipe}", "train.max_steps=4", "checkpoint.every=2", "launch.nproc_per_node=2"]
     assert_ok(run_train(*args, f"run_dir={run_dir}"))
     shutil.copytree(run_dir, resumed)
-    shutil.rmtree(resumed / "checkpoints" / tag_for(3))
+    shutil.rmtree(resumed / "checkpoints" / tag_for(4))
     assert_ok(run_train(*args, f"run_dir={resumed}"))
-    assert by_step(resumed)[3]["loss"] == by_step(run_dir)[3]["loss"]
-    final = Path("checkpoints") / tag_for(3) / "ema.safetensors"
+    for step in (3, 4):
+        assert by_step(resumed)[step]["loss"] == by_step(run_dir)[step]["loss"]
+    final = Path("checkpoints") / tag_for(4) / "ema.safetensors"
     assert (resumed / final).read_bytes() == (run_dir / final).read_bytes()
     exports = {}
     for weights in ("ema", "raw"):
@@ -346,7 +348,7 @@ def test_each_zero_recipe_trains_resumes_exactly_and_exports(corpus, tmp_path, r
         assert_ok(run_module("sora_train.export", str(run_dir), "--out", str(out), "--weights", weights))
         exports[weights] = load_file(out / "model.safetensors")
     assert exports["ema"].keys() == exports["raw"].keys()
-    # after 3 steps the EMA (decay warm-up 1/10, 2/11, 3/12) sits between the initial and the trained weights
+    # after 4 steps the EMA (decay warm-up 1/10, 2/11, 3/12, 4/13) sits between the initial and the trained weights
     assert any(not torch.equal(exports["ema"][k], exports["raw"][k]) for k in exports["raw"])
 
 
@@ -364,3 +366,26 @@ def test_a_stale_extension_build_lock_is_cleared_and_a_live_one_kept(tmp_path, m
     hour_ago = time.time() - 3600
     os.utime(lock, (hour_ago, hour_ago))
     assert clear_stale_build_lock("some_op") == lock and not lock.exists()
+
+
+def test_data_parallel_ranks_hold_identical_weights(two_process_run):
+    """Each rank keeps the checksums it compared before saving; after 8 steps with DP=2 they agree."""
+    checksums = []
+    for rank in (0, 1):
+        with weights_only_loads():
+            state = torch.load(two_process_run / "checkpoints" / tag_for(8) / f"rank_{rank:05d}.pt")
+        checksums.append(state["parameter_checksums"])
+    assert checksums[0] is not None and len(checksums[0]) > 10
+    assert torch.equal(checksums[0], checksums[1])
+
+
+def test_weights_drifting_on_one_rank_stop_the_run(corpus, tmp_path):
+    run_dir = tmp_path / "desync"
+    args = [*run_args(corpus), "train.max_steps=3", "checkpoint.every=2", f"run_dir={run_dir}"]
+    result = run_torchrun(2, SCRIPTS / "faulty_train.py", "desync", "1", "2", *args)
+    assert result.returncode != 0
+    assert (
+        "at step 2 rank 1 holds different weights from rank 0 in 1 parameter(s), e.g. dit.patch_embed.weight"
+        in (result.stderr)
+    )
+    assert not (run_dir / "checkpoints" / tag_for(2)).exists()

@@ -142,20 +142,21 @@ def config_changes(saved: dict, current: dict, prefix: str = "") -> list[tuple[s
     return changes
 
 
-def resumed_accumulation(trainer_state: dict, cfg: TrainConfig, world: int) -> int:
+def resumed_accumulation(trainer_state: dict, cfg: TrainConfig, data_world: int) -> int:
     """Gradient accumulation steps that keep the saved per-rank micro batch and global batch on
-    `world` ranks (the loader's batches are sized per rank, so they must not change)."""
-    saved_world, saved_accum = trainer_state["world_size"], trainer_state["grad_accum_steps"]
-    if saved_world == world:
+    `data_world` data-parallel ranks (the loader's batches are sized per rank, so they must not change)."""
+    saved_data_world = trainer_state["world_size"] // trainer_state.get("sequence_parallel", 1)
+    saved_accum = trainer_state["grad_accum_steps"]
+    if saved_data_world == data_world:
         return cfg.train.grad_accum_steps
-    passes = saved_world * saved_accum  # micro-batches per optimizer step, over all ranks
-    if passes % world:
+    passes = saved_data_world * saved_accum  # micro-batches per optimizer step, over all data-parallel ranks
+    if passes % data_world:
         raise ConfigError(
-            f"the checkpoint takes {passes} micro-batches per step ({saved_world} rank(s) × {saved_accum} "
-            f"accumulation step(s)), which {world} ranks cannot share evenly at the same micro batch; "
-            f"resume with a number of ranks that divides {passes}"
+            f"the checkpoint takes {passes} micro-batches per step ({saved_data_world} data-parallel rank(s) × "
+            f"{saved_accum} accumulation step(s)), which {data_world} data-parallel ranks cannot share evenly "
+            f"at the same micro batch; resume with a number of data-parallel ranks that divides {passes}"
         )
-    return passes // world
+    return passes // data_world
 
 
 def load_engine_state(engine, directory: Path) -> None:

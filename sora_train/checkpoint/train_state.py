@@ -12,6 +12,7 @@ from ..config import TrainConfig, config_hash
 from ..data.loader import VideoLoader, merge_loader_states
 from ..ema import EMA
 from ..guards import TrainingGuards
+from ..parallel.dist import DistInfo
 from ..pretrained import EMA_WEIGHTS
 from .resuming import config_changes, load_engine_state, read_rank_state
 from .rng import capture_rng, reseed_rng, restore_rng
@@ -40,7 +41,8 @@ class TrainState:
     def capture(self, cfg: TrainConfig, world_size: int, wandb_id: str | None) -> tuple[dict, dict]:
         """(trainer_state for trainer_state.json, this rank's state for rank_NNNNN.pt)."""
         trainer_state = {
-            "world_size": world_size, "grad_accum_steps": cfg.train.grad_accum_steps, "ema_updates": self.ema.updates,
+            "world_size": world_size, "sequence_parallel": cfg.parallel.sequence_parallel,
+            "grad_accum_steps": cfg.train.grad_accum_steps, "ema_updates": self.ema.updates,
             "guards": self.guards.state_dict(), "wandb_id": wandb_id, "config": asdict(cfg),
             "config_hash": config_hash(cfg),
         }  # fmt: skip
@@ -48,21 +50,38 @@ class TrainState:
         return trainer_state, rank_state
 
     def restore(
-        self, checkpoint: Path, trainer_state: dict, universal: Path | None, cfg: TrainConfig, rank: int
+        self,
+        checkpoint: Path,
+        trainer_state: dict,
+        universal: Path | None,
+        cfg: TrainConfig,
+        dist_info: DistInfo,
     ) -> Resumed:
-        """Load everything from `checkpoint` (collective). With the same ranks each continues its own
-        RNG streams and data position exactly; with new ranks (`universal` given) the data plan is
-        dealt again from every old rank's position and the RNG streams start afresh from the step."""
+        """Load everything from `checkpoint` (collective; `universal` given when the world size changed).
+
+        With as many data-parallel ranks as before, each rank continues the data position and RNG
+        streams of the rank that read the same data (itself, or with another sequence-parallel
+        degree the first rank of the old group), so training goes on exactly. With a new number of
+        data-parallel ranks the data plan is dealt again from every old data-parallel rank's
+        position and the RNG streams start afresh from the step.
+        """
         load_engine_state(self.engine, universal or checkpoint)
         step = trainer_state["step"]
-        if universal is None:
-            rank_state = read_rank_state(checkpoint, rank)
+        saved_world, saved_degree = trainer_state["world_size"], trainer_state.get("sequence_parallel", 1)
+        if (saved_world, saved_degree) == (dist_info.world_size, dist_info.sequence_parallel):
+            same_data = dist_info.rank
+        elif saved_world // saved_degree == dist_info.data_world:
+            same_data = dist_info.data_rank * saved_degree
+        else:
+            same_data = None
+        if same_data is not None:
+            rank_state = read_rank_state(checkpoint, same_data)
             self.loader.load_state_dict(rank_state["loader"])
             restore_rng(rank_state["rng"], self.generator)
-        else:
-            saved = [read_rank_state(checkpoint, r)["loader"] for r in range(trainer_state["world_size"])]
+        else:  # one saved state per old data-parallel rank: the first rank of each old group
+            saved = [read_rank_state(checkpoint, r)["loader"] for r in range(0, saved_world, saved_degree)]
             self.loader.load_state_dict(merge_loader_states(saved))
-            reseed_rng(cfg.seed, step, rank, self.generator)
+            reseed_rng(cfg.seed, step, dist_info.data_rank, self.generator)
         self.ema.load_state_dict(load_file(str(checkpoint / EMA_WEIGHTS)), trainer_state["ema_updates"])
         self.guards.load_state_dict(trainer_state["guards"])
         return Resumed(

@@ -19,7 +19,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from .attention import attention
+from .attention import TokenLayout, attention
 from .patch import grid_size, patchify, unpatchify
 from .rope import apply_rope, grid_positions, rope_angles, sincos_embedding
 
@@ -80,10 +80,13 @@ class SelfAttention(nn.Module):
         self.k_norm = nn.RMSNorm(dim // num_heads) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, angles: torch.Tensor, layout: TokenLayout, key_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x (B, L, D) this process' tokens, angles (L, K/2) their RoPE angles -> (B, L, D)."""
         q, k, v = rearrange(self.qkv(x), "b l (three n k) -> three b n l k", three=3, n=self.num_heads)
         q, k = apply_rope(self.q_norm(q), angles), apply_rope(self.k_norm(k), angles)
-        out = attention(q, k, v)  # (B, N, L, K)
+        out = layout.self_attention(q, k, v, key_mask)  # (B, N, L, K)
         return self.proj(rearrange(out, "b n l k -> b l (n k)"))
 
 
@@ -128,9 +131,12 @@ class DiTBlock(nn.Module):
         text: torch.Tensor,
         text_mask: torch.Tensor,
         angles: torch.Tensor,
+        layout: TokenLayout,
+        key_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond).chunk(6, dim=-1)  # six (B, D)
-        x = x + gate1[:, None] * self.self_attn(modulate(self.norm1(x), shift1, scale1), angles)
+        attended = self.self_attn(modulate(self.norm1(x), shift1, scale1), angles, layout, key_mask)
+        x = x + gate1[:, None] * attended
         x = x + self.cross_attn(self.norm2(x), text, text_mask)
         return x + gate2[:, None] * self.mlp(modulate(self.norm3(x), shift2, scale2))
 
@@ -150,7 +156,11 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """Predicts the flow-matching velocity of a (B, C, F, H, W) video given t and text tokens."""
+    """Predicts the flow-matching velocity of a (B, C, F, H, W) video given t and text tokens.
+
+    `layout` decides which of a sample's tokens this process computes (all of them, unless
+    sequence parallelism replaced it); the input and the output are always whole videos.
+    """
 
     def __init__(self, shape: DiTShape):
         super().__init__()
@@ -169,19 +179,23 @@ class DiT(nn.Module):
         self.text_pool = nn.Linear(shape.text_dim, shape.hidden_size)  # pooled caption -> adaLN condition
         self.blocks = nn.ModuleList(DiTBlock(shape) for _ in range(shape.depth))
         self.final = FinalLayer(shape.hidden_size, patch_values)
+        self.layout = TokenLayout()
         initialize_weights(self)
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
     ) -> torch.Tensor:
         """x (B, C, F, H, W), t (B,) in [0, 1], text (B, T, text_dim), text_mask (B, T) bool -> (B, C, F, H, W)."""
-        patch = self.shape.patch_size
+        patch, layout = self.shape.patch_size, self.layout
         grid = grid_size(tuple(x.shape[2:]), patch)
         positions = grid_positions(grid, x.device)  # (L, 3)
-        angles = rope_angles(positions, self.shape.head_dim, self.shape.rope_theta)
-        tokens = self.patch_embed(patchify(x, patch))  # (B, L, D)
+        length = positions.shape[0]
+        angles = layout.split(rope_angles(positions, self.shape.head_dim, self.shape.rope_theta), dim=0)
+        tokens = self.patch_embed(layout.split(patchify(x, patch), dim=1))  # (B, L_local, D)
         if self.shape.absolute_positions:
-            tokens = tokens + sincos_embedding(positions, self.shape.hidden_size).to(tokens.dtype)
+            embedding = sincos_embedding(positions, self.shape.hidden_size).to(tokens.dtype)  # (L, D)
+            tokens = tokens + layout.split(embedding, dim=0)
+        key_mask = layout.padding_mask(length, x.device)
         weights = text_mask.to(text.dtype)[..., None]  # (B, T, 1)
         pooled = (text * weights).sum(1) / weights.sum(1)  # (B, E): mean over the caption's tokens
         cond = self.time_embed(t) + self.text_pool(
@@ -189,8 +203,9 @@ class DiT(nn.Module):
         )  # (B, D): every block's modulation sees the caption
         text = self.text_proj(text)  # (B, T, D)
         for block in self.blocks:
-            tokens = block(tokens, cond, text, text_mask, angles)
-        return unpatchify(self.final(tokens, cond), grid, patch)  # (B, C, F, H, W)
+            tokens = block(tokens, cond, text, text_mask, angles, layout, key_mask)
+        patches = layout.gather(self.final(tokens, cond), length, dim=1)  # (B, L, P)
+        return unpatchify(patches, grid, patch)  # (B, C, F, H, W)
 
 
 def initialize_weights(model: DiT) -> None:

@@ -19,17 +19,38 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class DistInfo:
-    """This process' place in the job."""
+    """This process' place in the job: a data-parallel × sequence-parallel grid of ranks.
+
+    The `sequence_parallel` consecutive ranks of one sequence-parallel group share each sample;
+    data-parallel rank `rank // sequence_parallel` chooses the samples.
+    """
 
     rank: int
     world_size: int
     local_rank: int
     local_world_size: int
     device: torch.device
+    sequence_parallel: int = 1
+    sequence_group: dist.ProcessGroup | None = None  # None without sequence parallelism
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def data_rank(self) -> int:
+        """Which share of the data this rank reads (the same for a sequence-parallel group)."""
+        return self.rank // self.sequence_parallel
+
+    @property
+    def data_world(self) -> int:
+        """How many shares the data is split into."""
+        return self.world_size // self.sequence_parallel
+
+    @property
+    def reports_data(self) -> bool:
+        """Whether this rank speaks for its sequence-parallel group in data counts (its first rank)."""
+        return self.rank % self.sequence_parallel == 0
 
 
 def free_port() -> int:
@@ -65,9 +86,12 @@ def clear_stale_build_lock(name: str = SHM_OP_NAME, max_age_s: float = STALE_BUI
     return lock
 
 
-def init_distributed() -> DistInfo:
-    """Join (or create) the default process group: NCCL with CUDA, gloo on CPU."""
+def init_distributed(sequence_parallel: int = 1) -> DistInfo:
+    """Join (or create) the default process group (NCCL with CUDA, gloo on CPU) and this rank's
+    sequence-parallel group of `sequence_parallel` consecutive ranks."""
     import deepspeed
+
+    from .sequence import sequence_groups
 
     if "RANK" not in os.environ:
         os.environ.update(
@@ -89,6 +113,8 @@ def init_distributed() -> DistInfo:
         local_rank=local_rank,
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
         device=device,
+        sequence_parallel=sequence_parallel,
+        sequence_group=sequence_groups(sequence_parallel),
     )
 
 

@@ -26,7 +26,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, load_universal: bool = F
     """
     on_gpu = torch.cuda.is_available()
     return {
-        "train_batch_size": cfg.train.global_batch_size,
+        # DeepSpeed counts every rank as data-parallel; a sequence-parallel group shares its samples.
+        "train_batch_size": cfg.train.global_batch_size * cfg.parallel.sequence_parallel,
         "train_micro_batch_size_per_gpu": micro_batch_size(cfg, world_size),
         "gradient_accumulation_steps": cfg.train.grad_accum_steps,
         "gradient_clipping": cfg.train.grad_clip,
@@ -111,6 +112,13 @@ def build_engine(model: nn.Module, cfg: TrainConfig, world_size: int, load_unive
     from ..checkpoint.universal import UNIVERSAL_INFO
 
     model.universal_checkpoint_info = dict(UNIVERSAL_INFO)
+    if cfg.parallel.zero_stage == 3:
+        # nn.MultiheadAttention reads its out_proj weights without calling out_proj, which ZeRO-3's
+        # per-module parameter fetching cannot follow once a checkpoint is loaded (a "tracing
+        # error" on the second step after resuming); fetch each one whole, as one leaf module.
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, [nn.MultiheadAttention])
 
     optimizer = build_optimizer(model, cfg)
     schedule = torch.optim.lr_scheduler.LambdaLR(

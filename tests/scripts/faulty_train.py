@@ -3,6 +3,7 @@
 python faulty_train.py nan RANK STEPS [overrides]    RANK's loss is NaN at STEPS (comma-separated)
 python faulty_train.py crash_in_save STEP [overrides] SIGKILL this process halfway through the save
                                                      at STEP: every file written, none checksummed
+python faulty_train.py desync RANK STEP [overrides]  change one weight on RANK after the update of STEP
 """
 
 from __future__ import annotations
@@ -43,6 +44,21 @@ def crash_in_save(step: int) -> None:
     saving.describe_files = describe_files
 
 
+def desync(rank: int, step: int) -> None:
+    """Add 1e-3 to the first weight of `rank`'s model right after the optimizer step `step`."""
+    import sora_train.train as train
+
+    real_update, calls = train.EMA.update, [0]
+
+    def update(self, model):
+        calls[0] += 1
+        if int(os.environ.get("RANK", 0)) == rank and calls[0] == step:
+            next(model.parameters()).data.add_(1e-3)
+        return real_update(self, model)
+
+    train.EMA.update = update
+
+
 def main() -> None:
     fault, *rest = sys.argv[1:]
     if fault == "nan":
@@ -51,6 +67,9 @@ def main() -> None:
     elif fault == "crash_in_save":
         step, *overrides = rest
         crash_in_save(int(step))
+    elif fault == "desync":
+        rank, step, *overrides = rest
+        desync(int(rank), int(step))
     else:
         raise SystemExit(f"unknown fault {fault!r}")
     from sora_train.train import cli

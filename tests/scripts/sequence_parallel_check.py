@@ -1,0 +1,151 @@
+"""Ulysses sequence parallelism against the whole-sequence model, on every rank of one group.
+
+Run under torchrun with 2 processes (one sequence-parallel group of 2). Rank 0 writes a JSON
+report to the path given as the first argument:
+- `forward`: per token grid, the largest difference between the sequence-parallel output and the
+  whole-sequence output, and between their gradients (each rank's parameter gradients averaged
+  over the ranks, as DeepSpeed does) — for a grid whose token count divides the degree and for
+  one that is padded;
+- `training`: per ZeRO stage, the loss of each of 3 DeepSpeed steps with sequence parallelism and
+  of the same steps taken by a plain torch model and optimizer, and the largest difference between
+  the final weights.
+Usage: torchrun --nproc-per-node 2 sequence_parallel_check.py OUT.json
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from sora_train.config import DataConfig, ModelConfig, TrainConfig, TrainLoopConfig
+from sora_train.diffusion.flow import flow_loss
+from sora_train.models.denoiser import VideoDenoiser, build_denoiser, build_tokenizer
+from sora_train.parallel.dist import init_distributed, shutdown_distributed
+from sora_train.parallel.sequence import apply_sequence_parallel
+from sora_train.parallel.zero import build_engine, build_optimizer, warmup_cosine
+
+BATCH = 2
+GRIDS = {"divides": (4, 16, 16), "padded": (6, 12, 12)}  # (F, H, W) pixels: 32 and 27 tokens at patch 2×4×4
+
+
+def config(zero_stage: int = 2) -> TrainConfig:
+    cfg = TrainConfig(
+        model=ModelConfig(preset="test", hidden_size=32, depth=2, num_heads=2, patch_size=[2, 4, 4], text_dim=32,
+                          text_depth=1, text_heads=2, text_vocab_size=256, absolute_positions=True),
+        data=DataConfig(train="unused", num_frames=4, height=16, width=16),
+        train=TrainLoopConfig(global_batch_size=BATCH, grad_clip=1.0, max_steps=3),
+        run_dir="unused",
+    )  # fmt: skip
+    cfg.parallel.zero_stage = zero_stage
+    cfg.parallel.sequence_parallel = dist.get_world_size()
+    cfg.optim.warmup_steps = 1
+    return cfg
+
+
+def inputs(cfg: TrainConfig, frames: int, height: int, width: int) -> tuple:
+    """The same clips, noise, timesteps and captions on every rank."""
+    data = torch.Generator().manual_seed(1)
+    x0 = torch.rand(BATCH, 3, frames, height, width, generator=data) * 2 - 1
+    noise = torch.randn(x0.shape, generator=data)
+    t = torch.rand(BATCH, generator=data)
+    ids, mask = build_tokenizer(cfg.model)(["a red square moving left", "a blue circle"])
+    return x0, noise, t, ids, mask
+
+
+def fresh_model(cfg: TrainConfig) -> VideoDenoiser:
+    torch.manual_seed(0)
+    model = build_denoiser(cfg.model)
+    for p in model.parameters():  # move the zero-initialised adaLN and output weights off zero
+        p.data += 0.02 * torch.randn(p.shape)
+    return model
+
+
+def grads(model: VideoDenoiser) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def compare_forward(cfg: TrainConfig, group) -> dict:
+    report = {}
+    for name, shape in GRIDS.items():
+        x0, noise, t, ids, mask = inputs(cfg, *shape)
+        whole = fresh_model(cfg)
+        split = copy.deepcopy(whole)
+        apply_sequence_parallel(split, group)
+        outputs, gradients = [], []
+        for model in (whole, split):
+            out = model(x0, t, ids, mask)
+            ((out - noise) ** 2).mean().backward()
+            outputs.append(out.detach())
+            gradients.append(grads(model))
+        dist.all_reduce(gradients[1])  # DeepSpeed's mean over every rank
+        gradients[1] /= dist.get_world_size()
+        report[name] = {
+            "output": (outputs[0] - outputs[1]).abs().max().item(),
+            "output_scale": outputs[0].abs().max().item(),
+            "grad": (gradients[0] - gradients[1]).abs().max().item(),
+            "grad_scale": gradients[0].abs().max().item(),
+        }
+    return report
+
+
+def compare_training(zero_stage: int, group) -> dict:
+    cfg = config(zero_stage)
+    x0, noise, t, ids, mask = inputs(cfg, *GRIDS["padded"])
+    reference = fresh_model(cfg)
+    model = copy.deepcopy(reference)
+    apply_sequence_parallel(model, group)
+    engine = build_engine(model, cfg, dist.get_world_size())
+    optimizer = build_optimizer(reference, cfg)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, 1, cfg.train.max_steps, cfg.optim.min_lr_ratio)
+    )
+    losses, reference_losses = [], []
+    for _ in range(cfg.train.max_steps):
+        loss = flow_loss(lambda x_t, t_: engine(x_t, t_, ids, mask), x0, noise, t)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss = flow_loss(lambda x_t, t_: reference(x_t, t_, ids, mask), x0, noise, t)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        schedule.step()
+        reference_losses.append(loss.item())
+    params = list(engine.module.parameters())
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            trained = [p.detach().clone() for p in params]
+    else:
+        trained = [p.detach().clone() for p in params]
+    weight_gap = max((a - b).abs().max().item() for a, b in zip(trained, reference.parameters(), strict=True))
+    moved = min(
+        (a - b).abs().max().item() for a, b in zip(trained, fresh_model(cfg).parameters(), strict=True)
+    )
+    return {
+        "losses": losses,
+        "reference_losses": reference_losses,
+        "weights": weight_gap,
+        "least_moved": moved,
+    }
+
+
+def main(out: str) -> None:
+    info = init_distributed(sequence_parallel=2)
+    torch.set_num_threads(1)
+    report = {"forward": compare_forward(config(), info.sequence_group)}
+    report["training"] = {stage: compare_training(stage, info.sequence_group) for stage in (2, 3)}
+    if info.rank == 0:
+        with open(out, "w") as file:
+            json.dump(report, file, indent=1)
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
