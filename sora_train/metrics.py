@@ -40,6 +40,21 @@ def wandb_mode(mode: str) -> str:
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
+def console_line(row: dict, max_steps: int) -> str:
+    """One step row as a console line: loss, LR, gradient norm, throughput, MFU (when known), data wait,
+    peak memory and time left."""
+    if "mfu" in row:
+        compute = f"MFU {100 * row['mfu']:.1f}%"
+    else:  # no known peak (a CPU): achieved FLOP/s instead
+        compute = f"{1000 * row['tflops_per_device']:.2f} GFLOP/s/device"
+    return (
+        f"step {row['step']}/{max_steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  grad {row['grad_norm']:.3f}  "
+        f"{row['samples_per_s']:.1f} samples/s  {row['tokens_per_s_per_device']:,.0f} tokens/s/device  "
+        f"{compute}  data wait {100 * row['data_wait']:.0f}%  peak mem {row['peak_memory_gb']:.1f} GiB  "
+        f"eta {row['eta_s'] / 60:.1f} min"
+    )
+
+
 class MetricsLogger:
     """Rank 0's reporter. On resume, metrics.jsonl keeps only the rows up to the resumed step."""
 
@@ -72,32 +87,29 @@ class MetricsLogger:
         self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
 
     def log(self, row: dict) -> None:
-        """Append a row (it must hold "step"); print a console line every `log_every` steps."""
+        """Append a step row (it must hold "step"), with the estimated time left as `eta_s`; print a
+        console line every `log_every` steps."""
+        step = row["step"]
+        elapsed = time.monotonic() - self.started
+        row = {**row, "eta_s": elapsed / max(1, step - self.start_step) * (self.max_steps - step)}
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         if self.wandb_run is not None:
             self.wandb_run.log(
                 {
-                    "train/step": row["step"],
+                    "train/step": step,
                     **{f"train/{k}": v for k, v in row.items() if k != "step" and isinstance(v, int | float)},
                 }
             )
-        step = row["step"]
         if "loss" in row and (step % self.log_every == 0 or step == self.max_steps):
-            elapsed = time.monotonic() - self.started
-            eta = elapsed / max(1, step - self.start_step) * (self.max_steps - step)
-            print(
-                f"step {step}/{self.max_steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
-                f"grad {row['grad_norm']:.3f}  {row['samples_per_s']:.1f} samples/s  "
-                f"data wait {100 * row['data_wait']:.0f}%  eta {eta / 60:.1f} min",
-                flush=True,
-            )
+            print(console_line(row, self.max_steps), flush=True)
 
-    def log_event(self, event: str, step: int, values: dict) -> None:
-        """A non-step row (evaluation, samples); printed and logged."""
+    def log_event(self, event: str, step: int, values: dict, echo: bool = True) -> None:
+        """A non-step row (evaluation, samples); logged, and printed unless `echo` is False."""
         self.file.write(json.dumps({"event": event, "step": step, **values}) + "\n")
         self.file.flush()
-        print(f"[{event}] step {step}: " + "  ".join(f"{k}={v}" for k, v in values.items()), flush=True)
+        if echo:
+            print(f"[{event}] step {step}: " + "  ".join(f"{k}={v}" for k, v in values.items()), flush=True)
         if self.wandb_run is not None:
             numeric = {f"{event}/{k}": v for k, v in values.items() if isinstance(v, int | float)}
             self.wandb_run.log({"train/step": step, **numeric})

@@ -7,7 +7,6 @@ that many local processes with torchrun, all sharing one run dir computed here.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import subprocess
@@ -47,16 +46,17 @@ from .config import (
     validate,
 )
 from .data.loader import Batch, merge_counts
-from .data.recipe import build_loader
+from .data.recipe import build_loader, tokens_per_sample
 from .data.storage import ShardError
 from .diffusion.flow import flow_loss, sample_timesteps
 from .ema import EMA
 from .eval.validation import loss_sums, merge_sums, one_pass
 from .generate import generate_videos, save_clips
 from .guards import TrainingDiverged, TrainingGuards
+from .hardware import device_peak_flops
 from .metrics import MetricsLogger, final_validation_loss, keys_hash
 from .models.denoiser import VideoDenoiser, build_denoiser
-from .models.patch import grid_size
+from .models.dit import count_parameters
 from .models.prompts import PromptEncoder
 from .models.vae import LatentSpace, build_latent_space
 from .parallel.checkpointing import apply_activation_checkpointing
@@ -83,6 +83,15 @@ from .preemption import (
 from .pretrained import inference_config
 from .recipes import config_dir
 from .run_info import write_run_info
+from .throughput import (
+    StepThroughput,
+    banner_lines,
+    batch_flops,
+    batch_tokens,
+    caption_tokens,
+    layout_summary,
+    peak_memory_bytes,
+)
 
 # DeepSpeed's ZeRO-2 path calls a torch collective torch has renamed; the warning is not ours to act on.
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
@@ -104,12 +113,6 @@ def forward_backward(
     )
     engine.backward(loss)
     return loss.item()
-
-
-def batch_tokens(shape: torch.Size, latent_space: LatentSpace | None, patch: tuple[int, int, int]) -> int:
-    """Transformer tokens in a batch of (B, C, F, H, W) pixels, or of latents when `latent_space` is None."""
-    grid = shape[2:] if latent_space is None else latent_space.latent_shape(*shape[2:])[1:]
-    return shape[0] * math.prod(grid_size(tuple(grid), patch))
 
 
 def ensure_synthetic_corpus(cfg: TrainConfig) -> None:
@@ -223,6 +226,7 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_denoiser(cfg.model)
+    parameters = count_parameters(model)  # before ZeRO-3 partitions them
     apply_sequence_parallel(model, dist_info.sequence_group)
     if trainer_state is not None:
         check_model_fits(selection.directory, model, trainer_state["config"], cfg)
@@ -255,6 +259,12 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
     logger = MetricsLogger(cfg, step, resumed.wandb_id) if dist_info.is_main else None
     if logger:
         report_start(logger, selection.directory, resumed, loader)
+        summary = layout_summary(
+            cfg, dist_info, parameters, tokens_per_step(cfg, loader, latent_space, data_world)
+        )
+        print("\n".join(banner_lines(summary)), flush=True)
+        logger.log_event("layout", step, summary, echo=False)
+    peak_flops = device_peak_flops(device)
 
     prompts = PromptEncoder(cfg.model, device)
     patch = tuple(cfg.model.patch_size)
@@ -316,7 +326,7 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
 
     last_saved = step
     while step < cfg.train.max_steps:
-        started, data_wait, losses, keys, tokens = time.perf_counter(), 0.0, [], [], 0
+        started, data_wait, losses, keys, tokens, flops = time.perf_counter(), 0.0, [], [], 0, 0.0
         for _ in range(cfg.train.grad_accum_steps):
             fetch = time.perf_counter()
             batch = next(batches)
@@ -325,7 +335,11 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
             losses.append(forward_backward(engine, batch, prompts, encoder, generator, cfg, dtype))
             engine.step()  # DeepSpeed counts micro-batches; the last one of a step updates the weights
             keys.extend(batch["key"])
-            tokens += batch_tokens(batch["x"].shape, encoder, patch)
+            micro_tokens = batch_tokens(batch["x"].shape, encoder, patch)
+            tokens += micro_tokens
+            flops += batch_flops(
+                cfg, micro_tokens, len(batch["key"]), caption_tokens(batch, prompts.learned, cfg)
+            )
         step += 1
         applied = engine.was_step_applied()  # False: a non-finite gradient norm discarded it on all ranks
         if applied:
@@ -334,15 +348,20 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
 
         loss, wait = all_reduce_mean([sum(losses) / len(losses), data_wait / elapsed], device)
         verdict = guards.observe(applied, loss)
-        gathered = data_reports(dist_info, (keys, tokens, loader.skip_counts()))  # per data-parallel rank
+        per_rank = all_gather_objects((keys, tokens, flops, loader.skip_counts(), peak_memory_bytes(device)))
+        gathered = per_rank[:: dist_info.sequence_parallel]  # one report per data-parallel rank
         if logger:
-            all_keys = [k for rank_keys, _, _ in gathered for k in rank_keys]
+            all_keys = [k for rank_keys, *_ in gathered for k in rank_keys]
+            throughput = StepThroughput(
+                tokens=sum(r[1] for r in gathered), flops=sum(r[2] for r in gathered), seconds=elapsed,
+                devices=world, peak_flops=peak_flops,
+            )  # fmt: skip
             logger.log({
                 "step": step, "loss": loss, "lr": engine.get_lr()[0],
                 "grad_norm": float(engine.get_global_grad_norm() or 0.0), "epoch": batch["epoch"],
-                "samples_per_s": len(all_keys) / elapsed, "tokens_per_s": sum(t for _, t, _ in gathered) / elapsed,
-                "data_wait": wait, "batch_hash": keys_hash(all_keys),
-                "skipped": sum(merge_counts([skips for _, _, skips in gathered]).values()),
+                "samples_per_s": len(all_keys) / elapsed, "tokens_per_s": throughput.tokens / elapsed,
+                **throughput.row(), "data_wait": wait, "peak_memory_gb": max(r[4] for r in per_rank) / 2**30,
+                "batch_hash": keys_hash(all_keys), "skipped": sum(merge_counts([r[3] for r in gathered]).values()),
                 "skipped_steps": guards.state.skipped_steps, "loss_spikes": guards.state.loss_spikes,
             })  # fmt: skip
             if cfg.train.log_keys:
@@ -396,6 +415,20 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
     if logger:
         logger.close()
     return True
+
+
+def tokens_per_step(cfg: TrainConfig, loader, latent_space: LatentSpace, data_world: int) -> dict[str, int]:
+    """Tokens one optimizer step trains on, for a step of each bucket: per-rank batch × tokens per sample
+    × data-parallel ranks × accumulation."""
+    patch = tuple(cfg.model.patch_size)
+    settings = loader.settings
+    return {
+        bucket.name: size
+        * tokens_per_sample(bucket, latent_space, patch)
+        * data_world
+        * cfg.train.grad_accum_steps
+        for bucket, size in zip(settings.table.buckets, settings.batch_sizes, strict=True)
+    }
 
 
 def report_start(logger: MetricsLogger, checkpoint: Path | None, resumed: Resumed, loader) -> None:

@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 
 from sora_train.checkpoint.safe_load import weights_only_loads
 from sora_train.checkpoint.store import tag_for
+from sora_train.config import ModelConfig
+from sora_train.flops import sample_flops
 from sora_train.metrics import read_metrics
 from sora_train.parallel.dist import free_port
 from sora_train.preemption import EXIT_PREEMPTED
@@ -83,6 +85,7 @@ def test_two_process_run_checkpoints(two_process_run):
     tokens_per_clip = {round(r["tokens_per_s"] / r["samples_per_s"], 1) for r in rows}
     assert tokens_per_clip <= {32.0, 38.4, 48.0} and len(tokens_per_clip) > 1
     assert all(len(r["batch_hash"]) == 12 for r in rows)
+    assert_throughput_report(two_process_run, rows)
     checkpoints = sorted(p.name for p in (two_process_run / "checkpoints").glob("step_*"))
     assert checkpoints == ["step_0000004", "step_0000008"]
     assert (two_process_run / "checkpoints" / "latest").read_text().strip() == "step_0000008"
@@ -91,6 +94,30 @@ def test_two_process_run_checkpoints(two_process_run):
     info = (two_process_run / "run_info.json").read_text()
     assert '"world_size": 2' in info and '"torch"' in info
     assert list((two_process_run / "samples" / "step_0000008").glob("*.mp4"))
+
+
+def assert_throughput_report(run_dir: Path, rows: list[dict]) -> None:
+    """The layout event, and each step's FLOPs: Σ over its clips of the per-sample count (flops.py)."""
+    (layout,) = [r for r in read_metrics(run_dir) if r.get("event") == "layout"]
+    assert (
+        layout["nodes"],
+        layout["devices_per_node"],
+        layout["data_parallel"],
+        layout["sequence_parallel"],
+    ) == (1, 2, 2, 1)
+    assert layout["tokens_per_step_by_bucket"] == {"4x16x16": 192, "4x16x24": 192, "4x24x16": 192}
+    model = ModelConfig(**json.loads((run_dir / "run_info.json").read_text())["config"]["model"])
+    uniform = 0
+    for row in rows:
+        clip_tokens = row["tokens_per_s"] / row["samples_per_s"]
+        if clip_tokens in (32.0, 48.0):  # every clip of the step from one bucket shape
+            clips = round(192 / clip_tokens)
+            expected = clips * sample_flops(model, int(clip_tokens), model.text_max_length)
+            elapsed = clips / row["samples_per_s"]
+            assert row["tflops_per_device"] * 1e12 * 2 * elapsed == pytest.approx(expected, rel=1e-6)
+            uniform += 1
+        assert row["peak_memory_gb"] > 0 and row["eta_s"] >= 0 and "mfu" not in row  # no peak on a CPU
+    assert uniform > 0
 
 
 def launch(

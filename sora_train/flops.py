@@ -1,0 +1,162 @@
+"""Training FLOPs per sample, from the model's own structure (the design guide's MFU formula).
+
+    F = 6·(P_tok·S + P_txt·T) + 6·P_sample + 12·L·H·K·(S² + S·T)   [+ 12·L_txt·E·T² for a learned text encoder]
+
+forward + backward, recompute not counted; S video tokens, T text tokens, L depth, H·K the
+hidden size. The three parameter counts are read off the denoiser built on the meta device,
+each parameter classified by its name with `PARAMETER_ROLES`:
+
+| role     | applied              | parameters                                                          |
+|----------|----------------------|---------------------------------------------------------------------|
+| video    | once per video token | patch embed; each block's norms, qkv/proj, q-norms, cross q/proj, MLP; final norm and linear |
+| text     | once per text token  | the learned text encoder's layers and final norm (or the TextProjection of a frozen T5), the DiT's text_proj, each block's cross-attention kv and k-norm |
+| sample   | once per sample      | timestep embedder, text_pool, every block's adaLN modulation, the final modulation |
+| lookup   | no multiply-adds     | the text encoder's token embedding table and learned positions      |
+
+The frozen T5/UMT5 encoder and the VAE are excluded (design guide). Planning works without
+model files: a Wan latent space is taken as Wan 2.1's VAE (16 channels, 4× time and 8× space
+compression, `WAN_CHANNELS`, `WAN_COMPRESSION`), and a frozen text encoder whose directory is
+absent as 4096 wide (T5-XXL / UMT5-XXL, `FROZEN_TEXT_DIM`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, replace
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .models.denoiser import TextProjection, VideoDenoiser, build_denoiser, frozen_text_dim
+from .models.dit import DiT
+
+WAN_CHANNELS = 16  # Wan 2.1 VAE latent channels (z_dim), assumed when planning
+WAN_COMPRESSION = (4, 8, 8)  # (time, height, width): F = 1 + 4k frames -> 1 + k latent frames
+FROZEN_TEXT_DIM = 4096  # d_model of T5-XXL and UMT5-XXL, assumed when the encoder's directory is absent
+
+VIDEO, TEXT, SAMPLE, LOOKUP = "video", "text", "sample", "lookup"
+
+# (pattern on the full parameter name, role); the first matching pattern wins.
+PARAMETER_ROLES: tuple[tuple[str, str], ...] = (
+    ("text_encoder.token_embed.*", LOOKUP),
+    ("text_encoder.pos_embed", LOOKUP),
+    ("text_encoder.*", TEXT),
+    ("dit.text_proj.*", TEXT),
+    ("dit.blocks.*.cross_attn.kv.*", TEXT),
+    ("dit.blocks.*.cross_attn.k_norm.*", TEXT),
+    ("dit.time_embed.*", SAMPLE),
+    ("dit.text_pool.*", SAMPLE),
+    ("dit.blocks.*.modulation.*", SAMPLE),
+    ("dit.final.modulation.*", SAMPLE),
+    ("dit.patch_embed.*", VIDEO),
+    ("dit.blocks.*.self_attn.*", VIDEO),
+    ("dit.blocks.*.cross_attn.q.*", VIDEO),
+    ("dit.blocks.*.cross_attn.q_norm.*", VIDEO),
+    ("dit.blocks.*.cross_attn.proj.*", VIDEO),
+    ("dit.blocks.*.norm?.*", VIDEO),
+    ("dit.blocks.*.mlp.*", VIDEO),
+    ("dit.final.norm.*", VIDEO),
+    ("dit.final.linear.*", VIDEO),
+)
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    """Parameters of a denoiser by how often a training step applies them."""
+
+    video: int  # P_tok
+    text: int  # P_txt
+    sample: int  # P_sample
+    lookup: int  # embedding tables: read, not multiplied
+    persistent: int  # parameters under ZeRO-3's default persistence threshold (kept whole on every rank)
+    largest: int  # the largest single parameter tensor
+
+    @property
+    def total(self) -> int:
+        return self.video + self.text + self.sample + self.lookup
+
+
+def latent_channels(model: ModelConfig) -> int:
+    """Channels of the tensors the DiT denoises: 3 for pixels, `WAN_CHANNELS` for Wan latents."""
+    return 3 if model.latent_space == "pixel" else WAN_CHANNELS
+
+
+def latent_compression(model: ModelConfig) -> tuple[int, int, int]:
+    """(time, height, width) compression of the latent space: none for pixels, `WAN_COMPRESSION` for Wan."""
+    return (1, 1, 1) if model.latent_space == "pixel" else WAN_COMPRESSION
+
+
+def frozen_text_width(model: ModelConfig) -> int:
+    """E_in of a frozen text encoder: its config.json's d_model, else `FROZEN_TEXT_DIM`."""
+    path = model.text_encoder_path
+    if path and (Path(path) / "config.json").is_file():
+        return frozen_text_dim(path)
+    return FROZEN_TEXT_DIM
+
+
+def planning_model(model: ModelConfig, device: str | torch.device = "meta") -> VideoDenoiser:
+    """The denoiser `build_denoiser` would build, without any model files (on the meta device:
+    shapes only, no memory).
+
+    The DiT's input channels and a frozen encoder's width come from `latent_channels` and
+    `frozen_text_width` instead of the VAE's and the encoder's directories.
+    """
+    with torch.device(device):
+        denoiser = build_denoiser(replace(model, latent_space="pixel", vae_path=None, text_encoder="learned"))
+        if latent_channels(model) != denoiser.dit.shape.in_channels:
+            denoiser.dit = DiT(replace(denoiser.dit.shape, in_channels=latent_channels(model)))
+        if model.text_encoder != "learned":
+            denoiser.text_encoder = TextProjection(frozen_text_width(model), model.text_dim)
+    return denoiser
+
+
+def parameter_role(name: str) -> str:
+    """The role (`VIDEO`, `TEXT`, `SAMPLE` or `LOOKUP`) of a denoiser parameter, by `PARAMETER_ROLES`."""
+    for pattern, role in PARAMETER_ROLES:
+        if fnmatchcase(name, pattern):
+            return role
+    raise ValueError(f"parameter {name!r} has no FLOP role; add it to sora_train.flops.PARAMETER_ROLES")
+
+
+def classify_parameters(module: nn.Module) -> dict[str, str]:
+    """Every parameter's name -> its role."""
+    return {name: parameter_role(name) for name, _ in module.named_parameters()}
+
+
+_COUNTS: dict[str, ParameterCounts] = {}
+PERSISTENCE_THRESHOLD = 100_000  # ParallelConfig.param_persistence_threshold's default
+
+
+def parameter_counts(model: ModelConfig) -> ParameterCounts:
+    """`ParameterCounts` of the denoiser a model config describes (cached per config)."""
+    key = json.dumps(asdict(model), sort_keys=True)
+    if key not in _COUNTS:
+        denoiser = planning_model(model)
+        sums = dict.fromkeys((VIDEO, TEXT, SAMPLE, LOOKUP), 0)
+        for name, param in denoiser.named_parameters():
+            sums[parameter_role(name)] += param.numel()
+        sizes = [p.numel() for p in denoiser.parameters()]
+        persistent = sum(n for n in sizes if n < PERSISTENCE_THRESHOLD)
+        _COUNTS[key] = ParameterCounts(**sums, persistent=persistent, largest=max(sizes))
+    return _COUNTS[key]
+
+
+def sample_flops(model: ModelConfig, video_tokens: int, text_tokens: int) -> float:
+    """Training FLOPs (forward + backward, recompute not counted) of one sample of S video and T text tokens."""
+    counts = parameter_counts(model)
+    s, t = video_tokens, text_tokens
+    dense = 6 * (counts.video * s + counts.text * t) + 6 * counts.sample
+    attention = 12 * model.depth * model.hidden_size * (s * s + s * t)  # 12·L·H·K·(S² + S·T)
+    if model.text_encoder == "learned":  # the learned encoder's self-attention over the text tokens
+        attention += 12 * model.text_depth * model.text_dim * t * t
+    return float(dense + attention)
+
+
+def step_flops(model: ModelConfig, micro_batches: Iterable[tuple[int, int]]) -> float:
+    """Training FLOPs of a step's micro-batches, each (batch size, video tokens per sample);
+    every caption is padded to `model.text_max_length` tokens."""
+    return sum(batch * sample_flops(model, tokens, model.text_max_length) for batch, tokens in micro_batches)
