@@ -1,5 +1,6 @@
-"""Ulysses sequence parallelism equals the whole-sequence model: outputs, gradients, training steps, and
-the minute-long recipe scaled down, resumed across a change of the rank grid."""
+"""Data and sequence parallelism equal one process: outputs, gradients, training steps at ZeRO-2 and
+ZeRO-3, identical weights on every rank, and the minute-long recipe scaled down, resumed across a
+change of the rank grid."""
 
 from __future__ import annotations
 
@@ -19,18 +20,36 @@ pytestmark = pytest.mark.distributed
 SCRIPTS = Path(__file__).parent / "scripts"
 
 
-def test_sequence_parallel_outputs_gradients_and_steps_equal_the_whole_sequence(tmp_path):
-    out = tmp_path / "report.json"
-    assert_ok(run_torchrun(2, SCRIPTS / "sequence_parallel_check.py", str(out)))
-    report = json.loads(out.read_text())
-    assert set(report["forward"]) == {"divides", "padded"}  # 32 tokens split 16 + 16; 27 padded to 28
-    for grid, gaps in report["forward"].items():
+@pytest.fixture(scope="module")
+def parallel_report(tmp_path_factory) -> dict:
+    """tests/scripts/parallel_check.py's report: SP=2 and DP=2 on 2 processes against a plain model."""
+    out = tmp_path_factory.mktemp("parallel") / "report.json"
+    assert_ok(run_torchrun(2, SCRIPTS / "parallel_check.py", str(out)))
+    return json.loads(out.read_text())
+
+
+def assert_trains_like_one_process(run: dict, name: str) -> None:
+    """3 DeepSpeed steps against a plain torch model on the whole batch: same losses, same weights."""
+    for loss, reference in zip(run["losses"], run["reference_losses"], strict=True):
+        assert loss == pytest.approx(reference, rel=1e-6), name
+    assert run["weights"] < 1e-5 and run["least_moved"] > 1e-4, name  # every weight moved, identically
+
+
+def test_sequence_parallel_outputs_gradients_and_steps_equal_the_whole_sequence(parallel_report):
+    forward = parallel_report["forward"]
+    assert set(forward) == {"divides", "padded"}  # 32 tokens split 16 + 16; 27 padded to 28
+    for grid, gaps in forward.items():
         assert gaps["output"] <= 1e-6 * gaps["output_scale"], grid
         assert gaps["grad"] <= 1e-5 * gaps["grad_scale"], grid
-    for stage, run in report["training"].items():  # ZeRO-2 and ZeRO-3, 3 steps each
-        for loss, reference in zip(run["losses"], run["reference_losses"], strict=True):
-            assert loss == pytest.approx(reference, rel=1e-6), stage
-        assert run["weights"] < 1e-5 and run["least_moved"] > 1e-4, stage  # every weight moved, identically
+    for name in ("SP ZeRO-2", "SP ZeRO-3"):
+        assert_trains_like_one_process(parallel_report["training"][name], name)
+
+
+def test_data_parallel_steps_equal_one_process_and_every_rank_holds_the_same_weights(parallel_report):
+    for name in ("DP ZeRO-2", "DP ZeRO-3"):
+        assert_trains_like_one_process(parallel_report["training"][name], name)
+    for name in ("DP ZeRO-2", "SP ZeRO-2"):  # ZeRO-2: each rank holds every weight
+        assert parallel_report["training"][name]["between_ranks"] == 0.0, name
 
 
 def test_minute_recipe_scaled_down_trains_with_sp2_as_with_sp1(corpus, tmp_path):

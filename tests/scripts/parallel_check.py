@@ -1,15 +1,17 @@
-"""Ulysses sequence parallelism against the whole-sequence model, on every rank of one group.
+"""Data and sequence parallelism against one plain torch model, on 2 processes.
 
-Run under torchrun with 2 processes (one sequence-parallel group of 2). Rank 0 writes a JSON
-report to the path given as the first argument:
-- `forward`: per token grid, the largest difference between the sequence-parallel output and the
-  whole-sequence output, and between their gradients (each rank's parameter gradients averaged
-  over the ranks, as DeepSpeed does) — for a grid whose token count divides the degree and for
-  one that is padded;
-- `training`: per ZeRO stage, the loss of each of 3 DeepSpeed steps with sequence parallelism and
-  of the same steps taken by a plain torch model and optimizer, and the largest difference between
-  the final weights.
-Usage: torchrun --nproc-per-node 2 sequence_parallel_check.py OUT.json
+Run under torchrun with 2 processes. Rank 0 writes a JSON report to the path given as the first
+argument:
+- `forward`: per token grid, the largest difference between the sequence-parallel (SP=2) output
+  and the whole-sequence output, and between their gradients (each rank's parameter gradients
+  averaged over the ranks, as DeepSpeed does), for a grid whose token count divides the degree
+  and for one that is padded;
+- `training`: per layout (SP=2: both ranks share every clip; DP=2: each rank takes half the batch)
+  and ZeRO stage (2, 3), the loss of each of 3 DeepSpeed steps and of the same steps taken by a
+  plain torch model and optimizer on the whole batch, the largest difference between the final
+  weights, the least any weight moved, and (ZeRO-2) the largest difference between the two ranks'
+  weights.
+Usage: torchrun --nproc-per-node 2 parallel_check.py OUT.json
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ BATCH = 2
 GRIDS = {"divides": (4, 16, 16), "padded": (6, 12, 12)}  # (F, H, W) pixels: 32 and 27 tokens at patch 2×4×4
 
 
-def config(zero_stage: int = 2) -> TrainConfig:
+def config(zero_stage: int = 2, sequence_parallel: int = 2) -> TrainConfig:
     cfg = TrainConfig(
         model=ModelConfig(preset="test", hidden_size=32, depth=2, num_heads=2, patch_size=[2, 4, 4], text_dim=32,
                           text_depth=1, text_heads=2, text_vocab_size=256, absolute_positions=True),
@@ -41,7 +43,7 @@ def config(zero_stage: int = 2) -> TrainConfig:
         run_dir="unused",
     )  # fmt: skip
     cfg.parallel.zero_stage = zero_stage
-    cfg.parallel.sequence_parallel = dist.get_world_size()
+    cfg.parallel.sequence_parallel = sequence_parallel
     cfg.optim.warmup_steps = 1
     return cfg
 
@@ -92,12 +94,29 @@ def compare_forward(cfg: TrainConfig, group) -> dict:
     return report
 
 
-def compare_training(zero_stage: int, group) -> dict:
-    cfg = config(zero_stage)
+def gathered_weights(engine) -> list[torch.Tensor]:
+    params = list(engine.module.parameters())
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            return [p.detach().clone() for p in params]
+    return [p.detach().clone() for p in params]
+
+
+def compare_training(zero_stage: int, layout: str, group) -> dict:
+    """3 DeepSpeed steps of `layout` (SP: both ranks take the whole batch split by tokens; DP: each
+    rank half of it) against 3 steps of a plain model on the whole batch."""
+    cfg = config(zero_stage, sequence_parallel=2 if layout == "SP" else 1)
     x0, noise, t, ids, mask = inputs(cfg, *GRIDS["padded"])
     reference = fresh_model(cfg)
     model = copy.deepcopy(reference)
-    apply_sequence_parallel(model, group)
+    share = slice(None)
+    if layout == "SP":
+        apply_sequence_parallel(model, group)
+    else:
+        rank = dist.get_rank()
+        share = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
     engine = build_engine(model, cfg, dist.get_world_size())
     optimizer = build_optimizer(reference, cfg)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -105,10 +124,16 @@ def compare_training(zero_stage: int, group) -> dict:
     )
     losses, reference_losses = [], []
     for _ in range(cfg.train.max_steps):
-        loss = flow_loss(lambda x_t, t_: engine(x_t, t_, ids, mask), x0, noise, t)
+        loss = flow_loss(
+            lambda x_t, t_: engine(x_t, t_, ids[share], mask[share]), x0[share], noise[share], t[share]
+        )
         engine.backward(loss)
         engine.step()
-        losses.append(loss.item())
+        mean = loss.detach().clone()
+        if layout == "DP":  # the whole batch's loss: the mean of the two halves'
+            dist.all_reduce(mean)
+            mean /= 2
+        losses.append(mean.item())
         optimizer.zero_grad()
         loss = flow_loss(lambda x_t, t_: reference(x_t, t_, ids, mask), x0, noise, t)
         loss.backward()
@@ -116,31 +141,34 @@ def compare_training(zero_stage: int, group) -> dict:
         optimizer.step()
         schedule.step()
         reference_losses.append(loss.item())
-    params = list(engine.module.parameters())
-    if zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params):
-            trained = [p.detach().clone() for p in params]
-    else:
-        trained = [p.detach().clone() for p in params]
-    weight_gap = max((a - b).abs().max().item() for a, b in zip(trained, reference.parameters(), strict=True))
-    moved = min(
-        (a - b).abs().max().item() for a, b in zip(trained, fresh_model(cfg).parameters(), strict=True)
-    )
-    return {
+    trained = gathered_weights(engine)
+    report = {
         "losses": losses,
         "reference_losses": reference_losses,
-        "weights": weight_gap,
-        "least_moved": moved,
+        "weights": max(
+            (a - b).abs().max().item() for a, b in zip(trained, reference.parameters(), strict=True)
+        ),
+        "least_moved": min(
+            (a - b).abs().max().item() for a, b in zip(trained, fresh_model(cfg).parameters(), strict=True)
+        ),
     }
+    if zero_stage < 3:  # every rank holds every weight: the copies must be identical
+        mine = torch.cat([w.flatten() for w in trained])
+        theirs = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(theirs, mine)
+        report["between_ranks"] = max((other - mine).abs().max().item() for other in theirs)
+    return report
 
 
 def main(out: str) -> None:
     info = init_distributed(sequence_parallel=2)
     torch.set_num_threads(1)
     report = {"forward": compare_forward(config(), info.sequence_group)}
-    report["training"] = {stage: compare_training(stage, info.sequence_group) for stage in (2, 3)}
+    report["training"] = {
+        f"{layout} ZeRO-{stage}": compare_training(stage, layout, info.sequence_group)
+        for layout in ("SP", "DP")
+        for stage in (2, 3)
+    }
     if info.rank == 0:
         with open(out, "w") as file:
             json.dump(report, file, indent=1)

@@ -1,0 +1,413 @@
+"""The FLOP counter, the GPU table and sora-plan, each checked against a measurement.
+
+FLOPs against torch's FlopCounterMode over a real forward + backward; activation bytes against
+what autograd saves (saved_tensors_hooks); parameter, gradient and optimizer bytes against a real
+DeepSpeed engine; on a GPU, the planned peak against torch.cuda.max_memory_allocated.
+Run as `python -m tests.test_planner engine-states|gpu-peak ...` it does the measurements that
+need a process of their own (DeepSpeed keeps process-wide state).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from sora_train.config import ModelConfig, ParallelConfig
+from sora_train.flops import (
+    LOOKUP,
+    SAMPLE,
+    TEXT,
+    VIDEO,
+    classify_parameters,
+    parameter_counts,
+    parameter_role,
+    planning_model,
+    sample_flops,
+)
+from sora_train.hardware import device_peak_flops, gpu_spec, match_device_name
+from sora_train.models.denoiser import build_denoiser, build_tokenizer
+from sora_train.models.dit import count_parameters
+from sora_train.planner import (
+    CPU_KERNELS,
+    MeasuredActivations,
+    activation_bytes,
+    activation_model,
+    compose_config,
+    main,
+    measure_activation_bytes,
+    plan_run,
+    required_sequence_parallel,
+    state_bytes,
+)
+from sora_train.recipes import config_dir
+
+from .conftest import assert_ok, run_module
+
+
+@functools.cache
+def _composed(name: str) -> ModelConfig:
+    with initialize_config_dir(str(config_dir() / "model"), version_base="1.3"):
+        return ModelConfig(**OmegaConf.to_container(compose(name)))
+
+
+def preset(name: str, **changes) -> ModelConfig:
+    """A model preset composed from configs/model/NAME.yaml, as sora-train composes it."""
+    return replace(_composed(name), **changes)
+
+
+def tokens_of(model: ModelConfig, clip: tuple[int, int, int]) -> int:
+    """Video tokens of a (f, h, w) latent clip."""
+    (pt, ph, pw), (f, h, w) = model.patch_size, clip
+    return (f // pt) * (h // ph) * (w // pw)
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs
+
+
+@pytest.mark.parametrize("name", ["tiny", "S", "B"])
+def test_every_parameter_has_a_role_and_the_roles_sum_to_the_model(name):
+    for text_encoder in ("learned", "t5"):
+        model = preset(name, text_encoder=text_encoder)
+        denoiser = planning_model(model)
+        roles = classify_parameters(denoiser)
+        counts = parameter_counts(model)
+        assert counts.total == count_parameters(denoiser)
+        assert min(counts.video, counts.text, counts.sample) > 0
+        if text_encoder == "t5":  # TextProjection: LayerNorm(4096) + Linear(4096 -> text_dim)
+            assert counts.lookup == 0
+            assert roles["text_encoder.proj.weight"] == TEXT
+            assert denoiser.text_encoder.proj.in_features == 4096
+    with torch.device("meta"):
+        assert count_parameters(build_denoiser(preset(name))) == parameter_counts(preset(name)).total
+    assert parameter_role("dit.blocks.3.cross_attn.kv.weight") == TEXT
+    assert parameter_role("dit.blocks.3.cross_attn.k_norm.weight") == TEXT
+    assert parameter_role("dit.blocks.3.cross_attn.q_norm.weight") == VIDEO
+    assert parameter_role("dit.blocks.3.modulation.1.weight") == SAMPLE
+    assert parameter_role("dit.final.modulation.1.bias") == SAMPLE
+    assert parameter_role("dit.final.linear.weight") == VIDEO
+    assert parameter_role("text_encoder.token_embed.weight") == LOOKUP
+    with pytest.raises(ValueError, match="no FLOP role"):
+        parameter_role("dit.new_module.weight")
+
+
+@pytest.mark.parametrize(
+    ("name", "changes", "batch", "clip"),
+    [
+        ("tiny", {}, 2, (8, 16, 16)),
+        ("tiny", {"text_encoder": "t5"}, 1, (4, 16, 16)),
+        ("S", {}, 1, (1, 16, 16)),
+    ],
+)
+def test_flops_match_torch_flop_counter(name, changes, batch, clip):
+    model = preset(name, **changes)
+    torch.manual_seed(0)
+    if model.text_encoder == "learned":
+        denoiser = build_denoiser(model)
+        text, mask = build_tokenizer(model)(["a red square moving left"] * batch)
+    else:  # frozen T5 embeddings (4096 wide, the planner's assumption without the encoder's files)
+        denoiser = planning_model(model, device="cpu")
+        text, mask = (
+            torch.randn(batch, model.text_max_length, 4096),
+            torch.ones(batch, model.text_max_length).bool(),
+        )
+    x, t = torch.randn(batch, 3, *clip), torch.rand(batch)
+    # The math backend runs attention as matmuls, which FlopCounterMode counts (CPU flash attention it does not).
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        denoiser(x, t, text, mask).square().mean().backward()
+    measured = counter.get_total_flops()
+    s, text_tokens = tokens_of(model, clip), model.text_max_length
+    predicted = batch * sample_flops(model, s, text_tokens)
+    assert abs(predicted / measured - 1) < 0.02, (predicted, measured)
+    attention = batch * 12 * model.depth * model.hidden_size * (s * s + s * text_tokens)
+    if name == "tiny":  # the quadratic term is a real share of this measurement, so it is checked too
+        assert attention / measured > 0.1
+
+
+def test_frozen_encoder_width_comes_from_its_config_or_is_taken_as_4096(tmp_path):
+    learned = preset("tiny")
+    encoder = planning_model(learned).text_encoder
+    encoder_params = sum(p.numel() for name, p in encoder.named_parameters() if "embed" not in name)
+    dit_text = parameter_counts(learned).text - encoder_params  # text_proj, cross-attention kv and k-norm
+    (tmp_path / "config.json").write_text(json.dumps({"d_model": 512}))
+    for path, width in ((None, 4096), (str(tmp_path), 512)):
+        counts = parameter_counts(replace(learned, text_encoder="umt5", text_encoder_path=path))
+        projection = 2 * width + width * learned.text_dim + learned.text_dim  # LayerNorm + Linear
+        assert counts.text == dit_text + projection
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations
+
+
+TINY_BUCKETS = ((8, 16, 16), (8, 32, 32))  # latent clips of the tiny preset (pixels: 256 and 1024 tokens)
+
+
+@pytest.fixture(scope="module")
+def tiny_measured() -> dict[tuple[int, int, int], MeasuredActivations]:
+    """Saved-for-backward bytes of the tiny preset at two buckets (fp32, one sample), with and without checkpointing."""
+    return {clip: measure_activation_bytes(preset("tiny"), 1, clip, torch.float32) for clip in TINY_BUCKETS}
+
+
+@pytest.mark.parametrize("clip", TINY_BUCKETS)
+def test_activation_bytes_match_saved_tensors_for_tiny(tiny_measured, clip):
+    model, measured = preset("tiny"), tiny_measured[clip]
+    for checkpointing, nbytes in ((False, measured.saved), (True, measured.checkpointed)):
+        planned = activation_bytes(
+            model, 1, tokens_of(model, clip), dtype_bytes=4, checkpointing=checkpointing, kernels=CPU_KERNELS
+        ).saved
+        assert abs(planned / nbytes - 1) < 0.01, (checkpointing, planned, nbytes)
+    assert measured.checkpointed * 2 < measured.saved
+
+
+def test_per_token_block_coefficient_matches_saved_tensors(tiny_measured):
+    """The slope of one block's saved bytes over its tokens is the analytic per-token coefficient."""
+    model = preset("tiny")
+    (small, s1), (large, s2) = ((tiny_measured[c].block, tokens_of(model, c)) for c in TINY_BUCKETS)
+    act = activation_model(model, 4, CPU_KERNELS)
+    # a measured block excludes its inputs (the residual stream: `block_input_per_token`)
+    predicted = act.block_per_token - act.block_input_per_token + act.block_per_position
+    assert abs((large - small) / (s2 - s1) / predicted - 1) < 0.005, ((large - small) / (s2 - s1), predicted)
+
+
+@pytest.mark.parametrize("changes", [{"qk_norm": False}, {"text_encoder": "t5"}])
+def test_activation_bytes_follow_model_variants_in_bf16(changes):
+    model, clip = preset("tiny", **changes), (4, 16, 16)
+    measured = measure_activation_bytes(model, 2, clip, torch.bfloat16)
+    for checkpointing, nbytes in ((False, measured.saved), (True, measured.checkpointed)):
+        planned = activation_bytes(
+            model, 2, tokens_of(model, clip), dtype_bytes=2, checkpointing=checkpointing, kernels=CPU_KERNELS
+        ).saved
+        assert abs(planned / nbytes - 1) < 0.01, (checkpointing, planned, nbytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters, gradients, optimizer states
+
+
+def test_state_bytes_by_zero_stage_and_offload():
+    counts = parameter_counts(preset("B"))
+    total, world = counts.total, 8
+    plain = ParallelConfig(zero_stage=1)
+    one = state_bytes(counts, plain, world, bf16=True)
+    two = state_bytes(counts, replace(plain, zero_stage=2), world, bf16=True)
+    three = state_bytes(counts, replace(plain, zero_stage=3), world, bf16=True)
+    assert one.parameters == two.parameters == 2 * total
+    assert one.gradients == 2 * total and two.gradients == three.gradients == 2 * -(-total // world)
+    assert one.optimizer == two.optimizer == three.optimizer == 12 * -(-total // world)
+    assert three.parameters < two.parameters
+    assert one.ema == 4 * total  # fp32, whole on every rank
+    offloaded = state_bytes(
+        counts, replace(plain, zero_stage=3, offload_optimizer=True, offload_params=True), world, True
+    )
+    assert offloaded.optimizer == 0 and offloaded.host >= three.optimizer
+    assert offloaded.parameters < three.parameters
+
+
+def test_states_match_a_deepspeed_engine():
+    """Parameters + gradients + optimizer states of a real 1-process ZeRO-2 engine on CPU, fp32 and bf16."""
+    result = run_module("tests.test_planner", "engine-states", timeout=300)
+    assert_ok(result)
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    counts = parameter_counts(ENGINE_MODEL)
+    for precision, nbytes in measured.items():
+        states = state_bytes(counts, ParallelConfig(zero_stage=2), 1, bf16=precision == "bf16")
+        planned = states.parameters + states.gradients + states.optimizer
+        assert abs(planned / nbytes - 1) < 0.01, (precision, planned, nbytes)
+    assert measured["fp32"] > measured["bf16"]  # not the same number twice
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan and the command
+
+
+def test_plan_of_a_480p_recipe(capsys):
+    overrides = ["model=B", "data.buckets=video_480p", "model.latent_space=wan", "parallel=zero3",
+                 "parallel.sequence_parallel=4", "train.activation_checkpointing=true"]  # fmt: skip
+    code = main([*overrides, "--gpus", "8", "--gpu", "H200", "--json"])
+    plan = json.loads(capsys.readouterr().out)
+    assert code == 0 and plan["fits"]
+    assert (plan["data_parallel"], plan["sequence_parallel"], plan["zero_stage"]) == (2, 4, 3)
+    first = plan["buckets"][0]
+    assert first["name"] == "81x480x832" and first["latent_grid"] == [21, 60, 104]
+    assert first["video_tokens"] == 21 * 30 * 52
+    assert first["tokens_per_gpu"] == first["batch"] * -(-first["video_tokens"] // 4)
+    assert len(plan["buckets"]) == 6
+
+
+def test_buckets_that_do_not_fit_are_flagged_with_a_sequence_parallel_degree(capsys):
+    overrides = [
+        "model=B",
+        "data.buckets=video_480p",
+        "model.latent_space=wan",
+        "data.tokens_per_batch=131072",
+    ]
+    code = main([*overrides, "--gpus", "8", "--gpu", "L40S"])
+    out = capsys.readouterr().out
+    assert code == 1 and "DOES NOT FIT" in out and " NO" in out
+    cfg = compose_config(overrides)
+    degree = required_sequence_parallel(cfg, 8, "L40S")
+    assert degree is not None and degree > 1 and f"parallel.sequence_parallel={degree}" in out
+
+    def at(sp: int):
+        return plan_run(replace(cfg, parallel=replace(cfg.parallel, sequence_parallel=sp)), 8, "L40S")
+
+    assert at(degree).fits and not at(degree // 2).fits
+    # checkpointing shrinks the activations of the largest bucket several times over
+    whole = at(1).buckets[0].activation_bytes
+    cfg.train.activation_checkpointing = True
+    assert plan_run(cfg, 8, "L40S").buckets[0].activation_bytes * 3 < whole
+
+
+def test_bad_input_exits_2_with_one_line(capsys):
+    assert main(["--gpu", "V100"]) == 2
+    assert "H100" in capsys.readouterr().err
+    assert main(["parallel.sequence_parallel=3", "--gpus", "4"]) == 2
+    assert "sequence_parallel=3" in capsys.readouterr().err
+    assert main(["model=nope"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardware
+
+
+def test_gpu_table_and_device_names():
+    assert gpu_spec("h200").peak_flops == gpu_spec("H100").peak_flops == 989e12
+    assert gpu_spec("A100-40GB").peak_flops == 312e12 and gpu_spec("L40S").memory_bytes > 44 * 2**30
+    with pytest.raises(ValueError, match="H100, H100-PCIe"):
+        gpu_spec("V100")
+    expected = {
+        "NVIDIA H100 80GB HBM3": "H100", "NVIDIA H100 PCIe": "H100-PCIe", "NVIDIA H200": "H200",
+        "NVIDIA A100-SXM4-80GB": "A100-80GB", "NVIDIA A100-PCIE-40GB": "A100-40GB", "NVIDIA L40S": "L40S",
+    }  # fmt: skip
+    for device_name, name in expected.items():
+        assert match_device_name(device_name).name == name
+    assert match_device_name("NVIDIA GeForce RTX 4090") is None
+    assert device_peak_flops(torch.device("cpu")) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the planned peak against the CUDA allocator (skipped without CUDA)
+
+GPU_OVERRIDES = [
+    "model=S", "data.num_frames=4", "data.height=128", "data.width=128", "train.global_batch_size=1",
+    "train.precision=bf16", "wandb.mode=disabled",
+]  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("checkpointing", ["false", "true"])
+def test_planned_peak_matches_cuda_max_memory_allocated(checkpointing):
+    result = run_module("tests.test_planner", "gpu-peak", checkpointing, timeout=600)
+    assert_ok(result)
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    print(figures)  # the figures docs/planner.md records
+    assert abs(figures["planned"] / figures["measured"] - 1) < 0.25, figures
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements that run in a process of their own
+
+ENGINE_MODEL = ModelConfig(
+    preset="tiny", hidden_size=128, depth=4, num_heads=4, patch_size=[2, 2, 2], text_dim=128, text_depth=2,
+    text_heads=4, absolute_positions=True,
+)  # fmt: skip
+
+
+def _storage_bytes(tensors) -> dict[int, int]:
+    """Unique storages among `tensors` (None skipped): data pointer -> bytes."""
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
+
+
+def engine_state_bytes(precision: str) -> int:
+    """Parameter, gradient and optimizer-state bytes of a 1-process ZeRO-2 engine (torch AdamW) on CPU,
+    after one step and the next backward (call after `init_distributed`)."""
+    from sora_train.config import DataConfig, TrainConfig, TrainLoopConfig
+    from sora_train.diffusion.flow import flow_loss
+    from sora_train.parallel.zero import build_engine
+
+    cfg = TrainConfig(
+        model=ENGINE_MODEL, data=DataConfig(train="unused", num_frames=4, height=16, width=16),
+        train=TrainLoopConfig(global_batch_size=2, precision=precision), run_dir="unused",
+    )  # fmt: skip
+    cfg.parallel.zero_stage = 2
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    torch.manual_seed(0)
+    engine = build_engine(build_denoiser(cfg.model), cfg, 1)
+    ids, mask = build_tokenizer(cfg.model)(["a red square", "a blue circle"])
+    x0, noise = torch.randn(2, 3, 4, 16, 16).to(dtype), torch.randn(2, 3, 4, 16, 16).to(dtype)
+    t = torch.rand(2).to(dtype)
+    for _ in range(2):  # after the second backward: optimizer states (from step 1) and gradients exist
+        engine.backward(flow_loss(lambda x_t, t_: engine(x_t, t_, ids, mask), x0, noise, t))
+        zero = engine.optimizer
+        tensors = [*engine.module.parameters(), *(p.grad for p in engine.module.parameters())]
+        tensors += [*zero.bit16_groups_flat, *zero.single_partition_of_fp32_groups]
+        tensors += [p.grad for p in zero.single_partition_of_fp32_groups]
+        tensors += [g for grads in zero.averaged_gradients.values() for g in grads]
+        tensors += [b for bucket in zero.ipg_buckets.values() for b in bucket.buffer]
+        tensors += [
+            v for state in zero.optimizer.state.values() for v in state.values() if torch.is_tensor(v)
+        ]
+        engine.step()
+    return sum(_storage_bytes(tensors).values())
+
+
+def gpu_peak(checkpointing: bool) -> dict[str, float]:
+    """torch.cuda.max_memory_allocated over one training step (DeepSpeed ZeRO-2, EMA) and the plan's peak."""
+    from sora_train.diffusion.flow import flow_loss
+    from sora_train.ema import EMA
+    from sora_train.parallel.checkpointing import apply_activation_checkpointing
+    from sora_train.parallel.dist import init_distributed, shutdown_distributed
+    from sora_train.parallel.zero import build_engine
+
+    cfg = compose_config([*GPU_OVERRIDES, f"train.activation_checkpointing={str(checkpointing).lower()}"])
+    info = init_distributed()
+    torch.cuda.reset_peak_memory_stats()
+    model = build_denoiser(cfg.model)
+    if checkpointing:
+        apply_activation_checkpointing(model)
+    engine = build_engine(model, cfg, 1)
+    ema = EMA(engine.module, cfg.train.ema_decay)
+    device, dtype = info.device, torch.bfloat16
+    ids, mask = (x.to(device) for x in build_tokenizer(cfg.model)(["a red square moving left"]))
+    shape = (1, 3, cfg.data.num_frames, cfg.data.height, cfg.data.width)
+    x0, noise = torch.randn(shape, device=device, dtype=dtype), torch.randn(shape, device=device, dtype=dtype)
+    t = torch.rand(1, device=device, dtype=dtype)
+    engine.backward(flow_loss(lambda x_t, t_: engine(x_t, t_, ids, mask), x0, noise, t))
+    engine.step()
+    ema.update(engine.module)
+    torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_allocated()
+    spec = match_device_name(torch.cuda.get_device_name())
+    plan = plan_run(cfg, 1, spec.name if spec else "H100")
+    shutdown_distributed()
+    bucket = plan.buckets[0]
+    return {
+        "measured": measured, "planned": bucket.peak_bytes, "states": plan.states.persistent,
+        "activations": bucket.activation_bytes, "transient": bucket.transient_bytes,
+        "device": torch.cuda.get_device_name(),
+    }  # fmt: skip
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "engine-states":
+        from sora_train.parallel.dist import init_distributed, shutdown_distributed
+
+        init_distributed()
+        print(json.dumps({precision: engine_state_bytes(precision) for precision in ("fp32", "bf16")}))
+        shutdown_distributed()
+    elif sys.argv[1] == "gpu-peak":
+        print(json.dumps(gpu_peak(sys.argv[2] == "true")))
+    else:
+        raise SystemExit(f"unknown measurement {sys.argv[1]!r}")
