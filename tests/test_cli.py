@@ -25,6 +25,14 @@ def error_line(result) -> str:
         (["data.train=/nonexistent/shards"], "data.train=/nonexistent/shards: no such file or directory"),
         (["data.height=31"], "data.height=31 is not divisible by the patch size 2"),
         (["train.global_batch_size=3", "launch.nproc_per_node=2"], "does not divide across 2 data-parallel ranks"),
+        (
+            ["parallel.sequence_parallel=3", "launch.nproc_per_node=2"],
+            "parallel.sequence_parallel=3 must be >= 1 and divide the world size (2 ranks)",
+        ),
+        (
+            ["parallel.sequence_parallel=3", "launch.nproc_per_node=3"],
+            "parallel.sequence_parallel=3 must divide model.num_heads=4",
+        ),
         (["model=huge"], "unknown model 'huge'; choose one of: B, S, tiny"),
         (["optim.learning_rate=1"], "unknown config key 'optim.learning_rate'"),
         (["resume=/nonexistent/ckpt"], "resume=/nonexistent/ckpt: no such checkpoint"),
