@@ -72,8 +72,7 @@ class ParameterCounts:
     text: int  # P_txt
     sample: int  # P_sample
     lookup: int  # embedding tables: read, not multiplied
-    persistent: int  # parameters under ZeRO-3's default persistence threshold (kept whole on every rank)
-    largest: int  # the largest single parameter tensor
+    tensor_sizes: tuple[int, ...]  # elements of every parameter tensor (ZeRO-3 treats small ones apart)
 
     @property
     def total(self) -> int:
@@ -128,7 +127,6 @@ def classify_parameters(module: nn.Module) -> dict[str, str]:
 
 
 _COUNTS: dict[str, ParameterCounts] = {}
-PERSISTENCE_THRESHOLD = 100_000  # ParallelConfig.param_persistence_threshold's default
 
 
 def parameter_counts(model: ModelConfig) -> ParameterCounts:
@@ -139,9 +137,8 @@ def parameter_counts(model: ModelConfig) -> ParameterCounts:
         sums = dict.fromkeys((VIDEO, TEXT, SAMPLE, LOOKUP), 0)
         for name, param in denoiser.named_parameters():
             sums[parameter_role(name)] += param.numel()
-        sizes = [p.numel() for p in denoiser.parameters()]
-        persistent = sum(n for n in sizes if n < PERSISTENCE_THRESHOLD)
-        _COUNTS[key] = ParameterCounts(**sums, persistent=persistent, largest=max(sizes))
+        sizes = tuple(p.numel() for p in denoiser.parameters())
+        _COUNTS[key] = ParameterCounts(**sums, tensor_sizes=sizes)
     return _COUNTS[key]
 
 

@@ -24,7 +24,10 @@ def error_line(result) -> str:
     [
         (["data.train=/nonexistent/shards"], "data.train=/nonexistent/shards: no such file or directory"),
         (["data.height=31"], "data.height=31 is not divisible by the patch size 2"),
-        (["train.global_batch_size=3", "launch.nproc_per_node=2"], "does not divide across 2 data-parallel ranks"),
+        (
+            ["train.global_batch_size=3", "launch.nproc_per_node=2"],
+            "does not divide across 2 data-parallel ranks",
+        ),
         (
             ["parallel.sequence_parallel=3", "launch.nproc_per_node=2"],
             "parallel.sequence_parallel=3 must be >= 1 and divide the world size (2 ranks)",

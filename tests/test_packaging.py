@@ -31,7 +31,7 @@ def test_wheel_ships_configs_and_data_prep(tmp_path):
         assert init.relative_to(REPO).as_posix() in names, init
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     scripts = zipfile.ZipFile(wheel).read(entry_points).decode()
-    for script in ("sora-train", "sora-prep", "sora-sample", "sora-export", "sora-sweep"):
+    for script in ("sora-train", "sora-prep", "sora-sample", "sora-export", "sora-sweep", "sora-plan"):
         assert f"{script} =" in scripts
 
 

@@ -36,18 +36,10 @@ from sora_train.flops import (
 from sora_train.hardware import device_peak_flops, gpu_spec, match_device_name
 from sora_train.models.denoiser import build_denoiser, build_tokenizer
 from sora_train.models.dit import count_parameters
-from sora_train.planner import (
-    CPU_KERNELS,
-    MeasuredActivations,
-    activation_bytes,
-    activation_model,
-    compose_config,
-    main,
-    measure_activation_bytes,
-    plan_run,
-    required_sequence_parallel,
-    state_bytes,
-)
+from sora_train.planning.cli import compose_config, main
+from sora_train.planning.measure import MeasuredActivations, measure_activation_bytes
+from sora_train.planning.memory import CPU_KERNELS, activation_bytes, activation_model, state_bytes
+from sora_train.planning.plan import plan_run, required_sequence_parallel
 from sora_train.recipes import config_dir
 
 from .conftest import assert_ok, run_module
@@ -218,11 +210,11 @@ def test_states_match_a_deepspeed_engine():
     result = run_module("tests.test_planner", "engine-states", timeout=300)
     assert_ok(result)
     measured = json.loads(result.stdout.strip().splitlines()[-1])
-    counts = parameter_counts(ENGINE_MODEL)
+    counts = parameter_counts(preset("tiny"))
     for precision, nbytes in measured.items():
         states = state_bytes(counts, ParallelConfig(zero_stage=2), 1, bf16=precision == "bf16")
         planned = states.parameters + states.gradients + states.optimizer
-        assert abs(planned / nbytes - 1) < 0.01, (precision, planned, nbytes)
+        assert abs(planned / nbytes - 1) < 0.001, (precision, planned, nbytes)
     assert measured["fp32"] > measured["bf16"]  # not the same number twice
 
 
@@ -319,11 +311,6 @@ def test_planned_peak_matches_cuda_max_memory_allocated(checkpointing):
 # ---------------------------------------------------------------------------------------------
 # Measurements that run in a process of their own
 
-ENGINE_MODEL = ModelConfig(
-    preset="tiny", hidden_size=128, depth=4, num_heads=4, patch_size=[2, 2, 2], text_dim=128, text_depth=2,
-    text_heads=4, absolute_positions=True,
-)  # fmt: skip
-
 
 def _storage_bytes(tensors) -> dict[int, int]:
     """Unique storages among `tensors` (None skipped): data pointer -> bytes."""
@@ -338,7 +325,7 @@ def engine_state_bytes(precision: str) -> int:
     from sora_train.parallel.zero import build_engine
 
     cfg = TrainConfig(
-        model=ENGINE_MODEL, data=DataConfig(train="unused", num_frames=4, height=16, width=16),
+        model=preset("tiny"), data=DataConfig(train="unused", num_frames=4, height=16, width=16),
         train=TrainLoopConfig(global_batch_size=2, precision=precision), run_dir="unused",
     )  # fmt: skip
     cfg.parallel.zero_stage = 2

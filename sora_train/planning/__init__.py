@@ -1,0 +1,1 @@
+"""Planning a run before launching it: memory and FLOPs per GPU (`sora-plan`)."""
