@@ -79,12 +79,12 @@ class ParameterCounts:
         return self.video + self.text + self.sample + self.lookup
 
 
-def latent_channels(model: ModelConfig) -> int:
+def planned_latent_channels(model: ModelConfig) -> int:
     """Channels of the tensors the DiT denoises: 3 for pixels, `WAN_CHANNELS` for Wan latents."""
     return 3 if model.latent_space == "pixel" else WAN_CHANNELS
 
 
-def latent_compression(model: ModelConfig) -> tuple[int, int, int]:
+def planned_latent_compression(model: ModelConfig) -> tuple[int, int, int]:
     """(time, height, width) compression of the latent space: none for pixels, `WAN_COMPRESSION` for Wan."""
     return (1, 1, 1) if model.latent_space == "pixel" else WAN_COMPRESSION
 
@@ -101,13 +101,13 @@ def planning_model(model: ModelConfig, device: str | torch.device = "meta") -> V
     """The denoiser `build_denoiser` would build, without any model files (on the meta device:
     shapes only, no memory).
 
-    The DiT's input channels and a frozen encoder's width come from `latent_channels` and
+    The DiT's input channels and a frozen encoder's width come from `planned_latent_channels` and
     `frozen_text_width` instead of the VAE's and the encoder's directories.
     """
     with torch.device(device):
         denoiser = build_denoiser(replace(model, latent_space="pixel", vae_path=None, text_encoder="learned"))
-        if latent_channels(model) != denoiser.dit.shape.in_channels:
-            denoiser.dit = DiT(replace(denoiser.dit.shape, in_channels=latent_channels(model)))
+        if planned_latent_channels(model) != denoiser.dit.shape.in_channels:
+            denoiser.dit = DiT(replace(denoiser.dit.shape, in_channels=planned_latent_channels(model)))
         if model.text_encoder != "learned":
             denoiser.text_encoder = TextProjection(frozen_text_width(model), model.text_dim)
     return denoiser

@@ -9,7 +9,7 @@ import torch
 from ..config import ModelConfig
 from ..flops import (
     frozen_text_width,
-    latent_channels,
+    planned_latent_channels,
     planning_model,
 )
 
@@ -85,7 +85,7 @@ def measure_activation_bytes(
 
     torch.manual_seed(0)
     denoiser = planning_model(model, device="cpu").to(dtype)
-    x0 = torch.randn(batch, latent_channels(model), *clip).to(dtype)
+    x0 = torch.randn(batch, planned_latent_channels(model), *clip).to(dtype)
     if model.text_encoder == "learned":
         text, mask = build_tokenizer(model)(["a red square moving left"] * batch)
     else:

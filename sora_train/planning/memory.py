@@ -31,8 +31,8 @@ from ..data.buckets import Bucket
 from ..flops import (
     ParameterCounts,
     frozen_text_width,
-    latent_channels,
-    latent_compression,
+    planned_latent_channels,
+    planned_latent_compression,
 )
 from ..models.patch import grid_size
 
@@ -66,7 +66,7 @@ CUDA_KERNELS = Kernels(fused_rms_norm=True, norm_stats_bytes=4, token_major_atte
 
 def latent_grid(bucket: Bucket, model: ModelConfig) -> tuple[int, int, int]:
     """(f, h, w) latent frames/height/width of a bucket's clips (Wan: `flops.WAN_COMPRESSION`)."""
-    temporal, spatial, _ = latent_compression(model)
+    temporal, spatial, _ = planned_latent_compression(model)
     if temporal > 1 and (bucket.frames - 1) % temporal:
         raise ConfigError(f"bucket {bucket.name}: a Wan latent space needs 1 + {temporal}k frames")
     if bucket.height % spatial or bucket.width % spatial:
@@ -153,7 +153,7 @@ def activation_model(model: ModelConfig, e: int, kernels: Kernels = CUDA_KERNELS
     d, n = model.hidden_size, model.num_heads
     k, m = d // n, int(d * model.mlp_ratio)
     stats = 2 * (kernels.norm_stats_bytes or e)
-    patch_values = math.prod(model.patch_size) * latent_channels(model)
+    patch_values = math.prod(model.patch_size) * planned_latent_channels(model)
     text_rms = _rms_norm_bytes(d, n, e, kernels, fresh_input=False) + d * e if model.qk_norm else 0
     if model.text_encoder == "learned":  # per layer: norms, in_proj in/out, attention, out_proj, MLP
         width, heads = model.text_dim, model.text_heads
