@@ -14,6 +14,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import hydra
 import torch
@@ -161,6 +162,16 @@ def run_synthetic_eval(model: VideoDenoiser, cfg: TrainConfig, dist_info: DistIn
     return {"color_acc": color / max(1, clips), "motion_acc": motion / max(1, clips), "num_clips": clips}
 
 
+class RankReport(NamedTuple):
+    """What each rank tells rank 0 after a step."""
+
+    keys: list[str]
+    tokens: int
+    flops: float
+    skips: dict[str, int]
+    peak_memory: int  # bytes
+
+
 def data_reports(dist_info: DistInfo, value: object) -> list:
     """`value` from each data-parallel rank, in order (collective): the ranks of a sequence-parallel
     group hold the same samples, so only the first one of each group is counted."""
@@ -276,10 +287,10 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
         held_out = build_loader(
             cfg, data_rank, data_world, latent_space, micro_batch_size(cfg, world), split="val"
         )
-        model = ema_model(ema, cfg, device)
-        apply_sequence_parallel(model, dist_info.sequence_group)
+        averaged = ema_model(ema, cfg, device)
+        apply_sequence_parallel(averaged, dist_info.sequence_group)
         sums = loss_sums(
-            model, one_pass(held_out, cfg.eval.val_batches), prompts,
+            averaged, one_pass(held_out, cfg.eval.val_batches), prompts,
             None if precomputed else latent_space, cfg.eval.val_timesteps, cfg.seed, dtype,
         )  # fmt: skip
         means = merge_sums(data_reports(dist_info, sums))
@@ -348,20 +359,22 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
 
         loss, wait = all_reduce_mean([sum(losses) / len(losses), data_wait / elapsed], device)
         verdict = guards.observe(applied, loss)
-        per_rank = all_gather_objects((keys, tokens, flops, loader.skip_counts(), peak_memory_bytes(device)))
+        per_rank = [RankReport(*r) for r in all_gather_objects(
+            (keys, tokens, flops, loader.skip_counts(), peak_memory_bytes(device))
+        )]  # fmt: skip
         gathered = per_rank[:: dist_info.sequence_parallel]  # one report per data-parallel rank
         if logger:
-            all_keys = [k for rank_keys, *_ in gathered for k in rank_keys]
+            all_keys = [k for report in gathered for k in report.keys]
             throughput = StepThroughput(
-                tokens=sum(r[1] for r in gathered), flops=sum(r[2] for r in gathered), seconds=elapsed,
+                tokens=sum(r.tokens for r in gathered), flops=sum(r.flops for r in gathered), seconds=elapsed,
                 devices=world, peak_flops=peak_flops,
             )  # fmt: skip
             logger.log({
                 "step": step, "loss": loss, "lr": engine.get_lr()[0],
                 "grad_norm": float(engine.get_global_grad_norm() or 0.0), "epoch": batch["epoch"],
                 "samples_per_s": len(all_keys) / elapsed, "tokens_per_s": throughput.tokens / elapsed,
-                **throughput.row(), "data_wait": wait, "peak_memory_gb": max(r[4] for r in per_rank) / 2**30,
-                "batch_hash": keys_hash(all_keys), "skipped": sum(merge_counts([r[3] for r in gathered]).values()),
+                **throughput.row(), "data_wait": wait, "peak_memory_gb": max(r.peak_memory for r in per_rank) / 2**30,
+                "batch_hash": keys_hash(all_keys), "skipped": sum(merge_counts([r.skips for r in gathered]).values()),
                 "skipped_steps": guards.state.skipped_steps, "loss_spikes": guards.state.loss_spikes,
             })  # fmt: skip
             if cfg.train.log_keys:

@@ -47,11 +47,6 @@ class DistInfo:
         """How many shares the data is split into."""
         return self.world_size // self.sequence_parallel
 
-    @property
-    def reports_data(self) -> bool:
-        """Whether this rank speaks for its sequence-parallel group in data counts (its first rank)."""
-        return self.rank % self.sequence_parallel == 0
-
 
 def free_port() -> int:
     """An unused TCP port on the loopback interface."""
