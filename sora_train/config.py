@@ -35,6 +35,8 @@ class ModelConfig:
     qk_norm: bool = True
     rope_theta: float = 10000.0
     absolute_positions: bool = False  # add a sinusoidal (t, y, x) embedding to the tokens, on top of RoPE
+    shared_modulation: bool = False  # one adaLN projection for all blocks + a learned offset per block (Wan)
+    nominal_parameters: float | None = None  # the size a preset is named for (checked by the tests)
     latent_space: str = "pixel"  # pixel | wan
     vae_path: str | None = None  # local directory of the pretrained VAE (latent_space=wan)
     text_encoder: str = (

@@ -51,6 +51,8 @@ PARAMETER_ROLES: tuple[tuple[str, str], ...] = (
     ("dit.time_embed.*", SAMPLE),
     ("dit.text_pool.*", SAMPLE),
     ("dit.blocks.*.modulation.*", SAMPLE),
+    ("dit.blocks.*.modulation_offset", SAMPLE),
+    ("dit.shared_modulation.*", SAMPLE),
     ("dit.final.modulation.*", SAMPLE),
     ("dit.patch_embed.*", VIDEO),
     ("dit.blocks.*.self_attn.*", VIDEO),

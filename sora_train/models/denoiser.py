@@ -61,6 +61,7 @@ def dit_shape(cfg: ModelConfig) -> DiTShape:
         qk_norm=cfg.qk_norm,
         rope_theta=cfg.rope_theta,
         absolute_positions=cfg.absolute_positions,
+        shared_modulation=cfg.shared_modulation,
     )
 
 

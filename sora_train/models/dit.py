@@ -38,6 +38,7 @@ class DiTShape:
     qk_norm: bool = True
     rope_theta: float = 10000.0
     absolute_positions: bool = False
+    shared_modulation: bool = False  # one adaLN projection for all blocks, plus a learned offset per block
 
     @property
     def head_dim(self) -> int:
@@ -110,7 +111,12 @@ class CrossAttention(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """adaLN-Zero self-attention, cross-attention, adaLN-Zero MLP."""
+    """adaLN-Zero self-attention, cross-attention, adaLN-Zero MLP.
+
+    The six modulation vectors come from the block's own projection of the condition, or (with
+    `shape.shared_modulation`, as in Wan) from one projection shared by every block plus this
+    block's learned (6, D) offset, which saves 6·D² parameters per block.
+    """
 
     def __init__(self, shape: DiTShape):
         super().__init__()
@@ -122,7 +128,10 @@ class DiTBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         hidden = int(dim * shape.mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
-        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        if shape.shared_modulation:
+            self.modulation_offset = nn.Parameter(torch.zeros(6 * dim))
+        else:
+            self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(
         self,
@@ -134,7 +143,11 @@ class DiTBlock(nn.Module):
         layout: TokenLayout,
         key_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond).chunk(6, dim=-1)  # six (B, D)
+        """`cond`: (B, D) the condition, or (B, 6·D) the shared modulation with `shared_modulation`."""
+        modulation = (
+            cond + self.modulation_offset if hasattr(self, "modulation_offset") else self.modulation(cond)
+        )
+        shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunk(6, dim=-1)  # six (B, D)
         attended = self.self_attn(modulate(self.norm1(x), shift1, scale1), angles, layout, key_mask)
         x = x + gate1[:, None] * attended
         x = x + self.cross_attn(self.norm2(x), text, text_mask)
@@ -178,6 +191,10 @@ class DiT(nn.Module):
         )  # fmt: skip
         self.text_pool = nn.Linear(shape.text_dim, shape.hidden_size)  # pooled caption -> adaLN condition
         self.blocks = nn.ModuleList(DiTBlock(shape) for _ in range(shape.depth))
+        if shape.shared_modulation:
+            self.shared_modulation = nn.Sequential(
+                nn.SiLU(), nn.Linear(shape.hidden_size, 6 * shape.hidden_size)
+            )
         self.final = FinalLayer(shape.hidden_size, patch_values)
         self.layout = TokenLayout()
         initialize_weights(self)
@@ -202,8 +219,11 @@ class DiT(nn.Module):
             pooled
         )  # (B, D): every block's modulation sees the caption
         text = self.text_proj(text)  # (B, T, D)
+        block_cond = (
+            self.shared_modulation(cond) if self.shape.shared_modulation else cond
+        )  # (B, 6D) or (B, D)
         for block in self.blocks:
-            tokens = block(tokens, cond, text, text_mask, angles, layout, key_mask)
+            tokens = block(tokens, block_cond, text, text_mask, angles, layout, key_mask)
         patches = layout.gather(self.final(tokens, cond), length, dim=1)  # (B, L, P)
         return unpatchify(patches, grid, patch)  # (B, C, F, H, W)
 
@@ -212,8 +232,9 @@ def initialize_weights(model: DiT) -> None:
     """All weight init in one place.
 
     Linear layers: Xavier-uniform weights, zero biases. Zero-initialised (adaLN-Zero):
-    every block's modulation, the final modulation and the final projection, so each
-    block starts as the identity and the model's first prediction is zero.
+    every block's modulation (or the shared one and the blocks' offsets), the final modulation
+    and the final projection, so each block starts as the identity and the model's first
+    prediction is zero.
     """
     for module in model.modules():
         if isinstance(module, nn.Linear):
@@ -221,10 +242,12 @@ def initialize_weights(model: DiT) -> None:
             nn.init.zeros_(module.bias)
     nn.init.normal_(model.time_embed.mlp[0].weight, std=0.02)
     nn.init.normal_(model.time_embed.mlp[2].weight, std=0.02)
-    for block in model.blocks:
-        nn.init.zeros_(block.modulation[-1].weight)
-        nn.init.zeros_(block.modulation[-1].bias)
-    for layer in (model.final.modulation[-1], model.final.linear):
+    zero_layers = [model.final.modulation[-1], model.final.linear]
+    if model.shape.shared_modulation:
+        zero_layers.append(model.shared_modulation[-1])  # the blocks' offsets start at zero too
+    else:
+        zero_layers += [block.modulation[-1] for block in model.blocks]
+    for layer in zero_layers:
         nn.init.zeros_(layer.weight)
         nn.init.zeros_(layer.bias)
 
