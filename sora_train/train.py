@@ -315,7 +315,7 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
         trainer_state, rank_state = state.capture(cfg, world, logger.wandb_id if logger else None)
         rank_state["parameter_checksums"] = checksums  # identical on every rank (ZeRO-1/2), for audits
         pending.append(save_checkpoint(
-            engine, cfg.run_dir, dist_info, at_step, rank_state, trainer_state, ema.state_dict(),
+            engine, cfg.run_dir, dist_info, at_step, rank_state, trainer_state, ema.state_dict(only_rank=0),
             inference_config(cfg), cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, background,
         ))  # fmt: skip
         if not background:
@@ -400,8 +400,9 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
         ):
             run_validation(step)
         if cfg.train.sample_every and step % cfg.train.sample_every == 0 and step < cfg.train.max_steps:
+            averaged = ema_model(ema, cfg, device)  # collective under ZeRO-3 (the EMA is sharded)
             if logger:
-                paths = write_samples(ema_model(ema, cfg, device), cfg, step)
+                paths = write_samples(averaged, cfg, step)
                 logger.log_videos(step, paths, cfg.train.sample_prompts)
             barrier()
     preemption.uninstall()

@@ -9,8 +9,9 @@ argument:
 - `training`: per layout (SP=2: both ranks share every clip; DP=2: each rank takes half the batch)
   and ZeRO stage (2, 3), the loss of each of 3 DeepSpeed steps and of the same steps taken by a
   plain torch model and optimizer on the whole batch, the largest difference between the final
-  weights, the least any weight moved, and (ZeRO-2) the largest difference between the two ranks'
-  weights.
+  weights, the least any weight moved, the largest difference between the EMA weights and a plain
+  EMA's, the share of the plain EMA's bytes each rank holds (1/2 under ZeRO-3: sharded), and (ZeRO-2)
+  the largest difference between the two ranks' weights.
 Usage: torchrun --nproc-per-node 2 parallel_check.py OUT.json
 """
 
@@ -25,6 +26,7 @@ import torch.distributed as dist
 
 from sora_train.config import DataConfig, ModelConfig, TrainConfig, TrainLoopConfig
 from sora_train.diffusion.flow import flow_loss
+from sora_train.ema import EMA
 from sora_train.models.denoiser import VideoDenoiser, build_denoiser, build_tokenizer
 from sora_train.parallel.dist import init_distributed, shutdown_distributed
 from sora_train.parallel.sequence import apply_sequence_parallel
@@ -118,6 +120,7 @@ def compare_training(zero_stage: int, layout: str, group) -> dict:
         rank = dist.get_rank()
         share = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
     engine = build_engine(model, cfg, dist.get_world_size())
+    ema, reference_ema = EMA(engine.module, decay=0.9), EMA(reference, decay=0.9)
     optimizer = build_optimizer(reference, cfg)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, 1, cfg.train.max_steps, cfg.optim.min_lr_ratio)
@@ -129,6 +132,7 @@ def compare_training(zero_stage: int, layout: str, group) -> dict:
         )
         engine.backward(loss)
         engine.step()
+        ema.update(engine.module)
         mean = loss.detach().clone()
         if layout == "DP":  # the whole batch's loss: the mean of the two halves'
             dist.all_reduce(mean)
@@ -140,6 +144,7 @@ def compare_training(zero_stage: int, layout: str, group) -> dict:
         torch.nn.utils.clip_grad_norm_(reference.parameters(), cfg.train.grad_clip)
         optimizer.step()
         schedule.step()
+        reference_ema.update(reference)
         reference_losses.append(loss.item())
     trained = gathered_weights(engine)
     report = {
@@ -152,6 +157,9 @@ def compare_training(zero_stage: int, layout: str, group) -> dict:
             (a - b).abs().max().item() for a, b in zip(trained, fresh_model(cfg).parameters(), strict=True)
         ),
     }
+    averaged, expected = ema.state_dict(), reference_ema.state_dict()
+    report["ema"] = max((averaged[k] - expected[k]).abs().max().item() for k in expected)
+    report["ema_bytes_share"] = ema.local_bytes() / reference_ema.local_bytes()  # 1/2 when sharded
     if zero_stage < 3:  # every rank holds every weight: the copies must be identical
         mine = torch.cat([w.flatten() for w in trained])
         theirs = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
