@@ -34,6 +34,9 @@ class ModelConfig:
     patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])  # (pt, ph, pw)
     qk_norm: bool = True
     rope_theta: float = 10000.0
+    # RoPE's (time, height, width) split of the head dim, each even; None: time gets the remainder
+    # of two equal spatial parts (head dim 128: 44, 42, 42)
+    rope_axis_dims: list[int] | None = None
     absolute_positions: bool = False  # add a sinusoidal (t, y, x) embedding to the tokens, on top of RoPE
     shared_modulation: bool = False  # one adaLN projection for all blocks + a learned offset per block (Wan)
     nominal_parameters: float | None = None  # the size a preset is named for (checked by the tests)
@@ -276,6 +279,15 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         )
     if (model.hidden_size // model.num_heads) % 2:
         raise ConfigError("model head dim (hidden_size / num_heads) must be even for RoPE")
+    head_dim = model.hidden_size // model.num_heads
+    if model.rope_axis_dims is not None and (
+        len(model.rope_axis_dims) != 3
+        or sum(model.rope_axis_dims) != head_dim
+        or any(d % 2 for d in model.rope_axis_dims)
+    ):
+        raise ConfigError(
+            f"model.rope_axis_dims={model.rope_axis_dims} must be three even numbers summing to the head dim {head_dim}"
+        )
     if model.text_dim % model.text_heads:
         raise ConfigError(
             f"model.text_dim={model.text_dim} is not divisible by model.text_heads={model.text_heads}"

@@ -36,6 +36,10 @@ def error_line(result) -> str:
             ["parallel.sequence_parallel=3", "launch.nproc_per_node=3"],
             "parallel.sequence_parallel=3 must divide model.num_heads=4",
         ),
+        (
+            ["model.rope_axis_dims=[10,12,12]"],
+            "model.rope_axis_dims=[10, 12, 12] must be three even numbers summing to the head dim 32",
+        ),
         (["model=huge"], "unknown model 'huge'; choose one of: 14B, 1B, 3B, 7B, B, L, S, XL, tiny"),
         (["optim.learning_rate=1"], "unknown config key 'optim.learning_rate'"),
         (["resume=/nonexistent/ckpt"], "resume=/nonexistent/ckpt: no such checkpoint"),

@@ -38,8 +38,10 @@ def test_grid_size_rejects_indivisible_sides():
         grid_size((8, 30, 32), (1, 4, 4))
 
 
+@pytest.mark.parametrize("dims", [None, (12, 6, 6), (4, 10, 10)])
 @pytest.mark.parametrize("grid", [(1, 1, 1), (4, 8, 8), (3, 5, 7), (16, 2, 9)])
-def test_rope_scores_depend_only_on_relative_position(grid):
+def test_rope_scores_depend_only_on_relative_position(grid, dims):
+    """Shifting both positions by the same (t, y, x), even beyond the grid, leaves the score unchanged."""
     head_dim = 24
     positions = grid_positions(grid)
     assert positions.shape == (grid[0] * grid[1] * grid[2], 3)
@@ -47,14 +49,22 @@ def test_rope_scores_depend_only_on_relative_position(grid):
     shift = torch.tensor([5, -3, 11])
 
     def score(pos_q, pos_k):
-        rq = apply_rope(q, rope_angles(pos_q[None], head_dim))
-        rk = apply_rope(k, rope_angles(pos_k[None], head_dim))
+        rq = apply_rope(q, rope_angles(pos_q[None], head_dim, dims=dims))
+        rk = apply_rope(k, rope_angles(pos_k[None], head_dim, dims=dims))
         return (rq * rk).sum(-1)
 
     a, b = positions[0], positions[-1]
     torch.testing.assert_close(score(a, b), score(a + shift, b + shift), rtol=1e-4, atol=1e-4)
     if not torch.equal(a, b):  # different relative positions give different scores
         assert not torch.allclose(score(a, b), score(a, a), atol=1e-4)
+
+
+def test_rope_axis_dims_must_be_even_and_fill_the_head():
+    with pytest.raises(ValueError, match="must be even and sum to the head dim 24"):
+        rope_angles(grid_positions((2, 2, 2)), 24, dims=(10, 6, 6))
+    model = build_denoiser(tiny_config(rope_axis_dims=[8, 4, 4]))  # head dim 16
+    ids, mask = build_tokenizer(tiny_config())(["x"])
+    assert model(torch.randn(1, 3, 4, 16, 16), torch.rand(1), ids, mask).shape == (1, 3, 4, 16, 16)
 
 
 def test_rope_preserves_norm_and_splits_axes():

@@ -62,6 +62,7 @@ def dit_shape(cfg: ModelConfig) -> DiTShape:
         rope_theta=cfg.rope_theta,
         absolute_positions=cfg.absolute_positions,
         shared_modulation=cfg.shared_modulation,
+        rope_axis_dims=tuple(cfg.rope_axis_dims) if cfg.rope_axis_dims else None,
     )
 
 

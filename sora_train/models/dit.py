@@ -39,6 +39,7 @@ class DiTShape:
     rope_theta: float = 10000.0
     absolute_positions: bool = False
     shared_modulation: bool = False  # one adaLN projection for all blocks, plus a learned offset per block
+    rope_axis_dims: tuple[int, int, int] | None = None  # (time, height, width) parts of the head dim
 
     @property
     def head_dim(self) -> int:
@@ -207,7 +208,8 @@ class DiT(nn.Module):
         grid = grid_size(tuple(x.shape[2:]), patch)
         positions = grid_positions(grid, x.device)  # (L, 3)
         length = positions.shape[0]
-        angles = layout.split(rope_angles(positions, self.shape.head_dim, self.shape.rope_theta), dim=0)
+        angles = rope_angles(positions, self.shape.head_dim, self.shape.rope_theta, self.shape.rope_axis_dims)
+        angles = layout.split(angles, dim=0)  # (L_local, K/2)
         tokens = self.patch_embed(layout.split(patchify(x, patch), dim=1))  # (B, L_local, D)
         if self.shape.absolute_positions:
             embedding = sincos_embedding(positions, self.shape.hidden_size).to(tokens.dtype)  # (L, D)

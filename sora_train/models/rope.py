@@ -28,10 +28,21 @@ def grid_positions(grid: tuple[int, int, int], device: torch.device | None = Non
     return rearrange(torch.stack(mesh), "a f h w -> (f h w) a")
 
 
-def rope_angles(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
-    """Rotation angles for (L, 3) positions: (L, K/2), float32."""
+def rope_angles(
+    positions: torch.Tensor,
+    head_dim: int,
+    theta: float = 10000.0,
+    dims: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
+    """Rotation angles for (L, 3) positions: (L, K/2), float32.
+
+    `dims`: the (time, height, width) parts of the head dim, each even, summing to it; None: `axis_dims`.
+    """
+    dims = dims or axis_dims(head_dim)
+    if sum(dims) != head_dim or any(d % 2 for d in dims):
+        raise ValueError(f"RoPE axis dims {dims} must be even and sum to the head dim {head_dim}")
     parts = []
-    for axis, dim in enumerate(axis_dims(head_dim)):
+    for axis, dim in enumerate(dims):
         if dim == 0:
             continue
         freqs = theta ** (-torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
