@@ -100,8 +100,13 @@ class OptimConfig:
 class DiffusionConfig:
     """Rectified flow with logit-normal timesteps; Euler sampling with classifier-free guidance."""
 
+    timesteps: str = "logit_normal"  # logit_normal (logit_mean, logit_std) | uniform | mode (mode_scale)
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    mode_scale: float = 1.29
+    # Shift timesteps towards noise by sqrt(tokens / shift_base_tokens) for samples with more video
+    # tokens than that (longer or larger clips); 0: no shift
+    shift_base_tokens: int = 0
     sample_steps: int = 25
     cfg_scale: float = 4.0
 
@@ -337,6 +342,14 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     if cfg.parallel.overlap_comm not in ("auto", "true", "false"):
         raise ConfigError(
             f"parallel.overlap_comm must be auto, true or false, got {cfg.parallel.overlap_comm!r}"
+        )
+    if (
+        cfg.diffusion.timesteps not in ("logit_normal", "uniform", "mode")
+        or cfg.diffusion.shift_base_tokens < 0
+    ):
+        raise ConfigError(
+            f"diffusion.timesteps must be logit_normal, uniform or mode (got {cfg.diffusion.timesteps!r}) "
+            "and diffusion.shift_base_tokens >= 0"
         )
     if cfg.wandb.mode not in ("auto", "online", "offline", "disabled"):
         raise ConfigError(f"wandb.mode must be auto, online, offline or disabled, got {cfg.wandb.mode!r}")

@@ -49,7 +49,8 @@ from .config import (
 from .data.loader import Batch, merge_counts
 from .data.recipe import build_loader, tokens_per_sample
 from .data.storage import ShardError
-from .diffusion.flow import flow_loss, sample_timesteps
+from .diffusion.flow import flow_loss
+from .diffusion.timesteps import training_timesteps
 from .ema import EMA
 from .eval.validation import loss_sums, merge_sums, one_pass
 from .generate import generate_videos, save_clips
@@ -107,13 +108,18 @@ def forward_backward(
     device = engine.device
     x0 = clean_latents(batch, latent_space, device, dtype)
     text, mask = text_input(batch, prompts, cfg.data.caption_dropout, generator, device, dtype)
-    t = sample_timesteps(x0.shape[0], generator, cfg.diffusion.logit_mean, cfg.diffusion.logit_std)
+    t = training_timesteps(x0.shape[0], video_tokens(x0.shape, cfg), generator, cfg.diffusion)
     noise = torch.randn(x0.shape, generator=generator)
     loss = flow_loss(
         lambda x_t, t_: engine(x_t, t_, text, mask), x0, noise.to(device, dtype), t.to(device, dtype)
     )
     engine.backward(loss)
     return loss.item()
+
+
+def video_tokens(shape: torch.Size, cfg: TrainConfig) -> int:
+    """Video tokens per sample of a (B, C, F, H, W) batch of what the DiT denoises."""
+    return batch_tokens(shape, None, tuple(cfg.model.patch_size)) // shape[0]
 
 
 def ensure_synthetic_corpus(cfg: TrainConfig) -> None:

@@ -40,6 +40,10 @@ def error_line(result) -> str:
             ["model.rope_axis_dims=[10,12,12]"],
             "model.rope_axis_dims=[10, 12, 12] must be three even numbers summing to the head dim 32",
         ),
+        (
+            ["diffusion.timesteps=cosine"],
+            "diffusion.timesteps must be logit_normal, uniform or mode (got 'cosine')",
+        ),
         (["model=huge"], "unknown model 'huge'; choose one of: 14B, 1B, 3B, 7B, B, L, S, XL, tiny"),
         (["optim.learning_rate=1"], "unknown config key 'optim.learning_rate'"),
         (["resume=/nonexistent/ckpt"], "resume=/nonexistent/ckpt: no such checkpoint"),

@@ -45,3 +45,39 @@ def test_classifier_free_guidance_extrapolates():
     # v = v_u + s (v_c - v_u) = -0.5 + 3 (-0.5) = -2; x_0 = x_1 - 1 · v = 2
     assert euler_sample(velocity, noise, steps=4, cfg_scale=3.0).item() == 2.0
     assert euler_sample(velocity, noise, steps=4, cfg_scale=1.0).item() == 1.0
+
+
+def test_uniform_and_mode_timesteps():
+    from sora_train.diffusion.flow import mode_timesteps, uniform_timesteps
+
+    uniform = uniform_timesteps(20000, torch.Generator().manual_seed(0))
+    assert abs(uniform.mean().item() - 0.5) < 0.01
+    mode = mode_timesteps(20000, torch.Generator().manual_seed(0), scale=1.29)
+    assert mode.min() >= 0 and mode.max() <= 1
+    middle = lambda t: ((t > 0.25) & (t < 0.75)).float().mean().item()  # noqa: E731
+    assert middle(mode) > middle(uniform) + 0.1  # a positive scale concentrates on the middle
+    assert torch.allclose(mode_timesteps(8, torch.Generator().manual_seed(1), scale=0.0),
+                          1 - uniform_timesteps(8, torch.Generator().manual_seed(1)))  # fmt: skip
+
+
+def test_more_tokens_get_noisier_timesteps():
+    from sora_train.config import DiffusionConfig
+    from sora_train.diffusion.flow import resolution_shift, shift_timesteps
+    from sora_train.diffusion.timesteps import training_timesteps
+
+    t = torch.linspace(0.01, 0.99, 99)
+    assert torch.equal(shift_timesteps(t, 1.0), t)
+    assert (shift_timesteps(t, 3.0) > t).all() and (shift_timesteps(t, 3.0) < 1).all()
+    assert resolution_shift(1024, 4096) == 1.0 and resolution_shift(4 * 4096, 4096) == 2.0
+
+    def median(tokens: int, base: int) -> float:
+        config = DiffusionConfig(shift_base_tokens=base)
+        return training_timesteps(20000, tokens, torch.Generator().manual_seed(0), config).median().item()
+
+    assert median(4096, 0) == median(16 * 4096, 0)  # no shift unless asked for
+    assert median(4096, 4096) < median(4 * 4096, 4096) < median(16 * 4096, 4096)
+    # the default draws the same timesteps as the logit-normal sampler, so runs stay reproducible
+    assert torch.equal(
+        training_timesteps(16, 256, torch.Generator().manual_seed(3), DiffusionConfig()),
+        sample_timesteps(16, torch.Generator().manual_seed(3)),
+    )
