@@ -22,7 +22,6 @@ absent as 4096 wide (T5-XXL / UMT5-XXL, `FROZEN_TEXT_DIM`).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -153,9 +152,3 @@ def sample_flops(model: ModelConfig, video_tokens: int, text_tokens: int) -> flo
     if model.text_encoder == "learned":  # the learned encoder's self-attention over the text tokens
         attention += 12 * model.text_depth * model.text_dim * t * t
     return float(dense + attention)
-
-
-def step_flops(model: ModelConfig, micro_batches: Iterable[tuple[int, int]]) -> float:
-    """Training FLOPs of a step's micro-batches, each (batch size, video tokens per sample);
-    every caption is padded to `model.text_max_length` tokens."""
-    return sum(batch * sample_flops(model, tokens, model.text_max_length) for batch, tokens in micro_batches)
