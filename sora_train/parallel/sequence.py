@@ -58,7 +58,7 @@ class _GatherTokens(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, length: int, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group, ctx.length = group, length
+        ctx.group = group
         x = x.contiguous()
         pieces = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
         dist.all_gather(pieces, x, group=group)
