@@ -129,6 +129,7 @@ class DiTBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         hidden = int(dim * shape.mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.shared_modulation = shape.shared_modulation
         if shape.shared_modulation:
             self.modulation_offset = nn.Parameter(torch.zeros(6 * dim))
         else:
@@ -145,9 +146,7 @@ class DiTBlock(nn.Module):
         key_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """`cond`: (B, D) the condition, or (B, 6·D) the shared modulation with `shared_modulation`."""
-        modulation = (
-            cond + self.modulation_offset if hasattr(self, "modulation_offset") else self.modulation(cond)
-        )
+        modulation = cond + self.modulation_offset if self.shared_modulation else self.modulation(cond)
         shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunk(6, dim=-1)  # six (B, D)
         attended = self.self_attn(modulate(self.norm1(x), shift1, scale1), angles, layout, key_mask)
         x = x + gate1[:, None] * attended
