@@ -47,7 +47,6 @@ import contextlib
 import ctypes
 import mmap
 import os
-import platform
 import shutil
 import statistics
 import time
@@ -58,10 +57,11 @@ from pathlib import Path
 from typing import Any
 
 import deepspeed
+import machine  # bench/machine.py and bench/scratch.py: the script's own directory is on sys.path
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
-from scratch import scratch_dir  # bench/scratch.py: the script's own directory is on sys.path
+from scratch import scratch_dir
 
 from sora_train.checkpoint import resuming, saving
 from sora_train.checkpoint.rng import capture_rng
@@ -322,16 +322,9 @@ def raw_read(paths: list[Path]) -> Run:
 # Report
 
 
-def steal_jiffies() -> tuple[int, int]:
-    """(stolen, total) CPU time of the whole machine so far, in clock ticks: what the hypervisor took."""
-    ticks = [int(n) for n in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    return ticks[7], sum(ticks)
-
-
 def environment() -> str:
     """One line: machine and library versions."""
-    return (
-        f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), Python {platform.python_version()}, "
+    return machine.environment(
         f"torch {torch.__version__} ({torch.get_num_threads()} intra-op threads), deepspeed {deepspeed.__version__}"
     )
 
@@ -438,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{time.perf_counter() - start:.1f}s (not timed below)", flush=True)  # fmt: skip
             results: dict[str, tuple[list[Run], list[Run]]] = {"save": ([], []), "load": ([], [])}
             resident = []
-            stolen, ticks = steal_jiffies()
+            stolen, ticks = machine.steal_jiffies()
             for repeat in range(args.repeats):
                 pairs, dropped, directory = one_repeat(root, cfg, dist_info, engine, ema)
                 for side, (checkpoint, raw) in pairs.items():
@@ -451,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"drop: checkpoint {100 * dropped[0]:.1f} %, raw {100 * dropped[1]:.1f} %",
                       flush=True)  # fmt: skip
             stolen, ticks = (
-                now - before for now, before in zip(steal_jiffies(), (stolen, ticks), strict=True)
+                now - before for now, before in zip(machine.steal_jiffies(), (stolen, ticks), strict=True)
             )
 
             print(f"\nenvironment: {environment()}")

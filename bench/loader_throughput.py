@@ -47,7 +47,6 @@ import itertools
 import json
 import multiprocessing
 import os
-import platform
 import shutil
 import statistics
 import tarfile
@@ -58,9 +57,10 @@ from pathlib import Path
 from typing import Any
 
 import decord
+import machine  # bench/machine.py and bench/scratch.py: the script's own directory is on sys.path
 import numpy as np
 import torch
-from scratch import scratch_dir  # bench/scratch.py: the script's own directory is on sys.path
+from scratch import scratch_dir
 from sora_train.data_prep.shard_writer import write_shard
 from sora_train.data_prep.synthetic import generate_corpus
 
@@ -122,12 +122,6 @@ def tree_cpu() -> float:
             except (FileNotFoundError, ProcessLookupError):
                 continue  # a process that ended meanwhile
     return total
-
-
-def steal_jiffies() -> tuple[int, int]:
-    """(stolen, total) CPU time of the whole machine so far, in clock ticks: what the hypervisor took."""
-    ticks = [int(n) for n in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    return ticks[7], sum(ticks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,8 +407,7 @@ def print_breakdown(title: str, breakdown: dict[str, float]) -> None:
 
 def environment() -> str:
     """One line: machine and library versions."""
-    return (
-        f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), Python {platform.python_version()}, "
+    return machine.environment(
         f"torch {torch.__version__} ({torch.get_num_threads()} intra-op threads here), "
         f"decord {decord.__version__}, numpy {np.__version__}"
     )
@@ -533,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[tuple[str, int], tuple[list[Run], list[Run]]] = {
             (c.path, c.settings.num_workers): ([], []) for c in cases
         }
-        stolen, ticks = steal_jiffies()
+        stolen, ticks = machine.steal_jiffies()
         for repeat in range(args.repeats):
             for case in cases:
                 batch = case.settings.batch_sizes[0]
@@ -545,7 +538,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  repeat {repeat + 1}, {case.path}, {case.settings.num_workers} workers: "
                       f"loader {loader.rate:.1f}/s, bare {bare.rate:.1f}/s, ratio {loader.rate / bare.rate:.2f} "
                       f"(CPU {bare.cpu_ms / loader.cpu_ms:.2f})", flush=True)  # fmt: skip
-        stolen, ticks = (now - before for now, before in zip(steal_jiffies(), (stolen, ticks), strict=True))
+        stolen, ticks = (
+            now - before for now, before in zip(machine.steal_jiffies(), (stolen, ticks), strict=True)
+        )
         breakdowns = {
             "loader CPU ms per clip, in this process": video_breakdown(video_shards, video_settings),
             "loader CPU ms per latent, in this process": latent_breakdown(latent_shards, latent_settings),

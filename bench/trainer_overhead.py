@@ -48,7 +48,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -314,21 +313,13 @@ def plain_run(run_dir: Path, warmup: int) -> SideRun:
     return SideRun([StepTimes(**times) for times in json.loads((run_dir / STEP_TIMES).read_text())[warmup:]])
 
 
-def cpu_ticks() -> tuple[int, int]:
-    """(stolen, total) CPU time of the whole machine so far, in clock ticks (the first line of /proc/stat)."""
-    ticks = [int(n) for n in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    return ticks[7], sum(ticks)
-
-
 def environment() -> str:
     """One line: the machine and the library versions."""
     import deepspeed
+    import machine  # bench/machine.py: the script's own directory is on sys.path
     import torch
 
-    return (
-        f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), Python {platform.python_version()}, "
-        f"torch {torch.__version__}, deepspeed {deepspeed.__version__}"
-    )
+    return machine.environment(f"torch {torch.__version__}, deepspeed {deepspeed.__version__}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,7 +438,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.child == "plain":
         return plain_child(args.overrides)
 
-    from scratch import scratch_dir  # bench/scratch.py: the script's own directory is on sys.path
+    import machine  # bench/machine.py and bench/scratch.py: the script's own directory is on sys.path
+    from scratch import scratch_dir
     from sora_train.data_prep.synthetic import generate_corpus
 
     names = ["corpus", "cache", *(f"{side}_{i}{suffix}" for side in ("trainer", "plain")
@@ -467,7 +459,7 @@ def main(argv: list[str] | None = None) -> None:
         a: list[SideRun] = []
         b: list[SideRun] = []
         loads: list[float] = []  # the 1-minute load average at the end of each run
-        steal, total = cpu_ticks()
+        steal, total = machine.steal_jiffies()
         for i in range(1, args.repeats + 1):
             launch("trainer", overrides, root / f"trainer_{i}", env)
             loads.append(os.getloadavg()[0])
@@ -476,7 +468,7 @@ def main(argv: list[str] | None = None) -> None:
             loads.append(os.getloadavg()[0])
             b.append(plain_run(root / f"plain_{i}", args.warmup))
             print(f"repeat {i}: sora-train {a[-1].step:.3f} s, plain {b[-1].step:.3f} s", flush=True)
-        steal, total = (x - y for x, y in zip(cpu_ticks(), (steal, total), strict=True))
+        steal, total = (x - y for x, y in zip(machine.steal_jiffies(), (steal, total), strict=True))
         figures = print_results(a, b, loads, args.steps - args.warmup)
         print(
             f"\nsteal {100 * steal / max(1, total):.0f} %, median 1-minute load {statistics.median(loads):.1f}"
