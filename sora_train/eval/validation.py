@@ -1,8 +1,9 @@
 """Validation loss: the flow-matching loss on the held-out split at fixed timesteps, per bucket.
 
 The same clips, timesteps and noise every time (each clip's noise is seeded by its key), so
-values are comparable across evaluations, runs of a sweep and numbers of ranks. The model is
-a plain module (the EMA weights), so ranks need not see the same number of batches.
+values are comparable across evaluations, runs of a sweep and numbers of ranks. The model holds
+the EMA weights; its only collectives are within a sequence-parallel group, whose ranks read the
+same batches, so different data-parallel ranks need not see the same number of batches.
 """
 
 from __future__ import annotations
