@@ -27,6 +27,10 @@ class ModelConfig:
     """DiT shape, latent space and text encoder. Presets live in configs/model/*.yaml."""
 
     preset: str = MISSING
+    # cross_attention: self-attention over video, cross-attention to text, MLP per block;
+    # mmdit: joint text-video attention with separate weights per stream (MM-DiT)
+    variant: str = "cross_attention"
+    single_stream_blocks: int = 0  # mmdit: the last this many of `depth` blocks share one set of weights
     hidden_size: int = MISSING
     depth: int = MISSING
     num_heads: int = MISSING
@@ -39,6 +43,9 @@ class ModelConfig:
     rope_axis_dims: list[int] | None = None
     absolute_positions: bool = False  # add a sinusoidal (t, y, x) embedding to the tokens, on top of RoPE
     shared_modulation: bool = False  # one adaLN projection for all blocks + a learned offset per block (Wan)
+    frame_conditioning: bool = (
+        False  # an input channel marks clean conditioning frames (image-to-video, extension)
+    )
     nominal_parameters: float | None = None  # the size a preset is named for (checked by the tests)
     latent_space: str = "pixel"  # pixel | wan
     vae_path: str | None = None  # local directory of the pretrained VAE (latent_space=wan)
@@ -105,8 +112,15 @@ class DiffusionConfig:
     logit_std: float = 1.0
     mode_scale: float = 1.29
     # Shift timesteps towards noise by sqrt(tokens / shift_base_tokens) for samples with more video
-    # tokens than that (longer or larger clips); 0: no shift
-    shift_base_tokens: int = 0
+    # tokens than that (longer or larger clips); 0: no shift. 3600 gives Wan's shifts: about 3 at
+    # 480p and 4.6 at 720p (81 frames, Wan latents, 1×2×2 patches)
+    shift_base_tokens: int = 3600
+    loss_weighting: str = "none"  # none | cosmap (SD3's cosine-map weight over t)
+    # Frame conditioning (needs model.frame_conditioning): probability of each strategy per sample,
+    # over none | first | first_k | last | first_last | random; they must sum to 1
+    conditioning: dict[str, float] = field(default_factory=lambda: {"none": 1.0})
+    conditioning_first_k: int = 2  # latent frames the first_k strategy keeps clean
+    conditioning_random_rate: float = 0.25  # chance each latent frame is kept clean under `random`
     sample_steps: int = 25
     cfg_scale: float = 4.0
 
@@ -120,7 +134,11 @@ class TrainLoopConfig:
     grad_accum_steps: int = 1
     grad_clip: float = 1.0
     precision: str = "auto"  # auto: bf16 on a GPU that supports it, fp32 otherwise; or fp32 / bf16
-    activation_checkpointing: bool = False
+    # none | full (every block) | every_k (every activation_checkpointing_every-th block) | selective
+    # (every block keeps its matmul and attention outputs and recomputes the rest)
+    activation_checkpointing: str = "none"
+    activation_checkpointing_every: int = 2
+    compile_blocks: bool = False  # torch.compile each transformer block
     ema_decay: float = 0.999
     log_every: int = 10  # console lines; metrics.jsonl gets every step
     sample_every: int = 0  # 0: only at the end
@@ -293,6 +311,19 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         raise ConfigError(
             f"model.rope_axis_dims={model.rope_axis_dims} must be three even numbers summing to the head dim {head_dim}"
         )
+    if model.variant not in ("cross_attention", "mmdit"):
+        raise ConfigError(f"model.variant must be cross_attention or mmdit, got {model.variant!r}")
+    if model.variant == "mmdit" and model.shared_modulation:
+        raise ConfigError(
+            "model.shared_modulation is for model.variant=cross_attention; mmdit blocks modulate per stream"
+        )
+    if not 0 <= model.single_stream_blocks <= model.depth or (
+        model.single_stream_blocks and model.variant != "mmdit"
+    ):
+        raise ConfigError(
+            f"model.single_stream_blocks={model.single_stream_blocks} must be in [0, model.depth] "
+            "and needs model.variant=mmdit"
+        )
     if model.text_dim % model.text_heads:
         raise ConfigError(
             f"model.text_dim={model.text_dim} is not divisible by model.text_heads={model.text_heads}"
@@ -351,6 +382,14 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
             f"diffusion.timesteps must be logit_normal, uniform or mode (got {cfg.diffusion.timesteps!r}) "
             "and diffusion.shift_base_tokens >= 0"
         )
+    _validate_objective(cfg)
+    if train.activation_checkpointing not in ("none", "full", "every_k", "selective") or (
+        train.activation_checkpointing_every < 1
+    ):
+        raise ConfigError(
+            f"train.activation_checkpointing must be none, full, every_k or selective (got "
+            f"{train.activation_checkpointing!r}) and train.activation_checkpointing_every >= 1"
+        )
     if cfg.wandb.mode not in ("auto", "online", "offline", "disabled"):
         raise ConfigError(f"wandb.mode must be auto, online, offline or disabled, got {cfg.wandb.mode!r}")
     _validate_buckets(cfg)
@@ -389,6 +428,38 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
             path = getattr(data, split)
             if path is not None and not _shard_source_exists(path):
                 raise ConfigError(f"data.{split}={path}: no such file or directory")
+
+
+CONDITIONING_STRATEGIES = ("none", "first", "first_k", "last", "first_last", "random")
+
+
+def _validate_objective(cfg: TrainConfig) -> None:
+    """Loss weighting and frame conditioning name known options; conditioning needs the model's mask channel."""
+    diffusion = cfg.diffusion
+    if diffusion.loss_weighting not in ("none", "cosmap"):
+        raise ConfigError(
+            f"diffusion.loss_weighting must be none or cosmap, got {diffusion.loss_weighting!r}"
+        )
+    unknown = sorted(set(diffusion.conditioning) - set(CONDITIONING_STRATEGIES))
+    if unknown:
+        raise ConfigError(
+            f"diffusion.conditioning has unknown strategies {unknown}; use {', '.join(CONDITIONING_STRATEGIES)}"
+        )
+    probabilities = diffusion.conditioning.values()
+    if any(p < 0 for p in probabilities) or abs(sum(probabilities) - 1.0) > 1e-6:
+        raise ConfigError(
+            f"diffusion.conditioning probabilities must be >= 0 and sum to 1, got {dict(diffusion.conditioning)}"
+        )
+    if any(p > 0 for name, p in diffusion.conditioning.items() if name != "none") and not (
+        cfg.model.frame_conditioning
+    ):
+        raise ConfigError(
+            "diffusion.conditioning draws conditioned frames; it needs model.frame_conditioning=true"
+        )
+    if diffusion.conditioning_first_k < 1 or not 0.0 < diffusion.conditioning_random_rate < 1.0:
+        raise ConfigError(
+            "diffusion.conditioning_first_k must be >= 1 and diffusion.conditioning_random_rate in (0, 1)"
+        )
 
 
 def _validate_buckets(cfg: TrainConfig) -> None:

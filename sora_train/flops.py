@@ -30,8 +30,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .models.denoiser import TextProjection, VideoDenoiser, build_denoiser, frozen_text_dim
-from .models.dit import DiT
+from .models.denoiser import TextProjection, VideoDenoiser, build_denoiser, build_dit, frozen_text_dim
 
 WAN_CHANNELS = 16  # Wan 2.1 VAE latent channels (z_dim), assumed when planning
 WAN_COMPRESSION = (4, 8, 8)  # (time, height, width): F = 1 + 4k frames -> 1 + k latent frames
@@ -108,7 +107,7 @@ def planning_model(model: ModelConfig, device: str | torch.device = "meta") -> V
     with torch.device(device):
         denoiser = build_denoiser(replace(model, latent_space="pixel", vae_path=None, text_encoder="learned"))
         if planned_latent_channels(model) != denoiser.dit.shape.in_channels:
-            denoiser.dit = DiT(replace(denoiser.dit.shape, in_channels=planned_latent_channels(model)))
+            denoiser.dit = build_dit(replace(denoiser.dit.shape, in_channels=planned_latent_channels(model)))
         if model.text_encoder != "learned":
             denoiser.text_encoder = TextProjection(frozen_text_width(model), model.text_dim)
     return denoiser

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .dit import DiT, DiTShape
+from .dit import DiT, DiTShape, VideoTransformer
+from .mmdit import MMDiT
 from .text import HashTokenizer, TinyTextEncoder
 from .vae import latent_channels
 
@@ -30,22 +31,27 @@ class TextProjection(nn.Module):
 
 
 class VideoDenoiser(nn.Module):
-    """(x_t, t, text input, text mask) -> flow velocity, all shapes as in `DiT.forward`.
+    """(x_t, t, text input, text mask[, frame mask]) -> flow velocity, all shapes as in `DiT.forward`.
 
     The text input is token ids (B, T) for the learned encoder, or frozen T5 embeddings
     (B, T, E_in) for a projection; see `models/prompts.py`.
     """
 
-    def __init__(self, dit: DiT, text_encoder: TinyTextEncoder | TextProjection):
+    def __init__(self, dit: VideoTransformer, text_encoder: TinyTextEncoder | TextProjection):
         super().__init__()
         self.dit = dit
         self.text_encoder = text_encoder
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, text_input: torch.Tensor, text_mask: torch.Tensor
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        text_input: torch.Tensor,
+        text_mask: torch.Tensor,
+        frame_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         text = self.text_encoder(text_input, text_mask)  # (B, T, E)
-        return self.dit(x, t, text, text_mask)
+        return self.dit(x, t, text, text_mask, frame_mask)
 
 
 def dit_shape(cfg: ModelConfig) -> DiTShape:
@@ -63,7 +69,15 @@ def dit_shape(cfg: ModelConfig) -> DiTShape:
         absolute_positions=cfg.absolute_positions,
         shared_modulation=cfg.shared_modulation,
         rope_axis_dims=tuple(cfg.rope_axis_dims) if cfg.rope_axis_dims else None,
+        variant=cfg.variant,
+        single_stream_blocks=cfg.single_stream_blocks,
+        frame_conditioning=cfg.frame_conditioning,
     )
+
+
+def build_dit(shape: DiTShape) -> VideoTransformer:
+    """The variant `shape.variant` names: the cross-attention `DiT` or the joint-attention `MMDiT`."""
+    return MMDiT(shape) if shape.variant == "mmdit" else DiT(shape)
 
 
 def build_denoiser(cfg: ModelConfig) -> VideoDenoiser:
@@ -74,7 +88,7 @@ def build_denoiser(cfg: ModelConfig) -> VideoDenoiser:
         )
     else:
         text_encoder = TextProjection(frozen_text_dim(cfg.text_encoder_path), cfg.text_dim)
-    return VideoDenoiser(DiT(dit_shape(cfg)), text_encoder)
+    return VideoDenoiser(build_dit(dit_shape(cfg)), text_encoder)
 
 
 def frozen_text_dim(path: str) -> int:

@@ -1,19 +1,23 @@
-"""A diffusion transformer over spacetime patches, with cross-attention to text.
+"""Diffusion transformers over spacetime patches: what both variants share, and the cross-attention DiT.
 
 Shape legend: B batch, C channels, F frames, H height, W width, L = f·h·w video tokens,
 T text tokens, D hidden size, N heads, K head dim, P = pt·ph·pw·C values per patch.
 
-Each block: adaLN-Zero-modulated self-attention (3D RoPE, QK RMSNorm) → cross-attention
-to the text tokens → adaLN-Zero-modulated MLP. The modulation is conditioned on the timestep
-and on the mean of the caption's token embeddings. The output layer is zero-initialised, so a
-fresh model predicts zero velocity. The module is plain torch: parallelism, activation
-checkpointing and compilation are applied from `sora_train.parallel`.
+`VideoTransformer` holds the parts every variant has: the patch embedding (with an extra input
+channel marking clean conditioning frames under `frame_conditioning`), the timestep and caption
+condition, the text projection, the output layer and the token layout. The cross-attention `DiT`
+adds blocks of adaLN-Zero-modulated self-attention (3D RoPE, QK RMSNorm) → cross-attention to the
+text tokens → adaLN-Zero-modulated MLP; `models/mmdit.py` has the joint-attention variant. The
+modulation is conditioned on the timestep and on the mean of the caption's token embeddings. The
+output layer is zero-initialised, so a fresh model predicts zero velocity. The modules are plain
+torch: parallelism, activation checkpointing and compilation are applied from `sora_train.parallel`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from einops import rearrange
@@ -40,10 +44,17 @@ class DiTShape:
     absolute_positions: bool = False
     shared_modulation: bool = False  # one adaLN projection for all blocks, plus a learned offset per block
     rope_axis_dims: tuple[int, int, int] | None = None  # (time, height, width) parts of the head dim
+    variant: str = "cross_attention"  # or mmdit (models/mmdit.py)
+    single_stream_blocks: int = 0  # mmdit: the last this many blocks are single-stream
+    frame_conditioning: bool = False  # the input carries a mask channel of clean conditioning frames
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -71,6 +82,16 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
+def feed_forward(dim: int, hidden: int) -> nn.Sequential:
+    """The transformer MLP: Linear, tanh-GELU, Linear."""
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+
+
+def qk_norm_layer(head_dim: int, enabled: bool) -> nn.Module:
+    """RMSNorm over the head dim of queries or keys, or the identity."""
+    return nn.RMSNorm(head_dim) if enabled else nn.Identity()
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention over video tokens with 3D RoPE and optional QK RMSNorm."""
 
@@ -78,8 +99,8 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.q_norm = nn.RMSNorm(dim // num_heads) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(dim // num_heads) if qk_norm else nn.Identity()
+        self.q_norm = qk_norm_layer(dim // num_heads, qk_norm)
+        self.k_norm = qk_norm_layer(dim // num_heads, qk_norm)
         self.proj = nn.Linear(dim, dim)
 
     def forward(
@@ -100,8 +121,8 @@ class CrossAttention(nn.Module):
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
-        self.q_norm = nn.RMSNorm(dim // num_heads) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(dim // num_heads) if qk_norm else nn.Identity()
+        self.q_norm = qk_norm_layer(dim // num_heads, qk_norm)
+        self.k_norm = qk_norm_layer(dim // num_heads, qk_norm)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
@@ -127,8 +148,7 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.cross_attn = CrossAttention(dim, shape.num_heads, shape.qk_norm)
         self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        hidden = int(dim * shape.mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.mlp = feed_forward(dim, shape.mlp_hidden)
         self.shared_modulation = shape.shared_modulation
         if shape.shared_modulation:
             self.modulation_offset = nn.Parameter(torch.zeros(6 * dim))
@@ -168,11 +188,23 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
-class DiT(nn.Module):
-    """Predicts the flow-matching velocity of a (B, C, F, H, W) video given t and text tokens.
+class VideoTokens(NamedTuple):
+    """A batch of videos as this process' tokens, and what the blocks need to place them."""
+
+    tokens: torch.Tensor  # (B, L_local, D)
+    angles: torch.Tensor  # (L_local, K/2) RoPE angles of those tokens
+    key_mask: torch.Tensor | None  # (1, L_pad) False on padding; None without padding
+    grid: tuple[int, int, int]  # (f, h, w)
+    length: int  # L, the whole sample's tokens
+
+
+class VideoTransformer(nn.Module):
+    """What every variant shares: embeddings in, the output layer out, and the token layout.
 
     `layout` decides which of a sample's tokens this process computes (all of them, unless
     sequence parallelism replaced it); the input and the output are always whole videos.
+    Subclasses create their blocks between `super().__init__` and `self.final`, so parameters
+    keep the order patch embedding, timestep, text, blocks, output.
     """
 
     def __init__(self, shape: DiTShape):
@@ -182,60 +214,94 @@ class DiT(nn.Module):
                 f"hidden_size {shape.hidden_size} is not divisible by num_heads {shape.num_heads}"
             )
         self.shape = shape
-        patch_values = math.prod(shape.patch_size) * shape.in_channels
-        self.patch_embed = nn.Linear(patch_values, shape.hidden_size)
+        self.patch_values = math.prod(shape.patch_size) * shape.in_channels
+        input_channels = shape.in_channels + int(shape.frame_conditioning)
+        self.patch_embed = nn.Linear(math.prod(shape.patch_size) * input_channels, shape.hidden_size)
         self.time_embed = TimestepEmbedder(shape.hidden_size)
         self.text_proj = nn.Sequential(
             nn.Linear(shape.text_dim, shape.hidden_size), nn.GELU(approximate="tanh"),
             nn.Linear(shape.hidden_size, shape.hidden_size),
         )  # fmt: skip
         self.text_pool = nn.Linear(shape.text_dim, shape.hidden_size)  # pooled caption -> adaLN condition
+        self.layout = TokenLayout()
+
+    def embed_video(self, x: torch.Tensor, frame_mask: torch.Tensor | None) -> VideoTokens:
+        """x (B, C, F, H, W) -> this process' tokens; `frame_mask` (B, F) True on clean
+        conditioning frames becomes the extra input channel (all False when None)."""
+        patch, layout = self.shape.patch_size, self.layout
+        if self.shape.frame_conditioning:
+            if frame_mask is None:
+                frame_mask = torch.zeros(x.shape[0], x.shape[2], dtype=torch.bool, device=x.device)
+            channel = frame_mask.to(x.dtype)[:, None, :, None, None].expand(-1, 1, -1, *x.shape[3:])
+            x = torch.cat([x, channel], dim=1)  # (B, C + 1, F, H, W)
+        elif frame_mask is not None:
+            raise ValueError("this model was not built with frame_conditioning; it takes no frame_mask")
+        grid = grid_size(tuple(x.shape[2:]), patch)
+        positions = grid_positions(grid, x.device)  # (L, 3)
+        length = positions.shape[0]
+        angles = rope_angles(positions, self.shape.head_dim, self.shape.rope_theta, self.shape.rope_axis_dims)
+        tokens = self.patch_embed(layout.split(patchify(x, patch), dim=1))  # (B, L_local, D)
+        if self.shape.absolute_positions:
+            embedding = sincos_embedding(positions, self.shape.hidden_size).to(tokens.dtype)  # (L, D)
+            tokens = tokens + layout.split(embedding, dim=0)
+        angles = layout.split(angles, dim=0)  # (L_local, K/2)
+        return VideoTokens(tokens, angles, layout.padding_mask(length, x.device), grid, length)
+
+    def condition(self, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """(B, D): the timestep embedding plus the projected mean of the caption's token embeddings."""
+        weights = text_mask.to(text.dtype)[..., None]  # (B, T, 1)
+        pooled = (text * weights).sum(1) / weights.sum(1)  # (B, E)
+        return self.time_embed(t) + self.text_pool(pooled)
+
+    def output(self, tokens: torch.Tensor, cond: torch.Tensor, video: VideoTokens) -> torch.Tensor:
+        """This process' final tokens (B, L_local, D) -> the whole predicted velocity (B, C, F, H, W)."""
+        patches = self.layout.gather(self.final(tokens, cond), video.length, dim=1)  # (B, L, P)
+        return unpatchify(patches, video.grid, self.shape.patch_size)
+
+
+class DiT(VideoTransformer):
+    """Predicts the flow-matching velocity of a (B, C, F, H, W) video given t and text tokens,
+    with self-attention over the video and cross-attention to the text in every block."""
+
+    def __init__(self, shape: DiTShape):
+        super().__init__(shape)
         self.blocks = nn.ModuleList(DiTBlock(shape) for _ in range(shape.depth))
         if shape.shared_modulation:
             self.shared_modulation = nn.Sequential(
                 nn.SiLU(), nn.Linear(shape.hidden_size, 6 * shape.hidden_size)
             )
-        self.final = FinalLayer(shape.hidden_size, patch_values)
-        self.layout = TokenLayout()
+        self.final = FinalLayer(shape.hidden_size, self.patch_values)
         initialize_weights(self)
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        frame_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, C, F, H, W), t (B,) in [0, 1], text (B, T, text_dim), text_mask (B, T) bool -> (B, C, F, H, W)."""
-        patch, layout = self.shape.patch_size, self.layout
-        grid = grid_size(tuple(x.shape[2:]), patch)
-        positions = grid_positions(grid, x.device)  # (L, 3)
-        length = positions.shape[0]
-        angles = rope_angles(positions, self.shape.head_dim, self.shape.rope_theta, self.shape.rope_axis_dims)
-        angles = layout.split(angles, dim=0)  # (L_local, K/2)
-        tokens = self.patch_embed(layout.split(patchify(x, patch), dim=1))  # (B, L_local, D)
-        if self.shape.absolute_positions:
-            embedding = sincos_embedding(positions, self.shape.hidden_size).to(tokens.dtype)  # (L, D)
-            tokens = tokens + layout.split(embedding, dim=0)
-        key_mask = layout.padding_mask(length, x.device)
-        weights = text_mask.to(text.dtype)[..., None]  # (B, T, 1)
-        pooled = (text * weights).sum(1) / weights.sum(1)  # (B, E): mean over the caption's tokens
-        cond = self.time_embed(t) + self.text_pool(
-            pooled
-        )  # (B, D): every block's modulation sees the caption
+        """x (B, C, F, H, W), t (B,) in [0, 1], text (B, T, text_dim), text_mask (B, T) bool,
+        frame_mask (B, F) bool (with `frame_conditioning`) -> (B, C, F, H, W)."""
+        video = self.embed_video(x, frame_mask)
+        cond = self.condition(t, text, text_mask)  # (B, D)
         text = self.text_proj(text)  # (B, T, D)
         block_cond = (
             self.shared_modulation(cond) if self.shape.shared_modulation else cond
         )  # (B, 6D) or (B, D)
+        tokens = video.tokens
         for block in self.blocks:
-            tokens = block(tokens, block_cond, text, text_mask, angles, layout, key_mask)
-        patches = layout.gather(self.final(tokens, cond), length, dim=1)  # (B, L, P)
-        return unpatchify(patches, grid, patch)  # (B, C, F, H, W)
+            tokens = block(tokens, block_cond, text, text_mask, video.angles, self.layout, video.key_mask)
+        return self.output(tokens, cond, video)
 
 
-def initialize_weights(model: DiT) -> None:
-    """All weight init in one place.
+def initialize_weights(model: VideoTransformer) -> None:
+    """All weight init in one place, for both variants.
 
     Linear layers: Xavier-uniform weights, zero biases. Zero-initialised (adaLN-Zero):
-    every block's modulation (or the shared one and the blocks' offsets), the final modulation
-    and the final projection, so each block starts as the identity and the model's first
-    prediction is zero.
+    every adaLN modulation (the blocks', or the shared one and the blocks' offsets, and every
+    stream's), the final modulation and the final projection, so each block starts as the
+    identity and the model's first prediction is zero.
     """
     for module in model.modules():
         if isinstance(module, nn.Linear):
@@ -247,7 +313,11 @@ def initialize_weights(model: DiT) -> None:
     if model.shape.shared_modulation:
         zero_layers.append(model.shared_modulation[-1])  # the blocks' offsets start at zero too
     else:
-        zero_layers += [block.modulation[-1] for block in model.blocks]
+        zero_layers += [
+            module[-1]
+            for name, module in model.blocks.named_modules()
+            if name.endswith("modulation") and isinstance(module, nn.Sequential)
+        ]
     for layer in zero_layers:
         nn.init.zeros_(layer.weight)
         nn.init.zeros_(layer.bias)

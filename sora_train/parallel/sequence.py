@@ -8,12 +8,19 @@ into (my heads, all tokens), attention runs, and a second all-to-all swaps back.
 in a block acts token by token. The output patches are gathered, so every rank computes the same
 loss on the whole video.
 
-Gradients: the gather's backward sums the gradient every rank's (identical) loss sends to this
-rank's slice, so each rank's parameter gradients are the group size times its slice's share.
-DeepSpeed averages gradients over all ranks (data-parallel × sequence-parallel), which turns
-that into exactly the data-parallel mean of the full-sequence gradients.
+MM-DiT's joint attention does the same for the video tokens. The text tokens are few and every
+rank keeps all of them (the text stream is computed on every rank): each rank takes its heads'
+slice of the text queries, keys and values, attends with its heads over [text, all video] keys,
+and the text outputs of all heads are gathered back.
 
-Shape legend: B batch, N heads, L tokens (L_pad padded, l = L_pad / P per rank), K head dim, P degree.
+Gradients: every collective's backward is its true adjoint (the gathers' is a reduce-scatter), so
+the gradients the ranks of a group compute sum to the gradient of the sum of their (identical)
+losses: the group size times the full-sequence gradient. DeepSpeed averages gradients over all
+ranks (data-parallel × sequence-parallel), which turns that into exactly the data-parallel mean of
+the full-sequence gradients.
+
+Shape legend: B batch, N heads (n = N / P per rank), L tokens (L_pad padded, l = L_pad / P per
+rank), T text tokens, K head dim, P degree.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import torch
 import torch.distributed as dist
 from einops import rearrange
 
-from ..models.attention import TokenLayout, attention
+from ..models.attention import QKV, TokenLayout, attention, joint_attention
 from ..models.denoiser import VideoDenoiser
 
 
@@ -49,27 +56,28 @@ class _AllToAll(torch.autograd.Function):
         return _exchange(grad, ctx.group), None
 
 
-class _GatherTokens(torch.autograd.Function):
-    """Every rank's (B, l, ...) slice concatenated along dim 1 and cut to `length`: (B, L, ...).
+class _Gather(torch.autograd.Function):
+    """Every rank's piece concatenated along `dim` and cut to `length` (e.g. (B, l, ...) token
+    slices -> (B, L, ...), or (B, n, T, K) heads -> (B, N, T, K)).
 
-    Backward: this rank's slice of the sum of every rank's gradient (a reduce-scatter, done as
+    Backward: this rank's piece of the sum of every rank's gradient (a reduce-scatter, done as
     an all-to-all and a sum, which gloo supports too).
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, length: int, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
+    def forward(ctx, x: torch.Tensor, dim: int, length: int, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group, ctx.dim = group, dim
         x = x.contiguous()
         pieces = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
         dist.all_gather(pieces, x, group=group)
-        return torch.cat(pieces, dim=1)[:, :length]
+        return torch.cat(pieces, dim=dim).narrow(dim, 0, length)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         degree = dist.get_world_size(ctx.group)
-        padded = _pad_tokens(grad, degree, dim=1)  # (B, L_pad, ...)
-        per_rank = rearrange(padded, "b (p l) ... -> p b l ...", p=degree)
-        return _exchange(per_rank, ctx.group).sum(0), None, None
+        padded = _pad_tokens(grad, degree, dim=ctx.dim)
+        per_rank = torch.stack(padded.chunk(degree, dim=ctx.dim))  # (P, ...): rank p's piece
+        return _exchange(per_rank, ctx.group).sum(0), None, None, None
 
 
 def _pad_tokens(x: torch.Tensor, degree: int, dim: int) -> torch.Tensor:
@@ -97,7 +105,7 @@ class UlyssesLayout(TokenLayout):
     def gather(self, x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
         if dim != 1:
             raise ValueError(f"tokens are gathered along dim 1, not {dim}")
-        return _GatherTokens.apply(x, length, self.group)
+        return _Gather.apply(x, 1, length, self.group)
 
     def padding_mask(self, length: int, device: torch.device) -> torch.Tensor | None:
         padded = math.ceil(length / self.degree) * self.degree
@@ -105,17 +113,39 @@ class UlyssesLayout(TokenLayout):
             return None
         return (torch.arange(padded, device=device) < length)[None]  # (1, L_pad)
 
+    def _heads_to_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., B, N, l, K) all heads, this rank's tokens -> (..., B, n, L_pad, K) this rank's heads, all tokens."""
+        per_rank = rearrange(x, "... b (p n) l k -> p ... b n l k", p=self.degree)
+        exchanged = _AllToAll.apply(per_rank, self.group)  # [p]: rank p's tokens, this rank's heads
+        return rearrange(exchanged, "p ... b n l k -> ... b n (p l) k")
+
+    def _tokens_to_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, n, L_pad, K) this rank's heads, all tokens -> (B, N, l, K) all heads, this rank's tokens."""
+        per_rank = rearrange(x, "b n (p l) k -> p b n l k", p=self.degree)
+        exchanged = _AllToAll.apply(per_rank, self.group)  # [p]: this rank's tokens, rank p's heads
+        return rearrange(exchanged, "p b n l k -> b (p n) l k")
+
+    def _my_heads(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """(B, N, T, K) -> (B, n, T, K): this rank's heads of a tensor every rank holds whole."""
+        if x is None:
+            return None
+        return rearrange(x, "b (p n) t k -> p b n t k", p=self.degree)[self.rank]
+
     def self_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None
     ) -> torch.Tensor:
-        qkv = torch.stack((q, k, v))  # (3, B, N, l, K): all heads, this rank's tokens
-        per_rank = rearrange(qkv, "three b (p n) l k -> p three b n l k", p=self.degree)
-        exchanged = _AllToAll.apply(per_rank, self.group)  # [p]: rank p's tokens, this rank's heads
-        q, k, v = rearrange(exchanged, "p three b n l k -> three b n (p l) k")  # (B, N/P, L_pad, K)
-        out = attention(q, k, v, key_mask)  # (B, N/P, L_pad, K)
-        per_rank = rearrange(out, "b n (p l) k -> p b n l k", p=self.degree)
-        exchanged = _AllToAll.apply(per_rank, self.group)  # [p]: this rank's tokens, rank p's heads
-        return rearrange(exchanged, "p b n l k -> b (p n) l k")  # (B, N, l, K)
+        q, k, v = self._heads_to_tokens(torch.stack((q, k, v)))  # three (B, n, L_pad, K)
+        return self._tokens_to_heads(attention(q, k, v, key_mask))  # (B, N, l, K)
+
+    def joint_attention(
+        self, video: QKV, text: QKV, text_mask: torch.Tensor, key_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        video = tuple(self._heads_to_tokens(torch.stack(video)))  # three (B, n, L_pad, K)
+        text = tuple(self._my_heads(x) for x in text)  # (B, n, T, K) each, or None
+        out_video, out_text = joint_attention(video, text, text_mask, key_mask)
+        if out_text is not None:  # (B, n, T, K) -> (B, N, T, K): every head's text output
+            out_text = _Gather.apply(out_text, 1, out_text.shape[1] * self.degree, self.group)
+        return self._tokens_to_heads(out_video), out_text
 
 
 def sequence_groups(degree: int) -> dist.ProcessGroup | None:
