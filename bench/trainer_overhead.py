@@ -233,7 +233,7 @@ def plain_child(overrides: list[str]) -> None:
     torch.manual_seed(cfg.seed)
     model = build_denoiser(cfg.model)
     apply_sequence_parallel(model, info.sequence_group)
-    if cfg.train.activation_checkpointing:
+    if cfg.train.activation_checkpointing != "none":
         apply_activation_checkpointing(model)
     engine = build_engine(model, cfg, world)
     dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32

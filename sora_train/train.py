@@ -247,7 +247,7 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
     apply_sequence_parallel(model, dist_info.sequence_group)
     if trainer_state is not None:
         check_model_fits(selection.directory, model, trainer_state["config"], cfg)
-    if cfg.train.activation_checkpointing:
+    if cfg.train.activation_checkpointing != "none":
         apply_activation_checkpointing(model)
     engine = build_engine(model, cfg, world, load_universal=universal is not None)
     dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32

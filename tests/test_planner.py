@@ -224,7 +224,7 @@ def test_states_match_a_deepspeed_engine():
 
 def test_plan_of_a_480p_recipe(capsys):
     overrides = ["model=B", "data.buckets=video_480p", "model.latent_space=wan", "parallel=zero3",
-                 "parallel.sequence_parallel=4", "train.activation_checkpointing=true"]  # fmt: skip
+                 "parallel.sequence_parallel=4", "train.activation_checkpointing=full"]  # fmt: skip
     code = main([*overrides, "--gpus", "8", "--gpu", "H200", "--json"])
     plan = json.loads(capsys.readouterr().out)
     assert code == 0 and plan["fits"]
@@ -256,7 +256,7 @@ def test_buckets_that_do_not_fit_are_flagged_with_a_sequence_parallel_degree(cap
     assert at(degree).fits and not at(degree // 2).fits
     # checkpointing shrinks the activations of the largest bucket several times over
     whole = at(1).buckets[0].activation_bytes
-    cfg.train.activation_checkpointing = True
+    cfg.train.activation_checkpointing = "full"
     assert plan_run(cfg, 8, "L40S").buckets[0].activation_bytes * 3 < whole
 
 
@@ -358,7 +358,7 @@ def gpu_peak(checkpointing: bool) -> dict[str, float]:
     from sora_train.parallel.dist import init_distributed, shutdown_distributed
     from sora_train.parallel.zero import build_engine
 
-    cfg = compose_config([*GPU_OVERRIDES, f"train.activation_checkpointing={str(checkpointing).lower()}"])
+    cfg = compose_config([*GPU_OVERRIDES, f"train.activation_checkpointing={'full' if checkpointing else 'none'}"])
     info = init_distributed()
     torch.cuda.reset_peak_memory_stats()
     model = build_denoiser(cfg.model)

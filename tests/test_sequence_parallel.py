@@ -88,4 +88,4 @@ def test_minute_recipe_scaled_down_trains_with_sp2_as_with_sp1(corpus, tmp_path)
     (layout,) = [r for r in read_metrics(split) if r.get("event") == "layout"]
     assert (layout["data_parallel"], layout["sequence_parallel"], layout["zero_stage"]) == (1, 2, 3)
     config = json.loads((split / "run_info.json").read_text())["config"]
-    assert config["parallel"]["zero_stage"] == 3 and config["train"]["activation_checkpointing"]
+    assert config["parallel"]["zero_stage"] == 3 and config["train"]["activation_checkpointing"] == "full"

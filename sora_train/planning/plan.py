@@ -133,7 +133,7 @@ def plan_run(cfg: TrainConfig, gpus: int, gpu: str) -> Plan:
     states = state_bytes(counts, parallel, gpus, bf16=e == 2)
     usable = usable_bytes(spec)
     sp, dp = parallel.sequence_parallel, gpus // parallel.sequence_parallel
-    checkpointing = cfg.train.activation_checkpointing
+    checkpointing = cfg.train.activation_checkpointing != "none"
     buckets = []
     for bucket, batch in zip(bucket_table(cfg.data).buckets, bucket_batch_sizes(cfg, gpus), strict=True):
         tokens = video_tokens(bucket, model)
