@@ -74,9 +74,17 @@ def test_rope_preserves_norm_and_splits_axes():
     torch.testing.assert_close(rotated.norm(dim=-1), x.norm(dim=-1))
 
 
-def test_dit_forward_backward_tiny():
+VARIANTS = {
+    "cross_attention": {},
+    "mmdit": {"variant": "mmdit"},
+    "mmdit_single": {"variant": "mmdit", "single_stream_blocks": 1},
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_dit_forward_backward_tiny(variant):
     torch.manual_seed(0)
-    cfg = tiny_config()
+    cfg = tiny_config(**VARIANTS[variant])
     model = build_denoiser(cfg)
     ids, mask = build_tokenizer(cfg)(["a red square moving left", ""])
     x, t = torch.randn(2, 3, 4, 16, 16), torch.rand(2)
@@ -93,15 +101,16 @@ def test_dit_forward_backward_tiny():
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
     grads = [p.grad for p in model.parameters()]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)  # no parameter goes unused
     assert sum(int(g.abs().sum() > 0) for g in grads) > 0.9 * len(
         grads
     )  # gradients reach (nearly) every tensor
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("absolute_positions", [False, True])
-def test_dit_handles_any_grid_size(absolute_positions):
-    model = build_denoiser(tiny_config(absolute_positions=absolute_positions)).eval()
+def test_dit_handles_any_grid_size(absolute_positions, variant):
+    model = build_denoiser(tiny_config(absolute_positions=absolute_positions, **VARIANTS[variant])).eval()
     ids, mask = build_tokenizer(tiny_config())(["x"])
     for shape in [(2, 4, 4), (6, 12, 20), (4, 32, 8)]:
         assert model(torch.randn(1, 3, *shape), torch.rand(1), ids, mask).shape == (1, 3, *shape)

@@ -2,10 +2,12 @@
 
 Run under torchrun with 2 processes. Rank 0 writes a JSON report to the path given as the first
 argument:
-- `forward`: per token grid, the largest difference between the sequence-parallel (SP=2) output
-  and the whole-sequence output, and between their gradients (each rank's parameter gradients
-  averaged over the ranks, as DeepSpeed does), for a grid whose token count divides the degree
-  and for one that is padded;
+- `forward`: per model variant and token grid, the largest difference between the
+  sequence-parallel (SP=2) output and the whole-sequence output, and between their gradients (each
+  rank's parameter gradients averaged over the ranks, as DeepSpeed does), for a grid whose token
+  count divides the degree and for one that is padded; the variants are the cross-attention DiT
+  and MM-DiT, both with a text stream that gives only keys and values in its last block and with
+  a single-stream block;
 - `training`: per layout (SP=2: both ranks share every clip; DP=2: each rank takes half the batch)
   and ZeRO stage (2, 3), the loss of each of 3 DeepSpeed steps and of the same steps taken by a
   plain torch model and optimizer on the whole batch, the largest difference between the final
@@ -18,6 +20,7 @@ Usage: torchrun --nproc-per-node 2 parallel_check.py OUT.json
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import sys
 
@@ -34,12 +37,18 @@ from sora_train.parallel.zero import build_engine, build_optimizer, warmup_cosin
 
 BATCH = 2
 GRIDS = {"divides": (4, 16, 16), "padded": (6, 12, 12)}  # (F, H, W) pixels: 32 and 27 tokens at patch 2×4×4
+VARIANTS = {
+    "cross_attention": {},
+    "mmdit": {"variant": "mmdit"},
+    "mmdit_single": {"variant": "mmdit", "single_stream_blocks": 1},
+}
 
 
-def config(zero_stage: int = 2, sequence_parallel: int = 2) -> TrainConfig:
+def config(zero_stage: int = 2, sequence_parallel: int = 2, variant: str = "cross_attention") -> TrainConfig:
     cfg = TrainConfig(
         model=ModelConfig(preset="test", hidden_size=32, depth=2, num_heads=2, patch_size=[2, 4, 4], text_dim=32,
-                          text_depth=1, text_heads=2, text_vocab_size=256, absolute_positions=True),
+                          text_depth=1, text_heads=2, text_vocab_size=256, absolute_positions=True,
+                          **VARIANTS[variant]),
         data=DataConfig(train="unused", num_frames=4, height=16, width=16),
         train=TrainLoopConfig(global_batch_size=BATCH, grad_clip=1.0, max_steps=3),
         run_dir="unused",
@@ -72,9 +81,10 @@ def grads(model: VideoDenoiser) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
-def compare_forward(cfg: TrainConfig, group) -> dict:
+def compare_forward(group) -> dict:
     report = {}
-    for name, shape in GRIDS.items():
+    for variant, (grid, shape) in itertools.product(VARIANTS, GRIDS.items()):
+        cfg = config(variant=variant)
         x0, noise, t, ids, mask = inputs(cfg, *shape)
         whole = fresh_model(cfg)
         split = copy.deepcopy(whole)
@@ -87,7 +97,7 @@ def compare_forward(cfg: TrainConfig, group) -> dict:
             gradients.append(grads(model))
         dist.all_reduce(gradients[1])  # DeepSpeed's mean over every rank
         gradients[1] /= dist.get_world_size()
-        report[name] = {
+        report[f"{variant} {grid}"] = {
             "output": (outputs[0] - outputs[1]).abs().max().item(),
             "output_scale": outputs[0].abs().max().item(),
             "grad": (gradients[0] - gradients[1]).abs().max().item(),
@@ -171,7 +181,7 @@ def compare_training(zero_stage: int, layout: str, group) -> dict:
 def main(out: str) -> None:
     info = init_distributed(sequence_parallel=2)
     torch.set_num_threads(1)
-    report = {"forward": compare_forward(config(), info.sequence_group)}
+    report = {"forward": compare_forward(info.sequence_group)}
     report["training"] = {
         f"{layout} ZeRO-{stage}": compare_training(stage, layout, info.sequence_group)
         for layout in ("SP", "DP")
