@@ -116,7 +116,7 @@ class MetricsLogger:
 
     def log_videos(self, step: int, paths: list[Path], captions: list[str]) -> None:
         """Sample videos to wandb (files are already in the run dir)."""
-        if self.wandb_run is None:
+        if self.wandb_run is None or not paths:
             return
         import wandb
 

@@ -185,3 +185,31 @@ def test_t5_encoder_bfloat16(t5_dir: tuple[str, str]):
 def test_build_text_encoder_rejects_unknown_names(tmp_path):
     with pytest.raises(ValueError, match=r"unknown text encoder 'clip'.*\['t5', 'umt5'\]"):
         build_text_encoder("clip", str(tmp_path), max_length=8)
+
+
+def test_in_loop_encoders_run_frozen_in_the_compute_dtype_and_pass_no_gradient(wan_dir, t5_dir):
+    """As the trainer builds them when training from pixels under bf16."""
+    from sora_train.config import ModelConfig
+    from sora_train.models.frozen import frozen_encoders
+    from sora_train.models.prompts import PromptEncoder
+
+    model_type, t5_path = t5_dir
+    cfg = ModelConfig(preset="test", hidden_size=32, depth=1, num_heads=2, text_encoder=model_type,
+                      text_encoder_path=t5_path, text_max_length=8)  # fmt: skip
+    vae = build_latent_space("wan", wan_dir, dtype=torch.bfloat16)
+    prompts = PromptEncoder(cfg, dtype=torch.bfloat16)
+    report = frozen_encoders(vae, prompts)
+    assert set(report) == {"vae", "text_encoder"}
+    for encoder in report.values():
+        assert encoder["parameters"] > 0 and encoder["trainable"] == 0
+        assert encoder["dtype"] == "bfloat16" and not encoder["training_mode"]
+    trainable = torch.nn.Linear(32, 4)
+    with torch.enable_grad():
+        latents = vae.encode(torch.rand(1, 3, 5, 16, 16) * 2 - 1)
+        text, _ = prompts(["a red ball"])
+        assert not latents.requires_grad and not text.requires_grad  # no graph through the encoders
+        (trainable(text).sum() + latents.sum()).backward()
+    assert trainable.weight.grad is not None
+    assert all(p.grad is None for p in [*vae.vae.parameters(), *prompts.frozen_module.parameters()])
+    assert frozen_encoders(PixelSpace(), PromptEncoder(ModelConfig(preset="test", hidden_size=32, depth=1,
+                                                                   num_heads=2))) == {}  # fmt: skip

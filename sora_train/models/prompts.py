@@ -18,16 +18,21 @@ from .denoiser import build_tokenizer
 class PromptEncoder:
     """`encoder(captions) -> (text input, mask (B, T) bool)`; `drop(...)` swaps rows for the empty caption."""
 
-    def __init__(self, cfg: ModelConfig, device: str | torch.device = "cpu"):
+    def __init__(
+        self, cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ):
+        """`dtype`: the frozen encoder's parameter dtype (its embeddings are float32 either way)."""
         self.learned = cfg.text_encoder == "learned"
+        self.frozen_module: torch.nn.Module | None = None  # the pretrained encoder, when there is one
         if self.learned:
             self._tokenizer = build_tokenizer(cfg)
         else:
             from .text_encoders import build_text_encoder
 
             self._frozen = build_text_encoder(
-                cfg.text_encoder, cfg.text_encoder_path, cfg.text_max_length, device
+                cfg.text_encoder, cfg.text_encoder_path, cfg.text_max_length, device, dtype
             )
+            self.frozen_module = self._frozen.model
         self._null: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
