@@ -74,10 +74,16 @@ def test_more_tokens_get_noisier_timesteps():
         config = DiffusionConfig(shift_base_tokens=base)
         return training_timesteps(20000, tokens, torch.Generator().manual_seed(0), config).median().item()
 
-    assert median(4096, 0) == median(16 * 4096, 0)  # no shift unless asked for
+    assert median(4096, 0) == median(16 * 4096, 0)  # shift_base_tokens=0: no shift
     assert median(4096, 4096) < median(4 * 4096, 4096) < median(16 * 4096, 4096)
-    # the default draws the same timesteps as the logit-normal sampler, so runs stay reproducible
+    # On by default: clips up to 3600 tokens (the demo's 1,024) draw exactly the logit-normal
+    # sampler's timesteps; a 720p 81-frame clip of Wan latents (75,600 tokens) shifts by sqrt(21).
+    default = DiffusionConfig()
     assert torch.equal(
-        training_timesteps(16, 256, torch.Generator().manual_seed(3), DiffusionConfig()),
+        training_timesteps(16, 1024, torch.Generator().manual_seed(3), default),
         sample_timesteps(16, torch.Generator().manual_seed(3)),
+    )
+    torch.testing.assert_close(
+        training_timesteps(16, 75_600, torch.Generator().manual_seed(3), default),
+        shift_timesteps(sample_timesteps(16, torch.Generator().manual_seed(3)), 21**0.5),
     )
