@@ -116,9 +116,18 @@ class DiffusionConfig:
     # 480p and 4.6 at 720p (81 frames, Wan latents, 1×2×2 patches)
     shift_base_tokens: int = 3600
     loss_weighting: str = "none"  # none | cosmap (SD3's cosine-map weight over t)
-    # Frame conditioning (needs model.frame_conditioning): probability of each strategy per sample,
-    # over none | first | first_k | last | first_last | random; they must sum to 1
-    conditioning: dict[str, float] = field(default_factory=lambda: {"none": 1.0})
+    # Frame conditioning (needs model.frame_conditioning): probability of each strategy per sample;
+    # they must sum to 1, e.g. diffusion.conditioning.none=0.5 diffusion.conditioning.first=0.5
+    conditioning: dict[str, float] = field(
+        default_factory=lambda: {
+            "none": 1.0,
+            "first": 0.0,
+            "first_k": 0.0,
+            "last": 0.0,
+            "first_last": 0.0,
+            "random": 0.0,
+        }
+    )
     conditioning_first_k: int = 2  # latent frames the first_k strategy keeps clean
     conditioning_random_rate: float = 0.25  # chance each latent frame is kept clean under `random`
     sample_steps: int = 25
