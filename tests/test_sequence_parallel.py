@@ -62,10 +62,13 @@ def test_minute_recipe_scaled_down_trains_with_sp2_as_with_sp1(corpus, tmp_path)
     """The minute-long 720p recipe (ZeRO-3, activation checkpointing, SP) with a tiny model and 16-pixel clips.
 
     Steps 1-2 on one process (SP=1); steps 3-4 resumed from its step-2 checkpoint on 2 processes as one
-    sequence-parallel group (SP=2): the same samples, and the losses of an uninterrupted SP=1 run.
+    sequence-parallel group (SP=2): the same samples, and the losses of an uninterrupted SP=1 run. The
+    model is the MM-DiT variant with a single-stream block, so its joint attention runs through this
+    whole path (`parallel_check.py` covers the cross-attention DiT's DeepSpeed steps under SP).
     """
     args = [
         "experiment=minute_720p", "model=tiny", *FAST, "data=synthetic", "model.latent_space=pixel",
+        "model.variant=mmdit", "model.single_stream_blocks=1",
         f"data.train={corpus / 'train'}", f"data.val={corpus / 'val'}", "data.fps=8", "data.frame_stride=2",
         f"data.buckets={Path(__file__).parent / 'buckets_tiny.yaml'}", "train.precision=fp32",
         "train.global_batch_size=2", "train.max_steps=4", "checkpoint.every=2", "eval.val_every=2",
