@@ -49,6 +49,7 @@ from .config import (
 from .data.loader import Batch, merge_counts
 from .data.recipe import build_loader, tokens_per_sample
 from .data.storage import ShardError
+from .diffusion.conditioning import conditions_frames, draw_frame_mask
 from .diffusion.flow import flow_loss
 from .diffusion.timesteps import training_timesteps
 from .ema import EMA
@@ -59,6 +60,7 @@ from .hardware import device_peak_flops
 from .metrics import MetricsLogger, final_validation_loss, keys_hash
 from .models.denoiser import VideoDenoiser, build_denoiser
 from .models.dit import count_parameters
+from .models.frozen import frozen_encoders
 from .models.prompts import PromptEncoder
 from .models.vae import LatentSpace, build_latent_space
 from .parallel.checkpointing import apply_activation_checkpointing
@@ -104,15 +106,23 @@ def forward_backward(
     cfg: TrainConfig, dtype: torch.dtype,
 ) -> float:  # fmt: skip
     """One micro-batch: encode (unless `latent_space` is None: the batch holds latents), noise at
-    logit-normal t, flow-matching loss, backward. Returns the loss."""
+    the configured timesteps, flow-matching loss, backward. Returns the loss.
+
+    With frame conditioning configured, a strategy per sample keeps some latent frames clean
+    (drawn after the noise); those frames carry no loss. Otherwise nothing more is drawn.
+    """
     device = engine.device
     x0 = clean_latents(batch, latent_space, device, dtype)
     text, mask = text_input(batch, prompts, cfg.data.caption_dropout, generator, device, dtype)
     t = training_timesteps(x0.shape[0], video_tokens(x0.shape, cfg), generator, cfg.diffusion)
     noise = torch.randn(x0.shape, generator=generator)
+    frame_mask = None  # (B, f) bool: latent frames kept clean
+    if conditions_frames(cfg.diffusion):
+        frame_mask = draw_frame_mask(x0.shape[0], x0.shape[2], cfg.diffusion, generator).to(device)
     loss = flow_loss(
-        lambda x_t, t_: engine(x_t, t_, text, mask), x0, noise.to(device, dtype), t.to(device, dtype)
-    )
+        lambda x_t, t_: engine(x_t, t_, text, mask, frame_mask), x0, noise.to(device, dtype), t.to(device, dtype),
+        frame_mask, cfg.diffusion.loss_weighting,
+    )  # fmt: skip
     engine.backward(loss)
     return loss.item()
 
@@ -147,7 +157,9 @@ def ema_model(ema: EMA, cfg: TrainConfig, device: torch.device) -> VideoDenoiser
 
 
 def write_samples(model: VideoDenoiser, cfg: TrainConfig, step: int) -> list[Path]:
-    """Sample the configured prompts into RUN_DIR/samples/step_XXXXXXX/NN_prompt.mp4."""
+    """Sample the configured prompts into RUN_DIR/samples/step_XXXXXXX/NN_prompt.mp4 (none without prompts)."""
+    if not cfg.train.sample_prompts:
+        return []
     info = inference_config(cfg)
     clips = generate_videos(
         model, cfg.model, cfg.train.sample_prompts, info.clip_shape, cfg.diffusion, seed=cfg.seed
@@ -255,7 +267,8 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
     guards = TrainingGuards(
         cfg.guards.max_consecutive_skips, cfg.guards.spike_zscore, cfg.guards.spike_warmup
     )
-    latent_space = build_latent_space(cfg.model.latent_space, cfg.model.vae_path, device)
+    # Pretrained encoders run frozen (no gradients, eval mode, outside the optimizer) in the compute dtype.
+    latent_space = build_latent_space(cfg.model.latent_space, cfg.model.vae_path, device, dtype)
     precomputed = cfg.data.name == "latents"  # latent shards from `sora-prep encode`: no decoding, no VAE
     validating = cfg.eval.validate and cfg.data.val is not None
     try:
@@ -283,7 +296,9 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
         logger.log_event("layout", step, summary, echo=False)
     peak_flops = device_peak_flops(device)
 
-    prompts = PromptEncoder(cfg.model, device)
+    prompts = PromptEncoder(cfg.model, device, dtype)
+    if logger and (frozen := frozen_encoders(latent_space, prompts)):
+        logger.log_event("frozen_encoders", step, frozen)
     patch = tuple(cfg.model.patch_size)
     batches = iter(loader)
     preemption = PreemptionWatch().install()

@@ -163,6 +163,27 @@ def test_trainer_runs_on_wan_latents_with_precomputed_umt5_text(wan_latents, tmp
     assert frames.shape == (5, 32, 48, 3)
 
 
+def test_trainer_encodes_pixels_in_loop_with_frozen_wan_and_umt5_in_bf16(corpus, wan_latents, tmp_path):
+    """Training from pixel shards: the VAE and the text encoder run in the loop, frozen, in bf16."""
+    _, wan_dir, umt5_dir = wan_latents
+    run = tmp_path / "run"
+    result = run_train(f"run_dir={run}", "data=shards", f"data.train={corpus / 'train'}", *FAST,
+                       "model.patch_size=[1,4,4]", "data.num_frames=5", "data.height=32", "data.width=48",
+                       "data.num_workers=0", "model.latent_space=wan", f"model.vae_path={wan_dir}",
+                       "model.text_encoder=umt5", f"model.text_encoder_path={umt5_dir}", "model.text_max_length=8",
+                       "train.precision=bf16", "train.max_steps=2", "train.global_batch_size=2",
+                       "checkpoint.every=0", "checkpoint.save_final=false", "eval.validate=false",
+                       "train.sample_prompts=[]")  # fmt: skip
+    assert_ok(result)
+    rows = read_metrics(run)
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    (frozen,) = [r for r in rows if r.get("event") == "frozen_encoders"]
+    for name in ("vae", "text_encoder"):
+        assert frozen[name]["trainable"] == 0 and frozen[name]["parameters"] > 0, name
+        assert frozen[name]["dtype"] == "bfloat16" and not frozen[name]["training_mode"], name
+
+
 def test_encode_under_torchrun_splits_shards_over_ranks(corpus, tmp_path):
     table = write_table(tmp_path / "pixel.json", PIXEL_TABLE)
     out = tmp_path / "latents"

@@ -9,6 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from einops import rearrange
+
+from .conditioning import hold_frames
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> v
 
@@ -62,14 +65,59 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
 
-def flow_errors(predict: Velocity, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def flow_errors(
+    predict: Velocity,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    frame_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Squared error, element by element (float32, x0's shape), between the predicted and the true
-    velocity at (x_t, t)."""
+    velocity at (x_t, t).
+
+    With `frame_mask` (B, f) bool the masked latent frames of x_t are the clean x0 frames
+    (frame conditioning); `predict` must hand the model the same mask.
+    """
     x_t = interpolate(x0, noise, t)
+    if frame_mask is not None:
+        x_t = hold_frames(x_t, x0, frame_mask)
     v = predict(x_t.to(x0.dtype), t)
     return (v.float() - velocity_target(x0, noise).float()) ** 2
 
 
-def flow_loss(predict: Velocity, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Mean squared error between the predicted and the true velocity at (x_t, t)."""
-    return torch.mean(flow_errors(predict, x0, noise, t))
+def cosmap_weight(t: torch.Tensor) -> torch.Tensor:
+    """SD3's cosine-map loss weight for rectified flow: w(t) = 2 / (π·(1 - 2t + 2t²)).
+
+    w is the density over t of SD3's cosmap timestep schedule, so it integrates to 1 over [0, 1]:
+    under uniform timesteps the weighted loss keeps the unweighted loss's scale. It is largest at
+    t = 1/2 (4/π ≈ 1.27) and smallest at the ends (2/π ≈ 0.64); no further normalisation.
+    """
+    return 2 / (torch.pi * (1 - 2 * t + 2 * t**2))
+
+
+LOSS_WEIGHTINGS = ("none", "cosmap")
+
+
+def flow_loss(
+    predict: Velocity,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    frame_mask: torch.Tensor | None = None,
+    weighting: str = "none",
+) -> torch.Tensor:
+    """Mean squared error between the predicted and the true velocity at (x_t, t).
+
+    `weighting` "cosmap" scales each sample's errors by `cosmap_weight(t)`. With `frame_mask`
+    (B, f) bool (x0 is (B, C, f, h, w)) the masked frames are clean conditioning (see
+    `flow_errors`) and carry no loss: the mean runs over the other frames' elements only.
+    """
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"unknown loss weighting {weighting!r}; use {' or '.join(LOSS_WEIGHTINGS)}")
+    errors = flow_errors(predict, x0, noise, t, frame_mask)
+    if weighting == "cosmap":
+        errors = errors * cosmap_weight(t.float()).view(-1, *([1] * (errors.dim() - 1)))
+    if frame_mask is None:
+        return torch.mean(errors)
+    noisy = rearrange(~frame_mask, "b f -> b 1 f 1 1").expand_as(errors)  # (B, C, f, h, w)
+    return errors[noisy].mean()
