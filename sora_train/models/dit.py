@@ -253,6 +253,28 @@ class VideoTransformer(nn.Module):
         pooled = (text * weights).sum(1) / weights.sum(1)  # (B, E)
         return self.time_embed(t) + self.text_pool(pooled)
 
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        frame_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B, C, F, H, W), t (B,) in [0, 1], text (B, T, text_dim), text_mask (B, T) bool,
+        frame_mask (B, F) bool (with `frame_conditioning`) -> the velocity (B, C, F, H, W)."""
+        video = self.embed_video(x, frame_mask)
+        cond = self.condition(t, text, text_mask)  # (B, D)
+        tokens = self.run_blocks(video, cond, self.text_proj(text), text_mask)
+        return self.output(tokens, cond, video)
+
+    def run_blocks(
+        self, video: VideoTokens, cond: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The variant's blocks: this process' video tokens and the projected text (B, T, D) ->
+        the final video tokens (B, L_local, D)."""
+        raise NotImplementedError
+
     def output(self, tokens: torch.Tensor, cond: torch.Tensor, video: VideoTokens) -> torch.Tensor:
         """This process' final tokens (B, L_local, D) -> the whole predicted velocity (B, C, F, H, W)."""
         patches = self.layout.gather(self.final(tokens, cond), video.length, dim=1)  # (B, L, P)
@@ -273,26 +295,16 @@ class DiT(VideoTransformer):
         self.final = FinalLayer(shape.hidden_size, self.patch_values)
         initialize_weights(self)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        text: torch.Tensor,
-        text_mask: torch.Tensor,
-        frame_mask: torch.Tensor | None = None,
+    def run_blocks(
+        self, video: VideoTokens, cond: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
     ) -> torch.Tensor:
-        """x (B, C, F, H, W), t (B,) in [0, 1], text (B, T, text_dim), text_mask (B, T) bool,
-        frame_mask (B, F) bool (with `frame_conditioning`) -> (B, C, F, H, W)."""
-        video = self.embed_video(x, frame_mask)
-        cond = self.condition(t, text, text_mask)  # (B, D)
-        text = self.text_proj(text)  # (B, T, D)
         block_cond = (
             self.shared_modulation(cond) if self.shape.shared_modulation else cond
         )  # (B, 6D) or (B, D)
         tokens = video.tokens
         for block in self.blocks:
             tokens = block(tokens, block_cond, text, text_mask, video.angles, self.layout, video.key_mask)
-        return self.output(tokens, cond, video)
+        return tokens
 
 
 def initialize_weights(model: VideoTransformer) -> None:

@@ -22,6 +22,7 @@ from .attention import QKV, TokenLayout
 from .dit import (
     DiTShape,
     FinalLayer,
+    VideoTokens,
     VideoTransformer,
     feed_forward,
     initialize_weights,
@@ -164,19 +165,10 @@ class MMDiT(VideoTransformer):
         self.final = FinalLayer(shape.hidden_size, self.patch_values)
         initialize_weights(self)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        text: torch.Tensor,
-        text_mask: torch.Tensor,
-        frame_mask: torch.Tensor | None = None,
+    def run_blocks(
+        self, video: VideoTokens, cond: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
     ) -> torch.Tensor:
-        """As `DiT.forward`: x (B, C, F, H, W), t (B,), text (B, T, text_dim), text_mask (B, T),
-        frame_mask (B, F) or None -> (B, C, F, H, W)."""
-        video = self.embed_video(x, frame_mask)
-        cond = self.condition(t, text, text_mask)  # (B, D)
-        tokens, text = video.tokens, self.text_proj(text)  # (B, L_local, D), (B, T, D)
+        tokens = video.tokens
         for block in self.blocks:
             tokens, text = block(tokens, text, cond, text_mask, video.angles, self.layout, video.key_mask)
-        return self.output(tokens, cond, video)
+        return tokens
