@@ -220,6 +220,7 @@ def plain_child(overrides: list[str]) -> None:
     from sora_train.models.prompts import PromptEncoder
     from sora_train.models.vae import build_latent_space
     from sora_train.parallel.checkpointing import apply_activation_checkpointing
+    from sora_train.parallel.compile import apply_block_compile
     from sora_train.parallel.dist import barrier, init_distributed, shutdown_distributed
     from sora_train.parallel.sequence import apply_sequence_parallel
     from sora_train.parallel.zero import build_engine, use_bf16
@@ -233,8 +234,11 @@ def plain_child(overrides: list[str]) -> None:
     torch.manual_seed(cfg.seed)
     model = build_denoiser(cfg.model)
     apply_sequence_parallel(model, info.sequence_group)
-    if cfg.train.activation_checkpointing != "none":
-        apply_activation_checkpointing(model)
+    apply_activation_checkpointing(
+        model, cfg.train.activation_checkpointing, cfg.train.activation_checkpointing_every
+    )
+    if cfg.train.compile_blocks:  # compiles __call__, so the checkpoint is in the graph (compile.py: order)
+        apply_block_compile(model)
     engine = build_engine(model, cfg, world)
     dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
     latent_space = build_latent_space(cfg.model.latent_space, cfg.model.vae_path, device)

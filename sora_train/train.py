@@ -64,6 +64,7 @@ from .models.frozen import frozen_encoders
 from .models.prompts import PromptEncoder
 from .models.vae import LatentSpace, build_latent_space
 from .parallel.checkpointing import apply_activation_checkpointing
+from .parallel.compile import apply_block_compile
 from .parallel.dist import (
     DistInfo,
     all_gather_objects,
@@ -259,8 +260,11 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
     apply_sequence_parallel(model, dist_info.sequence_group)
     if trainer_state is not None:
         check_model_fits(selection.directory, model, trainer_state["config"], cfg)
-    if cfg.train.activation_checkpointing != "none":
-        apply_activation_checkpointing(model)
+    apply_activation_checkpointing(
+        model, cfg.train.activation_checkpointing, cfg.train.activation_checkpointing_every
+    )
+    if cfg.train.compile_blocks:  # compiles __call__, so the checkpoint is in the graph (compile.py: order)
+        apply_block_compile(model)
     engine = build_engine(model, cfg, world, load_universal=universal is not None)
     dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
     ema = EMA(engine.module, cfg.train.ema_decay)

@@ -1,7 +1,8 @@
 """The FLOP counter, the GPU table and sora-plan, each checked against a measurement.
 
-FLOPs against torch's FlopCounterMode over a real forward + backward; activation bytes against
-what autograd saves (saved_tensors_hooks); parameter, gradient and optimizer bytes against a real
+FLOPs against torch's FlopCounterMode over a real forward + backward; activation bytes under every
+checkpointing policy, for both variants, against what autograd saves (saved_tensors_hooks) and
+what selective checkpointing caches; parameter, gradient and optimizer bytes against a real
 DeepSpeed engine; on a GPU, the planned peak against torch.cuda.max_memory_allocated.
 Run as `python -m tests.test_planner engine-states|gpu-peak ...` it does the measurements that
 need a process of their own (DeepSpeed keeps process-wide state).
@@ -38,7 +39,13 @@ from sora_train.models.denoiser import build_denoiser, build_tokenizer
 from sora_train.models.dit import count_parameters
 from sora_train.planning.cli import compose_config, main
 from sora_train.planning.measure import MeasuredActivations, measure_activation_bytes
-from sora_train.planning.memory import CPU_KERNELS, activation_bytes, activation_model, state_bytes
+from sora_train.planning.memory import (
+    CPU_KERNELS,
+    activation_bytes,
+    activation_model,
+    block_kinds,
+    state_bytes,
+)
 from sora_train.planning.plan import plan_run, required_sequence_parallel
 from sora_train.recipes import config_dir
 
@@ -142,44 +149,80 @@ def test_frozen_encoder_width_comes_from_its_config_or_is_taken_as_4096(tmp_path
 
 
 TINY_BUCKETS = ((8, 16, 16), (8, 32, 32))  # latent clips of the tiny preset (pixels: 256 and 1024 tokens)
+POLICIES = ("none", "full", "every_k", "selective")
+TOLERANCE = 0.001  # planned against measured activation bytes (measured errors: 0.02% at most)
+
+
+def measured_and_planned(model: ModelConfig, batch: int, clip, dtype: torch.dtype, every: int = 2):
+    """The measurement of `model` under every policy, and `activation_bytes` of each (CPU kernels)."""
+    measured = measure_activation_bytes(model, batch, clip, dtype, POLICIES, every)
+    e, s = 4 if dtype == torch.float32 else 2, tokens_of(model, clip)
+    planned = {
+        policy: activation_bytes(
+            model, batch, s, dtype_bytes=e, policy=policy, every=every, kernels=CPU_KERNELS
+        ).saved
+        for policy in POLICIES
+    }
+    return measured, planned
+
+
+def assert_close_bytes(planned: dict[str, int], measured: dict[str, int]) -> None:
+    for policy, nbytes in measured.items():
+        assert abs(planned[policy] / nbytes - 1) < TOLERANCE, (policy, planned[policy], nbytes)
 
 
 @pytest.fixture(scope="module")
-def tiny_measured() -> dict[tuple[int, int, int], MeasuredActivations]:
-    """Saved-for-backward bytes of the tiny preset at two buckets (fp32, one sample), with and without checkpointing."""
-    return {clip: measure_activation_bytes(preset("tiny"), 1, clip, torch.float32) for clip in TINY_BUCKETS}
+def tiny_measured() -> dict[tuple[int, int, int], tuple[MeasuredActivations, dict[str, int]]]:
+    """Bytes kept for backward by the tiny preset at two buckets (fp32, one sample) under every
+    policy: measured and planned."""
+    return {clip: measured_and_planned(preset("tiny"), 1, clip, torch.float32) for clip in TINY_BUCKETS}
 
 
 @pytest.mark.parametrize("clip", TINY_BUCKETS)
 def test_activation_bytes_match_saved_tensors_for_tiny(tiny_measured, clip):
-    model, measured = preset("tiny"), tiny_measured[clip]
-    for checkpointing, nbytes in ((False, measured.saved), (True, measured.checkpointed)):
-        planned = activation_bytes(
-            model, 1, tokens_of(model, clip), dtype_bytes=4, checkpointing=checkpointing, kernels=CPU_KERNELS
-        ).saved
-        assert abs(planned / nbytes - 1) < 0.01, (checkpointing, planned, nbytes)
-    assert measured.checkpointed * 2 < measured.saved
+    measured, planned = tiny_measured[clip]
+    assert_close_bytes(planned, measured.saved)
+    # every_k (k=2) keeps half the blocks whole; selective keeps each block's matmul and attention outputs
+    saved = measured.saved
+    assert saved["none"] > saved["every_k"] > saved["selective"] > saved["full"], saved
+    assert 3 * saved["full"] < saved["none"]
 
 
 def test_per_token_block_coefficient_matches_saved_tensors(tiny_measured):
     """The slope of one block's saved bytes over its tokens is the analytic per-token coefficient."""
     model = preset("tiny")
-    (small, s1), (large, s2) = ((tiny_measured[c].block, tokens_of(model, c)) for c in TINY_BUCKETS)
-    act = activation_model(model, 4, CPU_KERNELS)
-    # a measured block excludes its inputs (the residual stream: `block_input_per_token`)
-    predicted = act.block_per_token - act.block_input_per_token + act.block_per_position
+    blocks = {clip: (tiny_measured[clip][0].whole.blocks[0], tokens_of(model, clip)) for clip in TINY_BUCKETS}
+    (small, s1), (large, s2) = blocks.values()
+    block = activation_model(model, 4, CPU_KERNELS).blocks[0]
+    # a measured block excludes its inputs (the residual stream)
+    predicted = (block.whole - block.inputs).token + block.whole.position
     assert abs((large - small) / (s2 - s1) / predicted - 1) < 0.005, ((large - small) / (s2 - s1), predicted)
 
 
-@pytest.mark.parametrize("changes", [{"qk_norm": False}, {"text_encoder": "t5"}])
+@pytest.mark.parametrize("changes", [{"qk_norm": False}, {"text_encoder": "t5"}, {"shared_modulation": True}])
 def test_activation_bytes_follow_model_variants_in_bf16(changes):
-    model, clip = preset("tiny", **changes), (4, 16, 16)
-    measured = measure_activation_bytes(model, 2, clip, torch.bfloat16)
-    for checkpointing, nbytes in ((False, measured.saved), (True, measured.checkpointed)):
-        planned = activation_bytes(
-            model, 2, tokens_of(model, clip), dtype_bytes=2, checkpointing=checkpointing, kernels=CPU_KERNELS
-        ).saved
-        assert abs(planned / nbytes - 1) < 0.01, (checkpointing, planned, nbytes)
+    measured, planned = measured_and_planned(preset("tiny", **changes), 2, (4, 16, 16), torch.bfloat16)
+    assert_close_bytes(planned, measured.saved)
+
+
+@pytest.mark.parametrize(
+    ("changes", "batch", "dtype", "every"),
+    [
+        ({"single_stream_blocks": 0}, 1, torch.float32, 2),  # the last double-stream block: keys-only text
+        ({"single_stream_blocks": 2}, 2, torch.bfloat16, 3),  # every_k: blocks 0 and 3 (the last)
+        ({"single_stream_blocks": 1, "qk_norm": False}, 2, torch.bfloat16, 2),
+    ],
+)
+def test_activation_bytes_of_mmdit_match_saved_tensors(changes, batch, dtype, every):
+    model, clip = preset("tiny", variant="mmdit", **changes), (8, 16, 16)
+    measured, planned = measured_and_planned(model, batch, clip, dtype, every)
+    assert_close_bytes(planned, measured.saved)
+    # block by block: what each kind saves beyond its inputs, and what selective checkpointing keeps of that
+    e, s, t = 4 if dtype == torch.float32 else 2, tokens_of(model, clip), model.text_max_length
+    for index, block in enumerate(activation_model(model, e, CPU_KERNELS).blocks):
+        expected = (block.whole - block.inputs).bytes(batch, s, t), block.kept_saved.bytes(batch, s, t)
+        found = measured.whole.blocks[index], measured.whole.kept[index]
+        assert expected == pytest.approx(found, rel=TOLERANCE), (block_kinds(model)[index], expected, found)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,6 +272,7 @@ def test_plan_of_a_480p_recipe(capsys):
     plan = json.loads(capsys.readouterr().out)
     assert code == 0 and plan["fits"]
     assert (plan["data_parallel"], plan["sequence_parallel"], plan["zero_stage"]) == (2, 4, 3)
+    assert plan["activation_checkpointing"] == "full" and plan["fitting_checkpointing"] == []
     first = plan["buckets"][0]
     assert first["name"] == "81x480x832" and first["latent_grid"] == [21, 60, 104]
     assert first["video_tokens"] == 21 * 30 * 52
@@ -245,7 +289,8 @@ def test_buckets_that_do_not_fit_are_flagged_with_a_sequence_parallel_degree(cap
     ]
     code = main([*overrides, "--gpus", "8", "--gpu", "L40S"])
     out = capsys.readouterr().out
-    assert code == 1 and "DOES NOT FIT" in out and " NO" in out
+    assert code == 1 and "DOES NOT FIT" in out and " NO" in out and "activation checkpointing none" in out
+    assert "every bucket fits with train.activation_checkpointing=selective, every_k or full" in out
     cfg = compose_config(overrides)
     degree = required_sequence_parallel(cfg, 8, "L40S")
     assert degree is not None and degree > 1 and f"parallel.sequence_parallel={degree}" in out
@@ -258,6 +303,20 @@ def test_buckets_that_do_not_fit_are_flagged_with_a_sequence_parallel_degree(cap
     whole = at(1).buckets[0].activation_bytes
     cfg.train.activation_checkpointing = "full"
     assert plan_run(cfg, 8, "L40S").buckets[0].activation_bytes * 3 < whole
+
+
+@pytest.mark.parametrize("single_stream_blocks", [0, 4])
+def test_plan_of_mmdit_names_the_policy_and_orders_its_activations(capsys, single_stream_blocks):
+    overrides = ["model=B", "model.variant=mmdit", f"model.single_stream_blocks={single_stream_blocks}",
+                 "data.buckets=video_480p", "model.latent_space=wan", "data.tokens_per_batch=131072"]  # fmt: skip
+    cfg = compose_config(overrides)
+    saved = {}
+    for policy in ("none", "every_k", "selective", "full"):
+        cfg.train.activation_checkpointing = policy
+        saved[policy] = plan_run(cfg, 8, "H100").buckets[0].activation_bytes
+    assert saved["none"] > saved["every_k"] > saved["selective"] > 2 * saved["full"], saved
+    main([*overrides, "train.activation_checkpointing=every_k", "train.activation_checkpointing_every=3"])
+    assert "activation checkpointing every_k (k=3)" in capsys.readouterr().out
 
 
 def test_bad_input_exits_2_with_one_line(capsys):
@@ -299,9 +358,9 @@ GPU_OVERRIDES = [
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("checkpointing", ["false", "true"])
-def test_planned_peak_matches_cuda_max_memory_allocated(checkpointing):
-    result = run_module("tests.test_planner", "gpu-peak", checkpointing, timeout=600)
+@pytest.mark.parametrize("policy", ["none", "selective", "full"])
+def test_planned_peak_matches_cuda_max_memory_allocated(policy):
+    result = run_module("tests.test_planner", "gpu-peak", policy, timeout=600)
     assert_ok(result)
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     print(figures)  # the figures docs/planner.md records
@@ -350,7 +409,7 @@ def engine_state_bytes(precision: str) -> int:
     return sum(_storage_bytes(tensors).values())
 
 
-def gpu_peak(checkpointing: bool) -> dict[str, float]:
+def gpu_peak(policy: str) -> dict[str, float]:
     """torch.cuda.max_memory_allocated over one training step (DeepSpeed ZeRO-2, EMA) and the plan's peak."""
     from sora_train.diffusion.flow import flow_loss
     from sora_train.ema import EMA
@@ -358,12 +417,11 @@ def gpu_peak(checkpointing: bool) -> dict[str, float]:
     from sora_train.parallel.dist import init_distributed, shutdown_distributed
     from sora_train.parallel.zero import build_engine
 
-    cfg = compose_config([*GPU_OVERRIDES, f"train.activation_checkpointing={'full' if checkpointing else 'none'}"])
+    cfg = compose_config([*GPU_OVERRIDES, f"train.activation_checkpointing={policy}"])
     info = init_distributed()
     torch.cuda.reset_peak_memory_stats()
     model = build_denoiser(cfg.model)
-    if checkpointing:
-        apply_activation_checkpointing(model)
+    apply_activation_checkpointing(model, policy)
     engine = build_engine(model, cfg, 1)
     ema = EMA(engine.module, cfg.train.ema_decay)
     device, dtype = info.device, torch.bfloat16
@@ -382,7 +440,7 @@ def gpu_peak(checkpointing: bool) -> dict[str, float]:
     bucket = plan.buckets[0]
     return {
         "measured": measured, "planned": bucket.peak_bytes, "states": plan.states.persistent,
-        "activations": bucket.activation_bytes, "transient": bucket.transient_bytes,
+        "activations": bucket.activation_bytes, "transient": bucket.transient_bytes, "policy": policy,
         "device": torch.cuda.get_device_name(),
     }  # fmt: skip
 
@@ -395,6 +453,6 @@ if __name__ == "__main__":
         print(json.dumps({precision: engine_state_bytes(precision) for precision in ("fp32", "bf16")}))
         shutdown_distributed()
     elif sys.argv[1] == "gpu-peak":
-        print(json.dumps(gpu_peak(sys.argv[2] == "true")))
+        print(json.dumps(gpu_peak(sys.argv[2])))
     else:
         raise SystemExit(f"unknown measurement {sys.argv[1]!r}")

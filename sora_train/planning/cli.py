@@ -3,9 +3,10 @@
 `sora-plan [overrides] [--gpus N] [--gpu TYPE] [--json]` composes the same config as
 `sora-train` and prints, per GPU: parameter, gradient, optimizer and EMA bytes under the ZeRO
 stage and offload settings; and per bucket: video tokens, the loader's batch size, tokens per
-GPU under sequence parallelism, activation bytes under the checkpointing policy, FLOPs per
-step, and whether it fits. Exit status: 0 when every bucket fits, 1 when one does not, 2 on a
-bad configuration.
+GPU under sequence parallelism, activation bytes under the activation checkpointing policy
+(`train.activation_checkpointing`), FLOPs per step, and whether it fits; when a bucket does not,
+the sequence-parallel degree and the checkpointing policies at which every bucket would. Exit
+status: 0 when every bucket fits, 1 when one does not, 2 on a bad configuration.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 
 from ..config import ConfigError, TrainConfig
 from ..hardware import gpu_names
-from .plan import format_plan, plan_json, plan_run, required_sequence_parallel
+from .plan import fitting_policies, format_plan, plan_json, plan_run, required_sequence_parallel
 
 
 def compose_config(overrides: list[str]) -> TrainConfig:
@@ -54,10 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         gpus = args.gpus if args.gpus is not None else cfg.launch.nproc_per_node
         plan = plan_run(cfg, gpus, args.gpu)
         suggestion = None if plan.fits else required_sequence_parallel(cfg, gpus, args.gpu)
+        policies = () if plan.fits else fitting_policies(cfg, gpus, args.gpu)
     except (ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return _exit(2, argv)
-    print(plan_json(plan, suggestion) if args.json else format_plan(plan, suggestion))
+    print(plan_json(plan, suggestion, policies) if args.json else format_plan(plan, suggestion, policies))
     return _exit(0 if plan.fits else 1, argv)
 
 

@@ -7,13 +7,16 @@ The model (docs/planner.md has the derivation and the measured errors):
   (DeepSpeed keeps the fp32 master even when training in fp32), the fp32 EMA whole on every
   rank (`sora_train/ema.py`), DeepSpeed's gradient-reduction buckets during backward, and the
   fp32 gradient partition at the optimizer step.
-- Activations: the bytes autograd saves for backward, summed from a per-op table of what each
-  DiT block saves (`block_token_terms`), checked against `saved_tensors_hooks` measurements on
-  CPU (`measure_activation_bytes`). CUDA saves less than the CPU for RMSNorm (a fused kernel)
-  and attention outputs (written token-major): plans for GPUs use `CUDA_KERNELS`, measurements
-  on CPU `CPU_KERNELS`. Under full activation
-  checkpointing a block keeps only its input, and one block's tensors live again while it is
-  recomputed. Gradients in flight during one block's backward are an estimate (`transient`).
+- Activations: the bytes kept for backward, summed from a per-op table of what each kind of
+  block saves (`block_terms`: the cross-attention DiT's block, MM-DiT's double-stream and
+  single-stream blocks), each tensor tagged with its role under activation checkpointing, and
+  checked against measurements on CPU (`measure_activation_bytes`). CUDA saves less than the CPU
+  for RMSNorm (a fused kernel) and attention outputs (written token-major): plans for GPUs use
+  `CUDA_KERNELS`, measurements on CPU `CPU_KERNELS`. A checkpointed block keeps its inputs
+  (`full`, and blocks 0, k, 2k, ... under `every_k`) or its inputs and its matmul and attention
+  outputs (`selective`); while the block with the most to recompute runs again in backward, its
+  other tensors live again. Gradients in flight during one block's backward are an estimate
+  (`transient`).
 - Memory a GPU offers: its total less `RESERVE_BYTES` (CUDA context, NCCL and cuBLAS
   workspaces) and `FRAGMENTATION` of the rest (the caching allocator).
 
@@ -24,7 +27,9 @@ tokens, D hidden size, N heads, K head dim, M MLP width, E text width, e bytes p
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import astuple, dataclass
+from typing import NamedTuple
 
 from ..config import ConfigError, ModelConfig, ParallelConfig
 from ..data.buckets import Bucket
@@ -35,6 +40,7 @@ from ..flops import (
     planned_latent_compression,
 )
 from ..models.patch import grid_size
+from ..parallel.checkpointing import checkpointed_blocks
 
 GIB = 2**30
 RESERVE_BYTES = 2 * GIB  # CUDA context, NCCL buffers, cuBLAS workspaces: outside PyTorch's allocator
@@ -91,6 +97,49 @@ def tokens_per_rank(tokens: int, sequence_parallel: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # Activations
 
+# The role of a saved tensor under activation checkpointing (`block_terms`). INPUT: the block's own
+# input, all that a checkpointed block keeps. KEPT: a matmul or attention output, which selective
+# checkpointing keeps too. RECOMPUTED: saved for a pointwise op, recomputed under selective
+# checkpointing. KEPT_ONLY: a matmul output only selective checkpointing keeps (nothing saves it
+# for backward, e.g. it goes straight into a residual add).
+INPUT, KEPT, RECOMPUTED, KEPT_ONLY = "input", "kept", "recomputed", "kept only"
+
+# Kinds of block (`block_kinds`): the cross-attention DiT's; MM-DiT's double-stream block, the last
+# one when no single-stream block follows (its text stream gives keys and values only), its
+# single-stream block, and the last one (nothing reads its text output, so autograd frees that part).
+CROSS_ATTENTION, DOUBLE, DOUBLE_KEYS_ONLY, SINGLE, SINGLE_LAST = (
+    "cross-attention", "double-stream", "double-stream, keys-only text", "single-stream", "single-stream, last",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Saved:
+    """Bytes saved for backward by what they scale with: per video token on this rank, per text
+    token and per sample (each for every sample of the batch), and per video token on this rank
+    shared by the batch (RoPE cos/sin)."""
+
+    token: int = 0
+    text: int = 0
+    sample: int = 0
+    position: int = 0
+
+    def __add__(self, other: Saved) -> Saved:
+        return Saved(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
+
+    def __sub__(self, other: Saved) -> Saved:
+        return Saved(*(a - b for a, b in zip(astuple(self), astuple(other), strict=True)))
+
+    def bytes(self, batch: int, tokens: int, text_tokens: int) -> int:
+        """Bytes for `batch` samples of `tokens` video tokens (on this rank) and `text_tokens` text tokens."""
+        return batch * (tokens * self.token + text_tokens * self.text + self.sample) + tokens * self.position
+
+
+class Term(NamedTuple):
+    """One line of a block's table: bytes and their role under checkpointing."""
+
+    saved: Saved
+    role: str
+
 
 def _rms_norm_bytes(width: int, heads: int, e: int, kernels: Kernels, fresh_input: bool) -> int:
     """Bytes per token one q/k RMSNorm saves. `fresh_input`: its input is not otherwise saved."""
@@ -100,82 +149,243 @@ def _rms_norm_bytes(width: int, heads: int, e: int, kernels: Kernels, fresh_inpu
     return copy + 4 * heads + 4 * width  # + fp32 rstd per head + the fp32 normalised values
 
 
-def block_token_terms(model: ModelConfig, e: int, kernels: Kernels) -> dict[str, int]:
-    """Bytes one DiT block saves for backward per video token and sample, op by op (`e` bytes per value)."""
-    d, n, m = model.hidden_size, model.num_heads, int(model.hidden_size * model.mlp_ratio)
-    stats = 2 * (kernels.norm_stats_bytes or e)  # LayerNorm mean and rstd
-    qk = model.qk_norm
+@dataclass(frozen=True)
+class _Widths:
+    """The sizes every block table needs."""
+
+    d: int  # hidden size
+    n: int  # heads
+    k: int  # head dim
+    m: int  # MLP width
+    e: int  # bytes per activation value
+    stats: int  # LayerNorm mean and rstd, per token
+    rms: int  # one q or k RMSNorm beyond its input (0 without q/k-norm)
+    norm_keeps_input: bool  # the q/k RMSNorm saves its input itself (else an fp32 copy, or no norm)
+
+
+def _widths(model: ModelConfig, e: int, kernels: Kernels) -> _Widths:
+    d, n, qk = model.hidden_size, model.num_heads, model.qk_norm
+    return _Widths(
+        d=d, n=n, k=d // n, m=int(d * model.mlp_ratio), e=e, stats=2 * (kernels.norm_stats_bytes or e),
+        rms=_rms_norm_bytes(d, n, e, kernels, fresh_input=False) if qk else 0,
+        norm_keeps_input=qk and (kernels.fused_rms_norm or e == 4),
+    )  # fmt: skip
+
+
+def _token(n: int) -> Saved:
+    return Saved(token=n)
+
+
+def _text(n: int) -> Saved:
+    return Saved(text=n)
+
+
+def _sample(n: int) -> Saved:
+    return Saved(sample=n)
+
+
+def _rope(w: _Widths) -> Term:
+    return Term(Saved(position=8 * w.k), RECOMPUTED)  # cos and sin (fp32, K/2 each) for q and for k
+
+
+def _cross_attention_terms(model: ModelConfig, w: _Widths, kernels: Kernels) -> dict[str, Term]:
+    d, n, m, e, qk = w.d, w.n, w.m, w.e, model.qk_norm
     copied = not kernels.token_major_attention_output  # the attention output copied for its projection
+    q_role = KEPT if w.norm_keeps_input or not qk else KEPT_ONLY  # bf16 on CPU: the norm saves an fp32 copy
+    if model.shared_modulation:
+        modulation = {"modulation (shared + offset; gates)": Term(_sample(6 * d * e), RECOMPUTED)}
+    else:
+        modulation = {
+            "modulation input (SiLU output)": Term(_sample(d * e), RECOMPUTED),
+            "modulation output (gates)": Term(_sample(6 * d * e), KEPT),
+        }
     return {
-        "norm1 input, mean/rstd": d * e + stats,
-        "norm1 output (adaLN scale)": d * e,
-        "qkv input": d * e,
-        "qkv output (v, q/k norm inputs)": 3 * d * e,
-        "q/k RMSNorm": 2 * _rms_norm_bytes(d, n, e, kernels, fresh_input=False) if qk else 0,
-        "rotated q, k": 2 * d * e,
-        "self-attention output, logsumexp": d * e + 4 * n,
-        "self-attention proj input": d * e if copied else 0,  # RoPE's q is (B, N, L, K) contiguous
-        "self-attention proj output (gate)": d * e,
-        "norm2 input, mean/rstd": d * e + stats,
-        "cross-attention q input": d * e,
-        "cross-attention q (and its RMSNorm)": d * e + (_rms_norm_bytes(d, n, e, kernels, True) if qk else 0),
-        "cross-attention output, logsumexp": d * e + 4 * n,
-        "cross-attention proj input": d * e if copied and qk else 0,  # without q-norm q is a view
-        "norm3 input, mean/rstd, output": 2 * d * e + stats,
-        "fc1 input": d * e,
-        "GELU input, fc2 input": 2 * m * e,
-        "fc2 output (gate)": d * e,
+        "input (norm1 input)": Term(_token(d * e), INPUT),
+        "norm1 mean/rstd": Term(_token(w.stats), RECOMPUTED),
+        "norm1 output (adaLN scale)": Term(_token(d * e), RECOMPUTED),
+        "qkv input": Term(_token(d * e), RECOMPUTED),
+        "qkv output (v, q/k norm inputs)": Term(_token(3 * d * e), KEPT),
+        "q/k RMSNorm": Term(_token(2 * w.rms), RECOMPUTED),
+        "rotated q, k": Term(_token(2 * d * e), RECOMPUTED),
+        "RoPE cos/sin": _rope(w),
+        "self-attention output, logsumexp": Term(_token(d * e + 4 * n), KEPT),
+        # RoPE's q is (B, N, L, K) contiguous, and so is the attention output on CPU: a copy
+        "self-attention proj input": Term(_token(d * e if copied else 0), RECOMPUTED),
+        "self-attention proj output (gate)": Term(_token(d * e), KEPT),
+        "norm2 input, mean/rstd": Term(_token(d * e + w.stats), RECOMPUTED),
+        "cross-attention q input": Term(_token(d * e), RECOMPUTED),
+        "cross-attention q (q-norm input)": Term(_token(d * e), q_role),
+        "cross-attention q RMSNorm, normalised q": Term(_token(w.rms + d * e if qk else 0), RECOMPUTED),
+        "cross-attention output, logsumexp": Term(_token(d * e + 4 * n), KEPT),
+        # without q-norm, q is a view of its (B, L, D) projection and the output follows its layout
+        "cross-attention proj input": Term(_token(d * e if copied and qk else 0), RECOMPUTED),
+        "cross-attention proj output (into the residual)": Term(_token(d * e), KEPT_ONLY),
+        "norm3 input, mean/rstd, output": Term(_token(2 * d * e + w.stats), RECOMPUTED),
+        "fc1 input": Term(_token(d * e), RECOMPUTED),
+        "GELU input (fc1 output)": Term(_token(m * e), KEPT),
+        "fc2 input": Term(_token(m * e), RECOMPUTED),
+        "fc2 output (gate)": Term(_token(d * e), KEPT),
+        "cross-attention kv output (k-norm input, v)": Term(_text(2 * d * e), KEPT),
+        "cross-attention k RMSNorm, normalised k": Term(_text(w.rms + d * e if qk else 0), RECOMPUTED),
+        "cross-attention additive mask": Term(_text(e), RECOMPUTED),
+        **modulation,
+        "1 + scale, twice": Term(_sample(2 * d * e), RECOMPUTED),
     }
+
+
+def _stream_terms(w: _Widths, name: str, unit: Callable[[int], Saved], keys_only: bool) -> dict[str, Term]:
+    """One stream of a double-stream block (`unit`: `_token` for video, `_text` for text)."""
+    d, n, m, e = w.d, w.n, w.m, w.e
+    projected = KEPT if w.norm_keeps_input else KEPT_ONLY  # else only the q/k norms' fp32 copies are saved
+    if keys_only:
+        return {
+            f"{name} input (norm1 input)": Term(unit(d * e), INPUT),
+            f"{name} norm1 mean/rstd, output; kv input": Term(unit(2 * d * e + w.stats), RECOMPUTED),
+            f"{name} kv output (k-norm input)": Term(unit(2 * d * e), projected),
+            f"{name} k RMSNorm": Term(unit(w.rms), RECOMPUTED),
+            f"{name} joint attention k, v; additive mask": Term(unit(2 * d * e + e), RECOMPUTED),
+            f"{name} modulation input (SiLU output), 1 + scale": Term(_sample(2 * d * e), RECOMPUTED),
+            f"{name} modulation output": Term(_sample(2 * d * e), KEPT_ONLY),
+        }
+    return {
+        f"{name} input (norm1 input)": Term(unit(d * e), INPUT),
+        f"{name} norm1 mean/rstd, output; qkv input": Term(unit(2 * d * e + w.stats), RECOMPUTED),
+        f"{name} qkv output (q/k norm inputs)": Term(unit(3 * d * e), projected),
+        f"{name} q/k RMSNorm": Term(unit(2 * w.rms), RECOMPUTED),
+        f"{name} joint attention q, k, v; additive mask": Term(unit(3 * d * e + e), RECOMPUTED),
+        f"{name} joint attention output, logsumexp": Term(unit(d * e + 4 * n), KEPT),
+        f"{name} proj input (a copy of the output's slice)": Term(unit(d * e), RECOMPUTED),
+        f"{name} proj output (gate)": Term(unit(d * e), KEPT),
+        f"{name} norm2 input, mean/rstd, output; fc1 input": Term(unit(3 * d * e + w.stats), RECOMPUTED),
+        f"{name} GELU input (fc1 output)": Term(unit(m * e), KEPT),
+        f"{name} fc2 input": Term(unit(m * e), RECOMPUTED),
+        f"{name} fc2 output (gate)": Term(unit(d * e), KEPT),
+        f"{name} modulation input (SiLU output), 1 + scale twice": Term(_sample(3 * d * e), RECOMPUTED),
+        f"{name} modulation output (gates)": Term(_sample(6 * d * e), KEPT),
+    }
+
+
+def _single_stream_terms(
+    w: _Widths, name: str, unit: Callable[[int], Saved], output_used: bool
+) -> dict[str, Term]:
+    """The video or the text tokens' part of a single-stream block."""
+    d, n, m, e = w.d, w.n, w.m, w.e
+    # saved as the GELU's input; when the output is unused that GELU is freed, and only the q/k norms may keep it
+    projected = KEPT if output_used or w.norm_keeps_input else KEPT_ONLY
+    terms = {
+        f"{name} input (norm input)": Term(unit(d * e), INPUT),
+        f"{name} norm mean/rstd, output; qkv/MLP input": Term(unit(2 * d * e + w.stats), RECOMPUTED),
+        f"{name} qkv/MLP output (q/k norm and GELU inputs)": Term(unit((3 * d + m) * e), projected),
+        f"{name} q/k RMSNorm": Term(unit(2 * w.rms), RECOMPUTED),
+        f"{name} joint attention q, k, v; additive mask": Term(unit(3 * d * e + e), RECOMPUTED),
+        f"{name} joint attention output, logsumexp": Term(unit(d * e + 4 * n), KEPT),
+    }
+    if not output_used:
+        return {**terms, f"{name} output projection output (unused)": Term(unit(d * e), KEPT_ONLY)}
+    return {
+        **terms,
+        f"{name} output projection input (attention and GELU outputs)": Term(unit((d + m) * e), RECOMPUTED),
+        f"{name} output projection output (gate)": Term(unit(d * e), KEPT),
+    }
+
+
+def block_kinds(model: ModelConfig) -> tuple[str, ...]:
+    """The kind of each of the model's blocks, in order."""
+    if model.variant != "mmdit":
+        return (CROSS_ATTENTION,) * model.depth
+    single = model.single_stream_blocks
+    kinds = [DOUBLE] * (model.depth - single) + [SINGLE] * single
+    kinds[-1] = SINGLE_LAST if single else DOUBLE_KEYS_ONLY
+    return tuple(kinds)
+
+
+def block_terms(model: ModelConfig, kind: str, e: int, kernels: Kernels) -> dict[str, Term]:
+    """What one block of `kind` (`block_kinds`) saves for backward, op by op, and each tensor's
+    role under checkpointing (`e` bytes per activation value)."""
+    w = _widths(model, e, kernels)
+    if kind == CROSS_ATTENTION:
+        return _cross_attention_terms(model, w, kernels)
+    if kind in (DOUBLE, DOUBLE_KEYS_ONLY):
+        video = _stream_terms(w, "video", _token, keys_only=False)
+        text = _stream_terms(w, "text", _text, keys_only=kind == DOUBLE_KEYS_ONLY)
+        return {**video, "video RoPE cos/sin": _rope(w), **text}
+    video = _single_stream_terms(w, "video", _token, output_used=True)
+    text = _single_stream_terms(w, "text", _text, output_used=kind == SINGLE)
+    return {
+        **video, "video RoPE cos/sin": _rope(w), **text,
+        "modulation input (SiLU output), 1 + scale twice": Term(_sample(3 * w.d * e), RECOMPUTED),
+        "modulation output (gate)": Term(_sample(3 * w.d * e), KEPT),
+    }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BlockSaves:
+    """One block's saved bytes without checkpointing and what each checkpointing keeps."""
+
+    whole: Saved  # without checkpointing
+    inputs: Saved  # its own inputs (part of `whole`): what a checkpointed block keeps
+    kept: Saved  # what selective checkpointing keeps beyond the inputs: matmul and attention outputs
+    kept_saved: Saved  # the part of `kept` that `whole` saves too (not made again by the recompute)
+
+    @classmethod
+    def of(cls, terms: dict[str, Term]) -> BlockSaves:
+        """The sums of a `block_terms` table by role."""
+
+        def total(*roles: str) -> Saved:
+            return sum((term.saved for term in terms.values() if term.role in roles), Saved())
+
+        whole, kept = total(INPUT, KEPT, RECOMPUTED), total(KEPT, KEPT_ONLY)
+        return cls(whole=whole, inputs=total(INPUT), kept=kept, kept_saved=total(KEPT))
+
+    def resident(self, selective: bool) -> Saved:
+        """What the block keeps from its forward to its backward when checkpointed."""
+        return self.inputs + self.kept if selective else self.inputs
+
+    def recomputed(self, selective: bool) -> Saved:
+        """What lives again while the checkpointed block is recomputed in backward."""
+        return self.whole - self.inputs - (self.kept_saved if selective else Saved())
 
 
 @dataclass(frozen=True)
 class ActivationModel:
-    """Saved-for-backward bytes, by what they scale with (each per sample unless said otherwise)."""
+    """Saved-for-backward bytes of a model: per block, and what is kept once."""
 
-    block_per_token: int  # per block, per video token on this rank
-    block_per_text_token: int  # per block, per text token
-    block_per_sample: int  # per block (adaLN modulation)
-    block_per_position: int  # per block, per video token on this rank, shared by the batch (RoPE cos/sin)
-    block_input_per_token: int  # what a checkpointed block keeps: its input
-    shared_per_text_token: int  # the projected text every block reads, kept once
-    shared_per_sample: int  # the adaLN condition every block reads, kept once
-    outside_per_token: int  # patch embedding and final layer, per video token on this rank
-    outside_per_full_token: int  # the loss, over the whole (gathered) video
-    outside_per_text_token: int  # text encoder or projection, text_proj, pooling
-    outside_per_sample: int  # timestep embedder, text_pool, final modulation
-    checkpoint_per_position: int  # checkpointed blocks' shared RoPE angles, kept once
-    checkpoint_per_text_token: int  # checkpointed blocks' shared text mask, kept once
+    blocks: tuple[BlockSaves, ...]  # in order
+    shared: Saved  # read by every block, kept once: the adaLN condition (cross-attention: the text)
+    checkpoint_shared: Saved  # other inputs checkpointed blocks share, kept once: RoPE angles, text mask
+    outside: Saved  # patch embedding, final layer, text encoder or projection, pooling, timestep embedder
+    outside_per_full_token: int  # the loss, over the whole (gathered) video, per sample
     transient_per_token: int  # gradients in flight during one block's backward (an estimate)
 
 
 def activation_model(model: ModelConfig, e: int, kernels: Kernels = CUDA_KERNELS) -> ActivationModel:
     """The activation model of a config, for activations of `e` bytes (2: bf16, 4: fp32)."""
-    d, n = model.hidden_size, model.num_heads
-    k, m = d // n, int(d * model.mlp_ratio)
-    stats = 2 * (kernels.norm_stats_bytes or e)
+    w = _widths(model, e, kernels)
+    d = w.d
     patch_values = math.prod(model.patch_size) * planned_latent_channels(model)
-    text_rms = _rms_norm_bytes(d, n, e, kernels, fresh_input=False) + d * e if model.qk_norm else 0
     if model.text_encoder == "learned":  # per layer: norms, in_proj in/out, attention, out_proj, MLP
         width, heads = model.text_dim, model.text_heads
-        layer = 16 * width * e + 2 * stats + 4 * heads + heads * e
-        encoder = model.text_depth * layer + width * e + stats + 8  # + final norm + int64 token ids
+        layer = 16 * width * e + 2 * w.stats + 4 * heads + heads * e
+        encoder = model.text_depth * layer + width * e + w.stats + 8  # + final norm + int64 token ids
     else:  # TextProjection: LayerNorm input and stats, the projection's input
-        encoder = 2 * frozen_text_width(model) * e + stats
+        encoder = 2 * frozen_text_width(model) * e + w.stats
+    kinds = block_kinds(model)
+    saves = {kind: BlockSaves.of(block_terms(model, kind, e, kernels)) for kind in set(kinds)}
+    cross_attention = model.variant != "mmdit"
+    shared = model.shared_modulation  # one modulation projection (outside the blocks) for all of them
+    outside_sample = TIME_FREQ_DIM + 4 * d + model.text_dim + 1 + (d if shared else 0)
     return ActivationModel(
-        block_per_token=sum(block_token_terms(model, e, kernels).values()),
-        block_per_text_token=2 * d * e + text_rms + e,  # kv output, k RMSNorm and k, additive mask
-        block_per_sample=9 * d * e,  # SiLU output, modulation output, 1 + scale twice
-        block_per_position=8 * k,  # cos and sin (fp32, K/2 each) for q and for k
-        block_input_per_token=d * e,
-        shared_per_text_token=d * e,
-        shared_per_sample=d * e,
-        outside_per_token=patch_values * e + 3 * d * e + stats,
+        blocks=tuple(saves[kind] for kind in kinds),
+        shared=Saved(text=d * e if cross_attention else 0, sample=d * e),
+        # fp32 RoPE angles, the bool text mask, the shared modulation
+        checkpoint_shared=Saved(position=2 * w.k, text=1, sample=6 * d * e if shared else 0),
+        outside=Saved(
+            token=patch_values * e + 3 * d * e + w.stats,
+            text=encoder + model.text_dim * e + 2 * d * e + e,
+            sample=outside_sample * e,
+        ),
         outside_per_full_token=4 * patch_values,  # the fp32 error the loss squares
-        outside_per_text_token=encoder + model.text_dim * e + 2 * d * e + e,
-        outside_per_sample=(TIME_FREQ_DIM + 4 * d + model.text_dim + 1) * e,
-        checkpoint_per_position=2 * k,  # fp32 RoPE angles, K/2 per token
-        checkpoint_per_text_token=1,  # bool mask
-        transient_per_token=(2 * m + 3 * d) * e,
+        transient_per_token=(2 * w.m + 3 * d) * e,
     )
 
 
@@ -183,30 +393,29 @@ def activation_model(model: ModelConfig, e: int, kernels: Kernels = CUDA_KERNELS
 class Activations:
     """Activation bytes of one micro-batch on one GPU."""
 
-    saved: int  # saved for backward at the peak (with checkpointing: inputs + one block recomputed)
+    saved: int  # saved for backward at the peak (with checkpointing: what is kept + one block recomputed)
     transient: int  # gradients in flight during one block's backward (estimate)
 
 
 def activation_bytes(
-    model: ModelConfig, batch: int, video_tokens: int, *, dtype_bytes: int, checkpointing: bool,
+    model: ModelConfig, batch: int, video_tokens: int, *, dtype_bytes: int, policy: str, every: int = 2,
     sequence_parallel: int = 1, kernels: Kernels = CUDA_KERNELS,
 ) -> Activations:  # fmt: skip
-    """Activation bytes on one GPU for `batch` samples of `video_tokens` tokens each."""
+    """Activation bytes on one GPU for `batch` samples of `video_tokens` tokens each, under the
+    activation checkpointing `policy` (`every`: k of every_k; see `sora_train.parallel.checkpointing`)."""
     act = activation_model(model, dtype_bytes, kernels)
-    b, t, full = batch, model.text_max_length, video_tokens
-    s = tokens_per_rank(video_tokens, sequence_parallel)
-    block = b * (s * act.block_per_token + t * act.block_per_text_token + act.block_per_sample)
-    block += s * act.block_per_position
-    outside = b * (
-        s * act.outside_per_token + full * act.outside_per_full_token + t * act.outside_per_text_token
-        + act.outside_per_sample + t * act.shared_per_text_token + act.shared_per_sample
-    )  # fmt: skip
-    if checkpointing:  # every block's input, and one block's other tensors while it is recomputed
-        kept = model.depth * b * s * act.block_input_per_token + s * act.checkpoint_per_position
-        recomputed = block - b * s * act.block_input_per_token
-        saved = kept + b * t * act.checkpoint_per_text_token + outside + recomputed
-    else:
-        saved = model.depth * block + outside
+    b, t, s = batch, model.text_max_length, tokens_per_rank(video_tokens, sequence_parallel)
+    checkpointed = set(checkpointed_blocks(policy, model.depth, every))
+    selective = policy == "selective"
+    kept = act.shared + act.outside + (act.checkpoint_shared if checkpointed else Saved())
+    recomputed = [0]  # while the block with the most to recompute runs again in backward
+    for index, block in enumerate(act.blocks):
+        if index in checkpointed:
+            kept += block.resident(selective)
+            recomputed.append(block.recomputed(selective).bytes(b, s, t))
+        else:
+            kept += block.whole
+    saved = kept.bytes(b, s, t) + b * video_tokens * act.outside_per_full_token + max(recomputed)
     return Activations(saved=saved, transient=b * s * act.transient_per_token)
 
 

@@ -30,8 +30,9 @@ from .memory import (
 MEASURED_ERRORS = {
     "states": "+0.00% against a DeepSpeed ZeRO-2 engine's parameters, gradients and AdamW states "
     "(1 CPU process, fp32 and bf16; 2026-11-22)",
-    "activations": "+0.01% at most against saved_tensors_hooks (tiny at 2 buckets, S and B at one, "
-    "checkpointing on and off, fp32 and bf16, CPU kernels; 2026-11-22)",
+    "activations": "+0.02% at most against saved_tensors_hooks and the storages alive after the forward "
+    "(tiny at 2 buckets, S and B at one; every checkpointing policy; cross-attention and MM-DiT with and "
+    "without single-stream blocks; fp32 and bf16, CPU kernels; 2026-11-22)",
     "GPU peak": "not measured yet (needs a GPU: tests/test_planner.py -m gpu, torch.cuda.max_memory_allocated)",
 }
 
@@ -67,7 +68,8 @@ class Plan:
     sequence_parallel: int
     zero_stage: int
     precision: str
-    activation_checkpointing: bool
+    activation_checkpointing: str  # the policy: none, full, every_k or selective
+    activation_checkpointing_every: int  # k of every_k
     gpu_memory_bytes: int
     usable_bytes: int
     states: StateBytes
@@ -133,12 +135,12 @@ def plan_run(cfg: TrainConfig, gpus: int, gpu: str) -> Plan:
     states = state_bytes(counts, parallel, gpus, bf16=e == 2)
     usable = usable_bytes(spec)
     sp, dp = parallel.sequence_parallel, gpus // parallel.sequence_parallel
-    checkpointing = cfg.train.activation_checkpointing != "none"
+    policy, every = cfg.train.activation_checkpointing, cfg.train.activation_checkpointing_every
     buckets = []
     for bucket, batch in zip(bucket_table(cfg.data).buckets, bucket_batch_sizes(cfg, gpus), strict=True):
         tokens = video_tokens(bucket, model)
         act = activation_bytes(
-            model, batch, tokens, dtype_bytes=e, checkpointing=checkpointing, sequence_parallel=sp
+            model, batch, tokens, dtype_bytes=e, policy=policy, every=every, sequence_parallel=sp
         )
         peak = states.persistent + max(
             act.saved + act.transient + states.reduce_buffers, states.step_transient
@@ -153,7 +155,8 @@ def plan_run(cfg: TrainConfig, gpus: int, gpu: str) -> Plan:
     return Plan(
         preset=model.preset, parameters=counts.total, trainable=counts.total, gpu=spec.name, gpus=gpus,
         data_parallel=dp, sequence_parallel=sp, zero_stage=parallel.zero_stage, precision=precision,
-        activation_checkpointing=checkpointing, gpu_memory_bytes=spec.memory_bytes, usable_bytes=usable,
+        activation_checkpointing=policy, activation_checkpointing_every=every,
+        gpu_memory_bytes=spec.memory_bytes, usable_bytes=usable,
         states=states, buckets=tuple(buckets), notes=plan_notes(cfg),
     )  # fmt: skip
 
@@ -191,6 +194,27 @@ def required_sequence_parallel(cfg: TrainConfig, gpus: int, gpu: str) -> int | N
     return None
 
 
+# Checkpointing policies in the order of the compute they repeat in backward: selective recomputes
+# pointwise ops only, every_k every k-th block's forward, full every block's.
+SUGGESTED_POLICIES = ("selective", "every_k", "full")
+
+
+def fitting_policies(cfg: TrainConfig, gpus: int, gpu: str) -> tuple[str, ...]:
+    """The activation checkpointing policies, other than the run's, at which every bucket fits,
+    all else unchanged (in `SUGGESTED_POLICIES` order)."""
+    return tuple(
+        policy
+        for policy in SUGGESTED_POLICIES
+        if policy != cfg.train.activation_checkpointing
+        and plan_run(replace(cfg, train=replace(cfg.train, activation_checkpointing=policy)), gpus, gpu).fits
+    )
+
+
+def describe_policy(policy: str, every: int) -> str:
+    """An activation checkpointing policy as the plan prints it, e.g. `every_k (k=2)`."""
+    return f"{policy} (k={every})" if policy == "every_k" else policy
+
+
 # ---------------------------------------------------------------------------------------------
 # Output
 
@@ -199,14 +223,15 @@ def _gib(n: float) -> str:
     return f"{n / GIB:.2f}"
 
 
-def format_plan(plan: Plan, suggestion: int | None = None) -> str:
-    """The plan as console text; `suggestion`: the sequence-parallel degree at which all buckets fit."""
+def format_plan(plan: Plan, suggestion: int | None = None, policies: tuple[str, ...] = ()) -> str:
+    """The plan as console text; `suggestion`: the sequence-parallel degree at which all buckets fit;
+    `policies`: the activation checkpointing policies at which they do (`fitting_policies`)."""
     s = plan.states
     lines = [
         f"model {plan.preset}: {plan.parameters / 1e6:.1f}M parameters ({plan.trainable / 1e6:.1f}M trainable)",
         f"{plan.gpus} x {plan.gpu} ({_gib(plan.gpu_memory_bytes)} GiB): data parallel {plan.data_parallel} x "
         f"sequence parallel {plan.sequence_parallel}, ZeRO-{plan.zero_stage}, {plan.precision}, "
-        f"activation checkpointing {'on' if plan.activation_checkpointing else 'off'}",
+        f"activation checkpointing {describe_policy(plan.activation_checkpointing, plan.activation_checkpointing_every)}",
         "",
         f"{'per GPU':<40}{'GiB':>8}",
     ]
@@ -240,10 +265,14 @@ def format_plan(plan: Plan, suggestion: int | None = None) -> str:
         lines.append(f"DOES NOT FIT: {len(failing)} of {len(plan.buckets)} buckets ({', '.join(failing)})")
         if suggestion is not None:
             lines.append(f"every bucket fits with parallel.sequence_parallel={suggestion}")
-        else:
+        if policies:
+            either = policies[-1] if len(policies) == 1 else f"{', '.join(policies[:-1])} or {policies[-1]}"
+            lines.append(f"every bucket fits with train.activation_checkpointing={either}")
+        if suggestion is None and not policies:
             lines.append(
-                "no sequence-parallel degree makes every bucket fit; lower the batch (data.tokens_per_batch, "
-                "train.grad_accum_steps), turn on train.activation_checkpointing, or raise the ZeRO stage"
+                "neither a sequence-parallel degree nor train.activation_checkpointing=selective, every_k or "
+                "full makes every bucket fit; lower the batch (data.tokens_per_batch, train.grad_accum_steps) "
+                "or raise the ZeRO stage"
             )
     else:
         lines.append(f"every bucket fits ({len(plan.buckets)} of {len(plan.buckets)})")
@@ -253,8 +282,11 @@ def format_plan(plan: Plan, suggestion: int | None = None) -> str:
     return "\n".join(lines)
 
 
-def plan_json(plan: Plan, suggestion: int | None = None) -> str:
+def plan_json(plan: Plan, suggestion: int | None = None, policies: tuple[str, ...] = ()) -> str:
     """The plan as JSON (bytes and FLOPs as numbers)."""
     data = asdict(plan)
-    data.update(fits=plan.fits, required_sequence_parallel=suggestion, measured_errors=MEASURED_ERRORS)
+    data.update(
+        fits=plan.fits, required_sequence_parallel=suggestion, fitting_checkpointing=list(policies),
+        measured_errors=MEASURED_ERRORS,
+    )  # fmt: skip
     return json.dumps(data, indent=2)
