@@ -4,9 +4,9 @@ The model (docs/planner.md has the derivation and the measured errors):
 
 - States (AdamW under DeepSpeed ZeRO, sharded over every rank): a working copy of the
   parameters and gradients in the training dtype, an fp32 master copy and two fp32 moments
-  (DeepSpeed keeps the fp32 master even when training in fp32), the fp32 EMA whole on every
-  rank (`sora_train/ema.py`), DeepSpeed's gradient-reduction buckets during backward, and the
-  fp32 gradient partition at the optimizer step.
+  (DeepSpeed keeps the fp32 master even when training in fp32), the fp32 EMA (`sora_train/ema.py`:
+  whole on every rank, under ZeRO-3 each rank's partition of every parameter), DeepSpeed's
+  gradient-reduction buckets during backward, and the fp32 gradient partition at the optimizer step.
 - Activations: the bytes kept for backward, summed from a per-op table of what each kind of
   block saves (`block_terms`: the cross-attention DiT's block, MM-DiT's double-stream and
   single-stream blocks), each tensor tagged with its role under activation checkpointing, and
@@ -46,7 +46,7 @@ GIB = 2**30
 RESERVE_BYTES = 2 * GIB  # CUDA context, NCCL buffers, cuBLAS workspaces: outside PyTorch's allocator
 FRAGMENTATION = 0.05  # of the rest, lost to the caching allocator between differently shaped buckets
 ADAM_BYTES = 12  # per parameter: fp32 master copy + two fp32 moments
-EMA_BYTES = 4  # per parameter: fp32, whole on every rank
+EMA_BYTES = 4  # per parameter: fp32 (whole on every rank, or sharded under ZeRO-3)
 TIME_FREQ_DIM = 256  # TimestepEmbedder's sinusoidal features
 
 
@@ -458,11 +458,13 @@ def state_bytes(counts: ParameterCounts, parallel: ParallelConfig, world: int, b
     optimizer = math.ceil(total / world) * ADAM_BYTES
     fp32_grads = math.ceil(total / world) * 4
     overlap = parallel.overlap_comm != "false"  # auto: on, on a GPU
+    # The EMA follows the parameters: whole below ZeRO-3, else each rank's partition of every tensor.
+    ema_elements = total if stage < 3 else sum(math.ceil(n / world) for n in counts.tensor_sizes)
     return StateBytes(
         parameters=params,
         gradients=0 if offload and stage > 1 else grads,
         optimizer=0 if offload else optimizer,
-        ema=total * EMA_BYTES,
+        ema=ema_elements * EMA_BYTES,
         reduce_buffers=parallel.reduce_bucket_size * e * (2 if overlap else 1),
         step_transient=0 if offload else fp32_grads,
         host=host_params + (optimizer + fp32_grads if offload else 0),
