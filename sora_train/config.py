@@ -443,7 +443,8 @@ CONDITIONING_STRATEGIES = ("none", "first", "first_k", "last", "first_last", "ra
 
 
 def _validate_objective(cfg: TrainConfig) -> None:
-    """Loss weighting and frame conditioning name known options; conditioning needs the model's mask channel."""
+    """Loss weighting and frame conditioning name known options; conditioning needs the model's
+    mask channel."""
     diffusion = cfg.diffusion
     if diffusion.loss_weighting not in ("none", "cosmap"):
         raise ConfigError(

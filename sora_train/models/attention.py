@@ -2,9 +2,9 @@
 
 Shape legend: B batch, N heads, L query tokens, S key tokens, K head dim, D channels.
 Sequence parallelism hooks in through `TokenLayout`: the DiT splits its tokens with it, runs
-self-attention (or MM-DiT's joint text-video attention) through it and gathers its output with it. The default layout keeps the whole
-sequence on this process; `sora_train.parallel.sequence` supplies the Ulysses one, so the
-model code never changes.
+self-attention (or MM-DiT's joint text-video attention) through it and gathers its output with
+it. The default layout keeps the whole sequence on this process; `sora_train.parallel.sequence`
+supplies the Ulysses one, so the model code never changes.
 """
 
 from __future__ import annotations

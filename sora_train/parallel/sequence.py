@@ -114,7 +114,8 @@ class UlyssesLayout(TokenLayout):
         return (torch.arange(padded, device=device) < length)[None]  # (1, L_pad)
 
     def _heads_to_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., B, N, l, K) all heads, this rank's tokens -> (..., B, n, L_pad, K) this rank's heads, all tokens."""
+        """(..., B, N, l, K) all heads, this rank's tokens -> (..., B, n, L_pad, K) this rank's heads,
+        all tokens."""
         per_rank = rearrange(x, "... b (p n) l k -> p ... b n l k", p=self.degree)
         exchanged = _AllToAll.apply(per_rank, self.group)  # [p]: rank p's tokens, this rank's heads
         return rearrange(exchanged, "p ... b n l k -> ... b n (p l) k")
