@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from einops import rearrange
+from einops import rearrange, repeat
 from torch import nn
 
 from .attention import TokenLayout, attention
@@ -232,7 +232,8 @@ class VideoTransformer(nn.Module):
         if self.shape.frame_conditioning:
             if frame_mask is None:
                 frame_mask = torch.zeros(x.shape[0], x.shape[2], dtype=torch.bool, device=x.device)
-            channel = frame_mask.to(x.dtype)[:, None, :, None, None].expand(-1, 1, -1, *x.shape[3:])
+            height, width = x.shape[3:]
+            channel = repeat(frame_mask.to(x.dtype), "b f -> b 1 f h w", h=height, w=width)
             x = torch.cat([x, channel], dim=1)  # (B, C + 1, F, H, W)
         elif frame_mask is not None:
             raise ValueError("this model was not built with frame_conditioning; it takes no frame_mask")
