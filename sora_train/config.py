@@ -133,6 +133,10 @@ class DiffusionConfig:
     sample_steps: int = 25
     cfg_scale: float = 4.0
 
+    def conditions_frames(self) -> bool:
+        """Whether training draws conditioned frames at all (some strategy other than none has p > 0)."""
+        return any(p > 0 for name, p in self.conditioning.items() if name != "none")
+
 
 @dataclass
 class TrainLoopConfig:
@@ -460,9 +464,7 @@ def _validate_objective(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"diffusion.conditioning probabilities must be >= 0 and sum to 1, got {dict(diffusion.conditioning)}"
         )
-    if any(p > 0 for name, p in diffusion.conditioning.items() if name != "none") and not (
-        cfg.model.frame_conditioning
-    ):
+    if diffusion.conditions_frames() and not cfg.model.frame_conditioning:
         raise ConfigError(
             "diffusion.conditioning draws conditioned frames; it needs model.frame_conditioning=true"
         )

@@ -49,7 +49,7 @@ from .config import (
 from .data.loader import Batch, merge_counts
 from .data.recipe import build_loader, tokens_per_sample
 from .data.storage import ShardError
-from .diffusion.conditioning import conditions_frames, draw_frame_mask
+from .diffusion.conditioning import draw_frame_mask
 from .diffusion.flow import flow_loss
 from .diffusion.timesteps import training_timesteps
 from .ema import EMA
@@ -118,7 +118,7 @@ def forward_backward(
     t = training_timesteps(x0.shape[0], video_tokens(x0.shape, cfg), generator, cfg.diffusion)
     noise = torch.randn(x0.shape, generator=generator)
     frame_mask = None  # (B, f) bool: latent frames kept clean
-    if conditions_frames(cfg.diffusion):
+    if cfg.diffusion.conditions_frames():
         frame_mask = draw_frame_mask(x0.shape[0], x0.shape[2], cfg.diffusion, generator).to(device)
     loss = flow_loss(
         lambda x_t, t_: engine(x_t, t_, text, mask, frame_mask), x0, noise.to(device, dtype), t.to(device, dtype),

@@ -15,7 +15,6 @@ from PIL import Image
 from sora_train.config import DataConfig, DiffusionConfig, ModelConfig, TrainConfig
 from sora_train.data.decode import to_unit_range
 from sora_train.diffusion.conditioning import (
-    conditions_frames,
     cover_given_frames,
     draw_frame_mask,
     draw_strategies,
@@ -130,7 +129,7 @@ def test_masks_follow_the_generator_alone():
     draw_frame_mask(32, 6, config, a)
     draw_frame_mask(32, 6, diffusion(first=1.0), b)
     assert torch.equal(a.get_state(), b.get_state())
-    assert not conditions_frames(diffusion()) and conditions_frames(config)
+    assert not diffusion().conditions_frames() and config.conditions_frames()
 
 
 # --- the loss ---

@@ -25,11 +25,6 @@ from einops import rearrange
 from ..config import CONDITIONING_STRATEGIES, DiffusionConfig
 
 
-def conditions_frames(diffusion: DiffusionConfig) -> bool:
-    """Whether training draws conditioned frames at all (some strategy other than none has p > 0)."""
-    return any(p > 0 for name, p in diffusion.conditioning.items() if name != "none")
-
-
 def draw_strategies(batch: int, probabilities: dict[str, float], generator: torch.Generator) -> list[str]:
     """One strategy per sample with the given probabilities, from one `torch.rand(B)` draw.
 
