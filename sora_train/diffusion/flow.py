@@ -54,9 +54,14 @@ def resolution_shift(tokens: int, base_tokens: int) -> float:
     return max(1.0, (tokens / base_tokens) ** 0.5)
 
 
+def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) values shaped to broadcast over a (B, ...) tensor `like`: (B, 1, ..., 1)."""
+    return values.view(-1, *([1] * (like.dim() - 1)))
+
+
 def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """x_t for per-sample t (B,): (1 - t)·x0 + t·noise."""
-    t = t.view(-1, *([1] * (x0.dim() - 1)))
+    t = per_sample(t, x0)
     return (1 - t) * x0 + t * noise
 
 
@@ -116,7 +121,7 @@ def flow_loss(
         raise ValueError(f"unknown loss weighting {weighting!r}; use {' or '.join(LOSS_WEIGHTINGS)}")
     errors = flow_errors(predict, x0, noise, t, frame_mask)
     if weighting == "cosmap":
-        errors = errors * cosmap_weight(t.float()).view(-1, *([1] * (errors.dim() - 1)))
+        errors = errors * per_sample(cosmap_weight(t.float()), errors)
     if frame_mask is None:
         return torch.mean(errors)
     noisy = rearrange(~frame_mask, "b f -> b 1 f 1 1").expand_as(errors)  # (B, C, f, h, w)
