@@ -150,10 +150,19 @@ def ensure_synthetic_corpus(cfg: TrainConfig) -> None:
     generate_corpus(root)
 
 
-def ema_model(ema: EMA, cfg: TrainConfig, device: torch.device) -> VideoDenoiser:
-    """A plain model holding the EMA weights, for sampling and evaluation."""
+def ema_model(
+    ema: EMA, cfg: TrainConfig, device: torch.device, dist_info: DistInfo, everywhere: bool = True
+) -> VideoDenoiser | None:
+    """A plain model holding the EMA weights, for sampling and evaluation.
+
+    Collective when the EMA is sharded (ZeRO-3). With `everywhere` False only the main rank builds
+    the model (the others get None), so only the rank that samples holds a whole replica.
+    """
+    weights = ema.state_dict(only_rank=None if everywhere else 0)
+    if not (everywhere or dist_info.is_main):
+        return None
     model = build_denoiser(cfg.model)
-    model.load_state_dict(ema.state_dict())
+    model.load_state_dict(weights)
     return model.to(device).eval()
 
 
@@ -312,7 +321,7 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
         held_out = build_loader(
             cfg, data_rank, data_world, latent_space, micro_batch_size(cfg, world), split="val"
         )
-        averaged = ema_model(ema, cfg, device)
+        averaged = ema_model(ema, cfg, device, dist_info)
         apply_sequence_parallel(averaged, dist_info.sequence_group)
         sums = loss_sums(
             averaged, one_pass(held_out, cfg.eval.val_batches), prompts,
@@ -425,7 +434,7 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
         ):
             run_validation(step)
         if cfg.train.sample_every and step % cfg.train.sample_every == 0 and step < cfg.train.max_steps:
-            averaged = ema_model(ema, cfg, device)  # collective under ZeRO-3 (the EMA is sharded)
+            averaged = ema_model(ema, cfg, device, dist_info, everywhere=False)  # collective under ZeRO-3
             if logger:
                 paths = write_samples(averaged, cfg, step)
                 logger.log_videos(step, paths, cfg.train.sample_prompts)
@@ -438,7 +447,8 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> bool:
     if validating:
         run_validation(step)
     skipped = merge_counts(data_reports(dist_info, loader.skip_counts()))
-    final_model = ema_model(ema, cfg, device)
+    # every rank evaluates a share of the synthetic prompts; otherwise only rank 0 samples
+    final_model = ema_model(ema, cfg, device, dist_info, everywhere=cfg.eval.synthetic)
     if logger:
         logger.log_event(
             "data", step, {"skipped_by_reason": skipped, "rejected_by_reason": dict(+loader.rejected)}
