@@ -66,11 +66,11 @@ from scratch import scratch_dir
 from sora_train.checkpoint import resuming, saving
 from sora_train.checkpoint.rng import capture_rng
 from sora_train.checkpoint.store import CheckpointStore
-from sora_train.config import TrainConfig
+from sora_train.config import TrainConfig, to_train_config
 from sora_train.ema import EMA
+from sora_train.loop.engine import batch_layout, training_engine
 from sora_train.models.denoiser import build_denoiser, build_tokenizer
 from sora_train.parallel.dist import DistInfo, init_distributed, shutdown_distributed
-from sora_train.parallel.zero import build_engine
 from sora_train.pretrained import EMA_WEIGHTS, inference_config
 
 TARGET = 0.5
@@ -200,13 +200,13 @@ def bench_config(hidden: int, depth: int, heads: int, zero_stage: int, run_dir: 
         "parallel": {"zero_stage": zero_stage},
         "run_dir": str(run_dir),
     }
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), overrides))
+    return to_train_config(OmegaConf.create(overrides))
 
 
 def stepped_engine(cfg: TrainConfig, dist_info: DistInfo) -> Any:
     """The DeepSpeed engine of a fresh denoiser after one optimizer step on random inputs."""
     torch.manual_seed(0)
-    engine = build_engine(build_denoiser(cfg.model), cfg, dist_info.world_size)
+    engine = training_engine(build_denoiser(cfg.model), cfg, batch_layout(cfg, dist_info.data_world))
     data = cfg.data
     x = torch.randn(1, 3, data.num_frames, data.height, data.width)
     ids, mask = build_tokenizer(cfg.model)(["a red square moving right"])

@@ -61,16 +61,16 @@ import machine  # bench/machine.py and bench/scratch.py: the script's own direct
 import numpy as np
 import torch
 from scratch import scratch_dir
-from sora_train.data_prep.shard_writer import write_shard
-from sora_train.data_prep.synthetic import generate_corpus
 
 from sora_train.data.buckets import Bucket, BucketTable
 from sora_train.data.decode import ClipSpec, decode_frames, fit_frames
 from sora_train.data.index import LATENT_MEMBER, ShardSetIndex, build_index
 from sora_train.data.loader import LoaderSettings, VideoLoader
 from sora_train.data.samples import all_finite, split_members
+from sora_train.data.shard_writer import write_shard
 from sora_train.data.shards import load_npy, read_captioned
 from sora_train.data.storage import read_range, resolve_shards
+from sora_train.data.synthetic import generate_corpus
 from sora_train.video_io import encode_mp4
 
 TARGETS = {"video": 0.8, "latent": 0.9}

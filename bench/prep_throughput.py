@@ -56,8 +56,8 @@ import sora_train.data_prep.cli  # noqa: F401  (see above)
 from scratch import scratch_dir  # bench/scratch.py: the script's own directory is on sys.path
 from sora_train.data_prep.build_shards import ShardOptions, build_shards
 from sora_train.data_prep.probe import PrepOptions, file_hash, probe_video
-from sora_train.data_prep.shard_writer import ShardFile
 
+from sora_train.data.shard_writer import ShardFile
 from sora_train.video_io import Mp4Encoder
 
 T = TypeVar("T")

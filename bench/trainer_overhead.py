@@ -4,15 +4,15 @@ Both sides run on 2 processes started by `torchrun --standalone` (gloo on CPU), 
 composed by Hydra's compose API from the shipped recipes (`sora_train.recipes.config_dir()`) and
 the same overrides, so model, data, batch and DeepSpeed settings are identical:
 
-* **A, sora-train**: the trainer's own entry point (`sora_train.train.cli`, what
-  `python -m sora_train.train` runs) under torchrun, for `--steps` steps on a synthetic corpus,
+* **A, sora-train**: the trainer's own entry point (`sora_train.cli.main`, what
+  `python -m sora_train.cli` runs) under torchrun, for `--steps` steps on a synthetic corpus,
   with no periodic checkpoint, validation, sampling or evaluation. Its step time is what it logs:
   each metrics.jsonl row has `samples_per_s` over the global batch, so a step took
   `global_batch_size / samples_per_s` seconds, measured by the trainer from the start of fetching
   the batch to after `engine.step()` and the EMA update.
 * **B, plain loop**: this script as a torchrun child (`--child plain`). It builds what the trainer
   builds (`build_denoiser`, sequence parallelism and activation checkpointing as configured,
-  `build_engine`, `build_latent_space`, `build_loader`, `PromptEncoder`, the same seeds, data ranks
+  `training_engine`, `build_latent_space`, `build_loader`, `PromptEncoder`, the same seeds, data ranks
   and torch threads) and runs the bare loop: `dist.barrier()`, clock, next batch,
   the trainer's `forward_backward` (inputs, flow-matching loss, `engine.backward`), `engine.step()`,
   clock. No metrics, guards, EMA, key gathering or checkpoints.
@@ -45,6 +45,7 @@ OVERRIDEs are extra Hydra overrides for both sides, e.g. `parallel=zero3` or `mo
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
 import json
 import os
@@ -67,10 +68,10 @@ SAMPLE_PROMPT = "a red square moving right on a black background"
 # Parts of a step, as labelled by the clocks. Shared: both sides call them.
 FORWARD_BACKWARD, ENGINE_STEP = "forward + backward (`forward_backward`)", "`engine.step()`"
 EMA_UPDATE = "EMA update"
-AFTER_CLOCK = {  # the trainer's calls after its step clock stops: function in sora_train.train -> label
-    "all_reduce_mean": "loss and data-wait all-reduce",
-    "all_gather_objects": "all-gather of keys and counts",
-    "any_rank": "preemption check (all-reduce)",
+AFTER_CLOCK = {  # the trainer's calls after its step clock stops: (module, function) -> label
+    ("sora_train.loop.step", "all_reduce_mean"): "loss and data-wait all-reduce",
+    ("sora_train.loop.reporting", "all_gather_objects"): "all-gather of keys and counts",
+    ("sora_train.loop.checkpointer", "any_rank"): "preemption check (all-reduce)",
 }
 GUARDS, METRICS_ROW = "health guards", "metrics row (json + flush)"
 
@@ -177,17 +178,18 @@ def trainer_child(overrides: list[str]) -> None:
     the wall and CPU clocks and the parts since the previous row, and writes them all at the end."""
     from deepspeed.runtime.engine import DeepSpeedEngine
 
-    from sora_train import train
+    from sora_train import cli
     from sora_train.ema import EMA
     from sora_train.guards import TrainingGuards
+    from sora_train.loop import step
     from sora_train.metrics import MetricsLogger
 
     clock = PartClock()
-    clock.wrap(train, "forward_backward", FORWARD_BACKWARD)
+    clock.wrap(step, "forward_backward", FORWARD_BACKWARD)
     clock.wrap(DeepSpeedEngine, "step", ENGINE_STEP)
     clock.wrap(EMA, "update", EMA_UPDATE)
-    for name, label in AFTER_CLOCK.items():
-        clock.wrap(train, name, label)
+    for (module, name), label in AFTER_CLOCK.items():
+        clock.wrap(importlib.import_module(module), name, label)
     clock.wrap(TrainingGuards, "observe", GUARDS)
     clock.wrap(MetricsLogger, "log", METRICS_ROW)  # only rank 0 has a logger: the clocks are rank 0's
     marks: list[dict] = []
@@ -205,7 +207,7 @@ def trainer_child(overrides: list[str]) -> None:
 
     MetricsLogger.log, MetricsLogger.close = marked_log, marked_close
     sys.argv = [sys.argv[0], *overrides]
-    train.cli()
+    cli.main()
 
 
 def plain_child(overrides: list[str]) -> None:
@@ -213,9 +215,9 @@ def plain_child(overrides: list[str]) -> None:
     import torch
     from deepspeed.runtime.engine import DeepSpeedEngine
 
-    from sora_train import train
-    from sora_train.config import micro_batch_size
     from sora_train.data.recipe import build_loader
+    from sora_train.loop import step
+    from sora_train.loop.engine import batch_layout, training_engine
     from sora_train.models.denoiser import build_denoiser
     from sora_train.models.prompts import PromptEncoder
     from sora_train.models.vae import build_latent_space
@@ -223,11 +225,11 @@ def plain_child(overrides: list[str]) -> None:
     from sora_train.parallel.compile import apply_block_compile
     from sora_train.parallel.dist import barrier, init_distributed, shutdown_distributed
     from sora_train.parallel.sequence import apply_sequence_parallel
-    from sora_train.parallel.zero import build_engine, use_bf16
+    from sora_train.parallel.zero import use_bf16
 
     cfg = compose_config(overrides, int(os.environ["WORLD_SIZE"]))  # set by torchrun
     info = init_distributed(cfg.parallel.sequence_parallel)
-    world, device = info.world_size, info.device
+    device = info.device
     torch.set_num_threads(
         cfg.train.threads_per_rank or max(1, (os.cpu_count() or 1) // info.local_world_size)
     )
@@ -239,16 +241,17 @@ def plain_child(overrides: list[str]) -> None:
     )
     if cfg.train.compile_blocks:  # compiles __call__, so the checkpoint is in the graph (compile.py: order)
         apply_block_compile(model)
-    engine = build_engine(model, cfg, world)
-    dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
+    layout = batch_layout(cfg, info.data_world)
+    engine = training_engine(model, cfg, layout)
+    dtype = torch.bfloat16 if use_bf16(cfg.train.precision) else torch.float32
     latent_space = build_latent_space(cfg.model.latent_space, cfg.model.vae_path, device)
-    encoder = None if cfg.data.name == "latents" else latent_space
-    loader = build_loader(cfg, info.data_rank, info.data_world, latent_space, micro_batch_size(cfg, world))
+    encoder = None if cfg.data.precomputed else latent_space
+    loader = build_loader(cfg, info.data_rank, info.data_world, latent_space, layout.micro_batch)
     generator = torch.Generator().manual_seed(cfg.seed + 1000 * (info.data_rank + 1))
     prompts = PromptEncoder(cfg.model, device)
     batches = iter(loader)
     clock = PartClock()
-    clock.wrap(train, "forward_backward", FORWARD_BACKWARD)
+    clock.wrap(step, "forward_backward", FORWARD_BACKWARD)
     clock.wrap(DeepSpeedEngine, "step", ENGINE_STEP)
 
     walls, cpus, steps, parts = [], [], [], []
@@ -259,7 +262,7 @@ def plain_child(overrides: list[str]) -> None:
         cpus.append(time.process_time())
         for _ in range(cfg.train.grad_accum_steps):
             batch = next(batches)
-            train.forward_backward(engine, batch, prompts, encoder, generator, cfg, dtype)
+            step.forward_backward(engine, batch, prompts, encoder, generator, cfg, dtype)
             engine.step()
         steps.append(time.perf_counter() - started)
         parts.append(clock.take())
@@ -444,7 +447,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import machine  # bench/machine.py and bench/scratch.py: the script's own directory is on sys.path
     from scratch import scratch_dir
-    from sora_train.data_prep.synthetic import generate_corpus
+
+    from sora_train.data.synthetic import generate_corpus
 
     names = ["corpus", "cache", *(f"{side}_{i}{suffix}" for side in ("trainer", "plain")
              for i in range(1, args.repeats + 1) for suffix in ("", ".log"))]  # fmt: skip

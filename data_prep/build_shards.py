@@ -29,10 +29,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sora_train.data.buckets import BucketTable, load_bucket_table
+from sora_train.data.shard_writer import ShardFile, index_path, sample_bytes, write_json_atomic
 
 from ..data.supervised import WorkerFailure, supervised_map
 from .probe import PreparedSource, PrepOptions, Rejected, prepare_item
-from .shard_writer import ShardFile, index_path, sample_bytes, write_json_atomic
 from .sources import SourceItem, iter_sources
 from .stats import CorpusStats
 

@@ -31,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _run_synthetic(args: argparse.Namespace) -> int:
     """Generate the synthetic moving-shapes corpus and print a one-line summary."""
-    from sora_train.data_prep.synthetic import MANIFEST_NAME, generate_corpus
+    from sora_train.data.synthetic import MANIFEST_NAME, generate_corpus
 
     start = time.perf_counter()
     manifest = generate_corpus(

@@ -28,11 +28,10 @@ import torch
 
 from sora_train.data.buckets import BucketTable, load_bucket_table
 from sora_train.data.decode import ClipSpec, SkipSample, decode_clip
+from sora_train.data.shard_writer import ShardFile, index_path, write_json_atomic
 from sora_train.data.shards import iter_shard, read_captioned
 from sora_train.data.storage import resolve_shards
 from sora_train.parallel.dist import shutdown_distributed
-
-from .shard_writer import ShardFile, index_path, write_json_atomic
 
 STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
 

@@ -33,7 +33,7 @@ else
   echo "run dir ${SORA_RUN_DIR}: ${NPROC} processes" >&2
 fi
 started=$(date +%s)
-"${PYTHON}" -m torch.distributed.run "${rendezvous[@]}" --nproc-per-node "${NPROC}" -m sora_train.train "$@" &
+"${PYTHON}" -m torch.distributed.run "${rendezvous[@]}" --nproc-per-node "${NPROC}" -m sora_train.cli "$@" &
 torchrun=$!
 # torchrun itself would die of SIGUSR1, so it goes to its children, the training processes.
 trap 'pkill -USR1 -P "${torchrun}" || true' USR1

@@ -1,9 +1,14 @@
 """The typed source of truth for a run.
 
-Hydra composes `configs/train.yaml` with its groups over the `TrainConfig` schema
-registered here; `to_train_config` turns the result into dataclasses and `validate`
-rejects bad combinations with one clear line, before any process group exists.
-Nothing downstream sees a raw DictConfig.
+Hydra composes `configs/train.yaml` with its groups over the schema registered here;
+`to_train_config` turns the result into `TrainConfig` dataclasses and `validate` rejects bad
+values and combinations with one clear line, before any process group exists. Nothing
+downstream sees a raw DictConfig.
+
+An option is a `Literal` type, declared once by the module that implements it (or here, for the
+options this module owns) and rejected generically (`sora_train.options`). Each section checks
+its own rules (`check`); the few rules that span sections, the world size or the file system are
+in `cross_section_rules`.
 """
 
 from __future__ import annotations
@@ -11,25 +16,53 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Literal
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+
+from .data.buckets import BucketTable, bucket_table, check_bucket_table
+from .data.decode import ClipWindow
+from .diffusion.conditioning import CONDITIONING_STRATEGIES, ConditioningStrategy
+from .diffusion.flow import LossWeighting
+from .diffusion.timesteps import TimestepSampling
+from .models.denoiser import ModelVariant
+from .models.text_encoders import TextEncoderName
+from .models.vae import LatentSpaceName
+from .options import OptionError, check_options, from_schema, omegaconf_schema, to_schema
+from .parallel.checkpointing import ActivationCheckpointPolicy
+
+# The options this module owns; the others are declared by the modules that implement them.
+DataSource = Literal["synthetic", "shards", "latents"]  # `data.name`; latents: see DataConfig.precomputed
+Precision = Literal["auto", "fp32", "bf16"]
+CheckpointVerification = Literal["checksum", "size"]
+ZeroStage = Literal[1, 2, 3]
+OverlapComm = Literal["auto", "true", "false"]
+WandbMode = Literal["auto", "online", "offline", "disabled"]
 
 
 class ConfigError(ValueError):
     """A configuration problem, reported to the user as one line."""
 
 
+class Section:
+    """A section of `TrainConfig`. `validate` checks its Literal options (`check_options`), then
+    its own rules (`check`), then the rules that span sections."""
+
+    def check(self) -> None:
+        """Reject a bad value of this section's own fields (raises ConfigError); none by default."""
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """DiT shape, latent space and text encoder. Presets live in configs/model/*.yaml."""
 
     preset: str = MISSING
     # cross_attention: self-attention over video, cross-attention to text, MLP per block;
     # mmdit: joint text-video attention with separate weights per stream (MM-DiT)
-    variant: str = "cross_attention"
+    variant: ModelVariant = "cross_attention"
     single_stream_blocks: int = 0  # mmdit: the last this many of `depth` blocks share one set of weights
     hidden_size: int = MISSING
     depth: int = MISSING
@@ -47,11 +80,9 @@ class ModelConfig:
         False  # an input channel marks clean conditioning frames (image-to-video, extension)
     )
     nominal_parameters: float | None = None  # the size a preset is named for (checked by the tests)
-    latent_space: str = "pixel"  # pixel | wan
+    latent_space: LatentSpaceName = "pixel"
     vae_path: str | None = None  # local directory of the pretrained VAE (latent_space=wan)
-    text_encoder: str = (
-        "learned"  # learned (trained with the DiT) | t5 | umt5 (frozen, from text_encoder_path)
-    )
+    text_encoder: TextEncoderName = "learned"  # learned (trained with the DiT) | t5 | umt5 (frozen)
     text_encoder_path: str | None = None
     text_vocab_size: int = 4096
     text_max_length: int = 16
@@ -59,19 +90,62 @@ class ModelConfig:
     text_depth: int = 2
     text_heads: int = 4
 
+    def check(self) -> None:
+        """The shape is buildable and the pretrained parts it names are on disk (raises ConfigError)."""
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ConfigError(
+                f"model.patch_size must be three positive ints (pt, ph, pw), got {self.patch_size}"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}"
+            )
+        head_dim = self.hidden_size // self.num_heads
+        if head_dim % 2:
+            raise ConfigError("model head dim (hidden_size / num_heads) must be even for RoPE")
+        axes = self.rope_axis_dims
+        if axes is not None and (len(axes) != 3 or sum(axes) != head_dim or any(d % 2 for d in axes)):
+            raise ConfigError(
+                f"model.rope_axis_dims={axes} must be three even numbers summing to the head dim {head_dim}"
+            )
+        if self.variant == "mmdit" and self.shared_modulation:
+            raise ConfigError(
+                "model.shared_modulation is for model.variant=cross_attention; mmdit blocks modulate per stream"
+            )
+        if not 0 <= self.single_stream_blocks <= self.depth or (
+            self.single_stream_blocks and self.variant != "mmdit"
+        ):
+            raise ConfigError(
+                f"model.single_stream_blocks={self.single_stream_blocks} must be in [0, model.depth] "
+                "and needs model.variant=mmdit"
+            )
+        if self.text_dim % self.text_heads:
+            raise ConfigError(
+                f"model.text_dim={self.text_dim} is not divisible by model.text_heads={self.text_heads}"
+            )
+        if self.latent_space == "wan" and not _holds_config_json(self.vae_path):
+            raise ConfigError(
+                f"model.latent_space=wan needs model.vae_path= a local VAE directory, got {self.vae_path}"
+            )
+        if self.text_encoder != "learned" and not _holds_config_json(self.text_encoder_path):
+            raise ConfigError(
+                f"model.text_encoder={self.text_encoder} needs model.text_encoder_path= a local encoder "
+                f"directory, got {self.text_encoder_path}"
+            )
+
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     """Where the shards are and how clips are cut from them."""
 
-    name: str = "synthetic"
+    name: DataSource = "synthetic"
     train: str = MISSING  # a shard directory (with manifest.json or *.tar), a .tar file, or a brace pattern
     val: str | None = None
     generate_if_missing: bool = False  # synthetic corpus only: write it when `train` does not exist
     num_frames: int = 8
     frame_stride: int = 2
     fps: float = 8.0  # source frame rate; clips play back at fps / frame_stride
-    window: str = "random"  # where clips are cut from each video: random | center
+    window: ClipWindow = "random"  # where clips are cut from each video
     height: int = 32
     width: int = 32
     num_workers: int = 1  # decode processes per rank; 0 decodes in the training process
@@ -90,9 +164,32 @@ class DataConfig:
     # Shard indexes and pipe: copies; None: $SORA_CACHE_DIR or ~/.cache/sora_train.
     cache_dir: str | None = None
 
+    def bucket_table(self) -> BucketTable:
+        """The buckets clips are trained at: `buckets`, or the one bucket num_frames × height × width
+        sampled `frame_stride` frames apart (raises ValueError for a bad table)."""
+        return bucket_table(self.buckets, self.num_frames, self.height, self.width, self.frame_stride)
+
+    @property
+    def precomputed(self) -> bool:
+        """The shards hold latents and text embeddings from `sora-prep encode`: no decoding, no VAE."""
+        return self.name == "latents"
+
+    def check(self) -> None:
+        """Clip, decoding and mixing settings are in range (raises ConfigError)."""
+        if self.images is not None and not 0.0 < self.image_ratio < 1.0:
+            raise ConfigError(f"data.images needs 0 < data.image_ratio < 1, got {self.image_ratio}")
+        if self.decode_timeout <= 0 or self.max_upscale < 1.0 or self.tokens_per_batch < 0:
+            raise ConfigError(
+                "data.decode_timeout must be > 0, data.max_upscale >= 1, data.tokens_per_batch >= 0"
+            )
+        if self.num_workers < 0 or self.frame_stride < 1 or self.num_frames < 1:
+            raise ConfigError("data.num_workers must be >= 0, data.frame_stride and data.num_frames >= 1")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ConfigError(f"data.caption_dropout must be in [0, 1), got {self.caption_dropout}")
+
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Section):
     """AdamW with linear warmup then cosine decay to `min_lr_ratio · lr`."""
 
     lr: float = 3e-4
@@ -104,10 +201,12 @@ class OptimConfig:
 
 
 @dataclass
-class DiffusionConfig:
+class DiffusionConfig(Section):
     """Rectified flow with logit-normal timesteps; Euler sampling with classifier-free guidance."""
 
-    timesteps: str = "logit_normal"  # logit_normal (logit_mean, logit_std) | uniform | mode (mode_scale)
+    timesteps: TimestepSampling = (
+        "logit_normal"  # logit_normal (logit_mean, logit_std) | uniform | mode (mode_scale)
+    )
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
@@ -115,10 +214,10 @@ class DiffusionConfig:
     # tokens than that (longer or larger clips); 0: no shift. 3600 gives Wan's shifts: about 3 at
     # 480p and 4.6 at 720p (81 frames, Wan latents, 1×2×2 patches)
     shift_base_tokens: int = 3600
-    loss_weighting: str = "none"  # none | cosmap (SD3's cosine-map weight over t)
+    loss_weighting: LossWeighting = "none"  # none | cosmap (SD3's cosine-map weight over t)
     # Frame conditioning (needs model.frame_conditioning): probability of each strategy per sample;
     # they must sum to 1, e.g. diffusion.conditioning.none=0.5 diffusion.conditioning.first=0.5
-    conditioning: dict[str, float] = field(
+    conditioning: dict[ConditioningStrategy, float] = field(
         default_factory=lambda: {
             "none": 1.0,
             "first": 0.0,
@@ -137,19 +236,40 @@ class DiffusionConfig:
         """Whether training draws conditioned frames at all (some strategy other than none has p > 0)."""
         return any(p > 0 for name, p in self.conditioning.items() if name != "none")
 
+    def check(self) -> None:
+        """The timestep shift and the frame-conditioning mix are well formed (raises ConfigError)."""
+        if self.shift_base_tokens < 0:
+            raise ConfigError(
+                f"diffusion.shift_base_tokens must be >= 0 (0: no shift), got {self.shift_base_tokens}"
+            )
+        unknown = sorted(set(self.conditioning) - set(CONDITIONING_STRATEGIES))
+        if unknown:
+            raise ConfigError(
+                f"diffusion.conditioning has unknown strategies {unknown}; use {', '.join(CONDITIONING_STRATEGIES)}"
+            )
+        probabilities = self.conditioning.values()
+        if any(p < 0 for p in probabilities) or abs(sum(probabilities) - 1.0) > 1e-6:
+            raise ConfigError(
+                f"diffusion.conditioning probabilities must be >= 0 and sum to 1, got {dict(self.conditioning)}"
+            )
+        if self.conditioning_first_k < 1 or not 0.0 < self.conditioning_random_rate < 1.0:
+            raise ConfigError(
+                "diffusion.conditioning_first_k must be >= 1 and diffusion.conditioning_random_rate in (0, 1)"
+            )
+
 
 @dataclass
-class TrainLoopConfig:
+class TrainLoopConfig(Section):
     """The loop: length, batch, precision, logging and sampling cadence."""
 
     max_steps: int = 100
     global_batch_size: int = 8  # samples per optimizer step over all data-parallel ranks
     grad_accum_steps: int = 1
     grad_clip: float = 1.0
-    precision: str = "auto"  # auto: bf16 on a GPU that supports it, fp32 otherwise; or fp32 / bf16
+    precision: Precision = "auto"  # auto: bf16 on a GPU that supports it, fp32 otherwise; or fp32 / bf16
     # none | full (every block) | every_k (every activation_checkpointing_every-th block) | selective
     # (every block keeps its matmul and attention outputs and recomputes the rest)
-    activation_checkpointing: str = "none"
+    activation_checkpointing: ActivationCheckpointPolicy = "none"
     activation_checkpointing_every: int = 2
     compile_blocks: bool = False  # torch.compile each transformer block
     ema_decay: float = 0.999
@@ -164,31 +284,55 @@ class TrainLoopConfig:
     threads_per_rank: int = 0  # torch intra-op threads per process on CPU; 0: cores / local processes
     log_keys: bool = False  # log every step's sample keys to metrics.jsonl (audits the data order)
 
+    def check(self) -> None:
+        """The run has steps and a checkpointing stride (raises ConfigError)."""
+        if self.max_steps < 1:
+            raise ConfigError(f"train.max_steps must be at least 1, got {self.max_steps}")
+        if self.activation_checkpointing_every < 1:
+            raise ConfigError(
+                "train.activation_checkpointing needs train.activation_checkpointing_every >= 1 "
+                f"(the k of every_k), got {self.activation_checkpointing_every}"
+            )
+
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(Section):
     """How often to save, what to keep, how to verify; checkpoints go to RUN_DIR/checkpoints/step_XXXXXXX."""
 
     every: int = 100
     save_final: bool = True
     keep_last: int = 3  # complete checkpoints kept (0: all); the newest complete one is never deleted
     keep_every: int = 0  # also keep checkpoints at multiples of this step (0: none)
-    verify: str = "checksum"  # how resume checks files against the manifest: checksum | size (faster)
+    verify: CheckpointVerification = "checksum"  # how resume checks files against the manifest (size: faster)
     requeue: bool = False  # on preemption under SLURM, also run `scontrol requeue $SLURM_JOB_ID`
     async_commit: bool = True  # flush, checksum and commit periodic saves on a thread while training goes on
 
+    def check(self) -> None:
+        """Cadence and retention are counts (raises ConfigError)."""
+        if self.every < 0:
+            raise ConfigError(f"checkpoint.every must be >= 0 (0: no periodic checkpoints), got {self.every}")
+        if self.keep_last < 0 or self.keep_every < 0:
+            raise ConfigError(
+                "checkpoint.keep_last and checkpoint.keep_every must be >= 0 (0: keep all / none)"
+            )
+
 
 @dataclass
-class GuardConfig:
+class GuardConfig(Section):
     """Training-health guards: non-finite steps are skipped on all ranks; loss spikes are logged."""
 
     max_consecutive_skips: int = 5  # stop the run after this many skipped steps in a row (0: never)
     spike_zscore: float = 6.0  # a spike: a loss this many running std above the running mean
     spike_warmup: int = 50  # steps of statistics before spikes are flagged
 
+    def check(self) -> None:
+        """The guards' counts are >= 0 (raises ConfigError)."""
+        if self.max_consecutive_skips < 0 or self.spike_warmup < 0:
+            raise ConfigError("guards.max_consecutive_skips and guards.spike_warmup must be >= 0")
+
 
 @dataclass
-class ParallelConfig:
+class ParallelConfig(Section):
     """Data-parallel sharding with DeepSpeed ZeRO, and Ulysses sequence parallelism.
 
     ZeRO recipes: configs/parallel/zero1|zero2|zero3|zero3_offload. The ranks form a data-parallel ×
@@ -196,13 +340,11 @@ class ParallelConfig:
     slice of its tokens; ZeRO shards over all ranks.
     """
 
-    zero_stage: int = 2
+    zero_stage: ZeroStage = 2
     sequence_parallel: int = 1  # ranks per sample (Ulysses); must divide the world size and model.num_heads
     offload_optimizer: bool = False  # optimizer states (and its step) in CPU memory
     offload_params: bool = False  # parameters in CPU memory between uses (ZeRO-3 only)
-    overlap_comm: str = (
-        "auto"  # overlap gradient reduction with the backward pass: auto (on GPU) | true | false
-    )
+    overlap_comm: OverlapComm = "auto"  # overlap gradient reduction with the backward pass (auto: on GPU)
     reduce_bucket_size: int = 50_000_000  # elements per gradient reduction
     allgather_bucket_size: int = 50_000_000  # elements per parameter all-gather (ZeRO-1/2)
     prefetch_bucket_size: int = 50_000_000  # elements of parameters fetched ahead (ZeRO-3)
@@ -211,25 +353,33 @@ class ParallelConfig:
     )
     max_live_parameters: int = 1_000_000_000  # gathered parameter elements kept at once (ZeRO-3)
 
+    def check(self) -> None:
+        """Offloading matches the ZeRO stage (raises ConfigError); the grid is checked against the world
+        size by `validate`."""
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError(
+                "parallel.offload_params needs parallel.zero_stage=3 (use parallel=zero3_offload)"
+            )
+
 
 @dataclass
-class LaunchConfig:
+class LaunchConfig(Section):
     """How many local processes `sora-train` starts when it is not already under torchrun."""
 
     nproc_per_node: int = 1
 
 
 @dataclass
-class WandbConfig:
+class WandbConfig(Section):
     """Experiment tracking on rank 0. auto: online when a key is configured, offline otherwise."""
 
-    mode: str = "auto"  # auto | online | offline | disabled
+    mode: WandbMode = "auto"
     project: str = "sora_train"
     entity: str | None = None
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Section):
     """Validation loss on data.val, and the synthetic task's prompt-following evaluation at the end."""
 
     validate: bool = True  # flow-matching loss on data.val (when set) at the end of training, per bucket
@@ -239,6 +389,13 @@ class EvalConfig:
     synthetic: bool = False
     num_prompts: int = 48
     batch_size: int = 16
+
+    def check(self) -> None:
+        """Cadence and batch counts are >= 0 and the timesteps inside (0, 1) (raises ConfigError)."""
+        if self.val_every < 0 or self.val_batches < 0 or not all(0 < t < 1 for t in self.val_timesteps):
+            raise ConfigError(
+                "eval.val_every and eval.val_batches must be >= 0, eval.val_timesteps in (0, 1)"
+            )
 
 
 @dataclass
@@ -262,14 +419,21 @@ class TrainConfig:
 
 
 def register_schema() -> None:
-    """Register `TrainConfig` as the schema that configs/train.yaml extends."""
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    """Register the schema that configs/train.yaml extends (`omegaconf_schema(TrainConfig)`)."""
+    ConfigStore.instance().store(name="train_schema", node=omegaconf_schema(TrainConfig))
 
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
     """Resolve a composed DictConfig into a `TrainConfig` (interpolations resolved, types checked)."""
     cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg))
+    typed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(omegaconf_schema(TrainConfig)), cfg))
+    return from_schema(TrainConfig, typed)
+
+
+def to_dictconfig(cfg: TrainConfig) -> DictConfig:
+    """`cfg` as a typed DictConfig over the derived schema (what `OmegaConf.structured(cfg)` would be
+    if OmegaConf took Literal fields), e.g. for `OmegaConf.to_yaml`."""
+    return OmegaConf.structured(to_schema(cfg))
 
 
 def config_hash(cfg: TrainConfig) -> str:
@@ -294,71 +458,34 @@ def micro_batch_size(cfg: TrainConfig, world_size: int) -> int:
 
 
 def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
-    """Reject a bad configuration with one clear line (raises ConfigError)."""
-    world_size = world_size or expected_world_size(cfg)
-    model, data, train = cfg.model, cfg.data, cfg.train
-    if len(model.patch_size) != 3 or min(model.patch_size) < 1:
+    """Reject a bad configuration with one clear line (raises ConfigError): each section's options
+    and own rules, then the rules that span sections, the world size and the file system."""
+    for f in fields(cfg):
+        section = getattr(cfg, f.name)
+        if isinstance(section, Section):
+            try:
+                check_options(section, f.name)
+            except OptionError as error:
+                raise ConfigError(str(error)) from None
+            section.check()
+    cross_section_rules(cfg, world_size or expected_world_size(cfg))
+
+
+def cross_section_rules(cfg: TrainConfig, world_size: int) -> None:
+    """The rules that involve two sections, the world size or the file system (raises ConfigError)."""
+    _rank_grid_rules(cfg, world_size)
+    _clip_shape_rules(cfg)
+    if cfg.diffusion.conditions_frames() and not cfg.model.frame_conditioning:
         raise ConfigError(
-            f"model.patch_size must be three positive ints (pt, ph, pw), got {model.patch_size}"
+            "diffusion.conditioning draws conditioned frames; it needs model.frame_conditioning=true"
         )
-    for name, side, patch in zip(
-        ("data.num_frames", "data.height", "data.width"),
-        (data.num_frames, data.height, data.width),
-        model.patch_size,
-        strict=True,
-    ):
-        if model.latent_space == "pixel" and side % patch:
-            raise ConfigError(f"{name}={side} is not divisible by the patch size {patch} (model.patch_size)")
-    if model.hidden_size % model.num_heads:
-        raise ConfigError(
-            f"model.hidden_size={model.hidden_size} is not divisible by model.num_heads={model.num_heads}"
-        )
-    if (model.hidden_size // model.num_heads) % 2:
-        raise ConfigError("model head dim (hidden_size / num_heads) must be even for RoPE")
-    head_dim = model.hidden_size // model.num_heads
-    if model.rope_axis_dims is not None and (
-        len(model.rope_axis_dims) != 3
-        or sum(model.rope_axis_dims) != head_dim
-        or any(d % 2 for d in model.rope_axis_dims)
-    ):
-        raise ConfigError(
-            f"model.rope_axis_dims={model.rope_axis_dims} must be three even numbers summing to the head dim {head_dim}"
-        )
-    if model.variant not in ("cross_attention", "mmdit"):
-        raise ConfigError(f"model.variant must be cross_attention or mmdit, got {model.variant!r}")
-    if model.variant == "mmdit" and model.shared_modulation:
-        raise ConfigError(
-            "model.shared_modulation is for model.variant=cross_attention; mmdit blocks modulate per stream"
-        )
-    if not 0 <= model.single_stream_blocks <= model.depth or (
-        model.single_stream_blocks and model.variant != "mmdit"
-    ):
-        raise ConfigError(
-            f"model.single_stream_blocks={model.single_stream_blocks} must be in [0, model.depth] "
-            "and needs model.variant=mmdit"
-        )
-    if model.text_dim % model.text_heads:
-        raise ConfigError(
-            f"model.text_dim={model.text_dim} is not divisible by model.text_heads={model.text_heads}"
-        )
-    if model.latent_space not in ("pixel", "wan"):
-        raise ConfigError(f"model.latent_space={model.latent_space!r} is not available; use pixel or wan")
-    if model.latent_space == "wan" and not (
-        model.vae_path and (Path(model.vae_path) / "config.json").is_file()
-    ):
-        raise ConfigError(
-            f"model.latent_space=wan needs model.vae_path= a local VAE directory, got {model.vae_path}"
-        )
-    if model.text_encoder not in ("learned", "t5", "umt5"):
-        raise ConfigError(f"model.text_encoder must be learned, t5 or umt5, got {model.text_encoder!r}")
-    if model.text_encoder != "learned" and not (
-        model.text_encoder_path and (Path(model.text_encoder_path) / "config.json").is_file()
-    ):
-        raise ConfigError(
-            f"model.text_encoder={model.text_encoder} needs model.text_encoder_path= a local encoder directory, "
-            f"got {model.text_encoder_path}"
-        )
-    sp = cfg.parallel.sequence_parallel
+    _path_rules(cfg)
+
+
+def _rank_grid_rules(cfg: TrainConfig, world_size: int) -> None:
+    """Sequence parallelism divides the world and the heads; the global batch divides over the
+    data-parallel ranks and accumulation steps."""
+    model, train, sp = cfg.model, cfg.train, cfg.parallel.sequence_parallel
     if sp < 1 or world_size % sp:
         raise ConfigError(
             f"parallel.sequence_parallel={sp} must be >= 1 and divide the world size ({world_size} ranks)"
@@ -368,72 +495,37 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
             f"parallel.sequence_parallel={sp} must divide model.num_heads={model.num_heads}: "
             "Ulysses attention gives each rank whole heads"
         )
-    data_ranks = world_size // sp
-    per_step = data_ranks * train.grad_accum_steps
+    per_step = world_size // sp * train.grad_accum_steps
     if train.global_batch_size < per_step or train.global_batch_size % per_step:
         raise ConfigError(
-            f"train.global_batch_size={train.global_batch_size} does not divide across {data_ranks} "
+            f"train.global_batch_size={train.global_batch_size} does not divide across {world_size // sp} "
             f"data-parallel ranks × {train.grad_accum_steps} accumulation steps; use a multiple of {per_step}"
         )
-    if train.max_steps < 1:
-        raise ConfigError(f"train.max_steps must be at least 1, got {train.max_steps}")
-    if train.precision not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {train.precision!r}")
-    if cfg.parallel.zero_stage not in (1, 2, 3):
-        raise ConfigError(f"parallel.zero_stage must be 1, 2 or 3, got {cfg.parallel.zero_stage}")
-    if cfg.parallel.offload_params and cfg.parallel.zero_stage != 3:
-        raise ConfigError("parallel.offload_params needs parallel.zero_stage=3 (use parallel=zero3_offload)")
-    if cfg.parallel.overlap_comm not in ("auto", "true", "false"):
-        raise ConfigError(
-            f"parallel.overlap_comm must be auto, true or false, got {cfg.parallel.overlap_comm!r}"
-        )
-    if (
-        cfg.diffusion.timesteps not in ("logit_normal", "uniform", "mode")
-        or cfg.diffusion.shift_base_tokens < 0
-    ):
-        raise ConfigError(
-            f"diffusion.timesteps must be logit_normal, uniform or mode (got {cfg.diffusion.timesteps!r}) "
-            "and diffusion.shift_base_tokens >= 0"
-        )
-    _validate_objective(cfg)
-    if train.activation_checkpointing not in ("none", "full", "every_k", "selective") or (
-        train.activation_checkpointing_every < 1
-    ):
-        raise ConfigError(
-            f"train.activation_checkpointing must be none, full, every_k or selective (got "
-            f"{train.activation_checkpointing!r}) and train.activation_checkpointing_every >= 1"
-        )
-    if cfg.wandb.mode not in ("auto", "online", "offline", "disabled"):
-        raise ConfigError(f"wandb.mode must be auto, online, offline or disabled, got {cfg.wandb.mode!r}")
-    _validate_buckets(cfg)
-    if data.images is not None and not 0.0 < data.image_ratio < 1.0:
-        raise ConfigError(f"data.images needs 0 < data.image_ratio < 1, got {data.image_ratio}")
-    if data.decode_timeout <= 0 or data.max_upscale < 1.0 or data.tokens_per_batch < 0:
-        raise ConfigError(
-            "data.decode_timeout must be > 0, data.max_upscale >= 1, data.tokens_per_batch >= 0"
-        )
-    if data.window not in ("random", "center"):
-        raise ConfigError(f"data.window must be random or center, got {data.window!r}")
-    if data.num_workers < 0 or data.frame_stride < 1 or data.num_frames < 1:
-        raise ConfigError("data.num_workers must be >= 0, data.frame_stride and data.num_frames >= 1")
-    if not 0.0 <= data.caption_dropout < 1.0:
-        raise ConfigError(f"data.caption_dropout must be in [0, 1), got {data.caption_dropout}")
-    if (
-        cfg.eval.val_every < 0
-        or cfg.eval.val_batches < 0
-        or not all(0 < t < 1 for t in cfg.eval.val_timesteps)
-    ):
-        raise ConfigError("eval.val_every and eval.val_batches must be >= 0, eval.val_timesteps in (0, 1)")
-    if cfg.checkpoint.every < 0:
-        raise ConfigError(
-            f"checkpoint.every must be >= 0 (0: no periodic checkpoints), got {cfg.checkpoint.every}"
-        )
-    if cfg.checkpoint.keep_last < 0 or cfg.checkpoint.keep_every < 0:
-        raise ConfigError("checkpoint.keep_last and checkpoint.keep_every must be >= 0 (0: keep all / none)")
-    if cfg.checkpoint.verify not in ("checksum", "size"):
-        raise ConfigError(f"checkpoint.verify must be checksum or size, got {cfg.checkpoint.verify!r}")
-    if cfg.guards.max_consecutive_skips < 0 or cfg.guards.spike_warmup < 0:
-        raise ConfigError("guards.max_consecutive_skips and guards.spike_warmup must be >= 0")
+
+
+def _clip_shape_rules(cfg: TrainConfig) -> None:
+    """In pixel space the clip sides and every bucket divide by the patch size; mixed-in images need
+    1-frame buckets."""
+    model, data = cfg.model, cfg.data
+    pixels = model.latent_space == "pixel"
+    sides = {"data.num_frames": data.num_frames, "data.height": data.height, "data.width": data.width}
+    for (name, side), patch in zip(sides.items(), model.patch_size, strict=True):
+        if pixels and side % patch:
+            raise ConfigError(f"{name}={side} is not divisible by the patch size {patch} (model.patch_size)")
+    try:
+        table = data.bucket_table()
+    except ValueError as error:
+        raise ConfigError(f"data.buckets: {error}") from error
+    try:
+        check_bucket_table(table, model.patch_size if pixels else None, images=data.images is not None)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+
+
+def _path_rules(cfg: TrainConfig) -> None:
+    """The checkpoint to resume from exists, and so do the data (unless the synthetic corpus is
+    written on first use)."""
+    data = cfg.data
     if cfg.resume not in ("auto", "never") and not Path(cfg.resume).exists():
         raise ConfigError(f"resume={cfg.resume}: no such checkpoint")
     if not (data.generate_if_missing and data.name == "synthetic"):
@@ -443,54 +535,9 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
                 raise ConfigError(f"data.{split}={path}: no such file or directory")
 
 
-CONDITIONING_STRATEGIES = ("none", "first", "first_k", "last", "first_last", "random")
-
-
-def _validate_objective(cfg: TrainConfig) -> None:
-    """Loss weighting and frame conditioning name known options; conditioning needs the model's
-    mask channel."""
-    diffusion = cfg.diffusion
-    if diffusion.loss_weighting not in ("none", "cosmap"):
-        raise ConfigError(
-            f"diffusion.loss_weighting must be none or cosmap, got {diffusion.loss_weighting!r}"
-        )
-    unknown = sorted(set(diffusion.conditioning) - set(CONDITIONING_STRATEGIES))
-    if unknown:
-        raise ConfigError(
-            f"diffusion.conditioning has unknown strategies {unknown}; use {', '.join(CONDITIONING_STRATEGIES)}"
-        )
-    probabilities = diffusion.conditioning.values()
-    if any(p < 0 for p in probabilities) or abs(sum(probabilities) - 1.0) > 1e-6:
-        raise ConfigError(
-            f"diffusion.conditioning probabilities must be >= 0 and sum to 1, got {dict(diffusion.conditioning)}"
-        )
-    if diffusion.conditions_frames() and not cfg.model.frame_conditioning:
-        raise ConfigError(
-            "diffusion.conditioning draws conditioned frames; it needs model.frame_conditioning=true"
-        )
-    if diffusion.conditioning_first_k < 1 or not 0.0 < diffusion.conditioning_random_rate < 1.0:
-        raise ConfigError(
-            "diffusion.conditioning_first_k must be >= 1 and diffusion.conditioning_random_rate in (0, 1)"
-        )
-
-
-def _validate_buckets(cfg: TrainConfig) -> None:
-    """The bucket table loads, fits the patch size in pixel space, and has image buckets when images are mixed in."""
-    from .data.recipe import bucket_table
-
-    try:
-        table = bucket_table(cfg.data)
-    except ValueError as error:
-        raise ConfigError(f"data.buckets: {error}") from error
-    if cfg.model.latent_space == "pixel":
-        for bucket in table.buckets:
-            sides = (bucket.frames, bucket.height, bucket.width)
-            if any(side % patch for side, patch in zip(sides, cfg.model.patch_size, strict=True)):
-                raise ConfigError(
-                    f"bucket {bucket.name} is not divisible by model.patch_size={cfg.model.patch_size}"
-                )
-    if cfg.data.images is not None and not any(bucket.frames == 1 for bucket in table.buckets):
-        raise ConfigError("data.images needs a bucket table with 1-frame (image) buckets")
+def _holds_config_json(directory: str | None) -> bool:
+    """Whether `directory` is set and holds a config.json (a local pretrained model)."""
+    return bool(directory) and (Path(directory) / "config.json").is_file()
 
 
 def _shard_source_exists(source: str) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from .config import TrainConfig
+from .config import TrainConfig, to_dictconfig
 
 RUN_INFO = "run_info.json"
 
@@ -90,7 +90,7 @@ def write_run_info(cfg: TrainConfig, world_size: int) -> None:
     """Write RUN_DIR/config.yaml (resolved) and RUN_DIR/run_info.json."""
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_dictconfig(cfg)))
     info = {
         "git_sha": git_sha(),
         "command": sys.argv,

@@ -37,7 +37,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic corpus: 64 training clips in 8 shards, 16 validation clips."""
-    from sora_train.data_prep.synthetic import generate_corpus
+    from sora_train.data.synthetic import generate_corpus
 
     root = tmp_path_factory.mktemp("corpus")
     generate_corpus(root, num_train=64, num_val=16, seed=0, samples_per_shard=8)
@@ -70,7 +70,7 @@ def run_script(script: Path, *args: str, timeout: float = 300) -> subprocess.Com
 
 def run_train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run sora-train with the given overrides."""
-    return run_module("sora_train.train", *args, timeout=timeout)
+    return run_module("sora_train.cli", *args, timeout=timeout)
 
 
 def run_torchrun(nproc: int, script: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:

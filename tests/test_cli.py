@@ -42,7 +42,7 @@ def error_line(result) -> str:
         ),
         (
             ["diffusion.timesteps=cosine"],
-            "diffusion.timesteps must be logit_normal, uniform or mode (got 'cosine')",
+            "diffusion.timesteps must be logit_normal, uniform or mode, got 'cosine'",
         ),
         (["model=huge"], "unknown model 'huge'; choose one of: 14B, 1B, 3B, 7B, B, L, S, XL, tiny"),
         (["optim.learning_rate=1"], "unknown config key 'optim.learning_rate'"),

@@ -24,10 +24,10 @@ from sora_train.diffusion.flow import cosmap_weight, flow_loss, interpolate, vel
 from sora_train.diffusion.sampler import euler_sample
 from sora_train.diffusion.timesteps import training_timesteps
 from sora_train.generate import conditioning_latents, fill_clip, generate_videos
+from sora_train.loop.step import forward_backward, video_tokens
 from sora_train.models.denoiser import build_denoiser
 from sora_train.models.prompts import PromptEncoder
 from sora_train.pretrained import InferenceConfig, save_weights, write_config
-from sora_train.train import forward_backward, video_tokens
 from sora_train.video_io import read_video, write_mp4
 
 from .tiny_pretrained import save_tiny_wan

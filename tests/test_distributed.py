@@ -116,7 +116,7 @@ def launch(
         command = [
             sys.executable,
             "-m",
-            "sora_train.train",
+            "sora_train.cli",
             *run_args(corpus),
             "launch.nproc_per_node=2",
             f"run_dir={run_dir}",
@@ -149,7 +149,7 @@ def trainer_pid(run_dir: Path, rank: int) -> int:
         except (OSError, ValueError):
             continue
         if (f"SORA_RUN_DIR={run_dir}".encode() in environ and f"RANK={rank}".encode() in environ
-                and b"sora_train.train" in command and b"torch.distributed.run" not in command):  # fmt: skip
+                and b"sora_train.cli" in command and b"torch.distributed.run" not in command):  # fmt: skip
             return int(proc.name)
     raise LookupError(f"no rank {rank} process for {run_dir}")
 

@@ -21,8 +21,11 @@ def test_wheel_ships_configs_and_data_prep(tmp_path):
         "sora_train/configs/train.yaml",
         "sora_train/configs/model/tiny.yaml",
         "sora_train/configs/experiment/demo.yaml",
-        "sora_train/data_prep/synthetic.py",
-        "sora_train/train.py",
+        "sora_train/data_prep/cli.py",
+        "sora_train/data/synthetic.py",
+        "sora_train/data/synthetic_captions.py",
+        "sora_train/data/shard_writer.py",
+        "sora_train/cli.py",
         "sora_train/configs/hydra/launcher/slurm.yaml",
     ):
         assert expected in names, expected

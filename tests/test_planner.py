@@ -382,7 +382,7 @@ def engine_state_bytes(precision: str) -> int:
     after one step and the next backward (call after `init_distributed`)."""
     from sora_train.config import DataConfig, TrainConfig, TrainLoopConfig
     from sora_train.diffusion.flow import flow_loss
-    from sora_train.parallel.zero import build_engine
+    from sora_train.loop.engine import batch_layout, training_engine
 
     cfg = TrainConfig(
         model=preset("tiny"), data=DataConfig(train="unused", num_frames=4, height=16, width=16),
@@ -391,7 +391,7 @@ def engine_state_bytes(precision: str) -> int:
     cfg.parallel.zero_stage = 2
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     torch.manual_seed(0)
-    engine = build_engine(build_denoiser(cfg.model), cfg, 1)
+    engine = training_engine(build_denoiser(cfg.model), cfg, batch_layout(cfg, 1))
     ids, mask = build_tokenizer(cfg.model)(["a red square", "a blue circle"])
     x0, noise = torch.randn(2, 3, 4, 16, 16).to(dtype), torch.randn(2, 3, 4, 16, 16).to(dtype)
     t = torch.rand(2).to(dtype)
@@ -414,16 +414,16 @@ def gpu_peak(policy: str) -> dict[str, float]:
     """torch.cuda.max_memory_allocated over one training step (DeepSpeed ZeRO-2, EMA) and the plan's peak."""
     from sora_train.diffusion.flow import flow_loss
     from sora_train.ema import EMA
+    from sora_train.loop.engine import batch_layout, training_engine
     from sora_train.parallel.checkpointing import apply_activation_checkpointing
     from sora_train.parallel.dist import init_distributed, shutdown_distributed
-    from sora_train.parallel.zero import build_engine
 
     cfg = compose_config([*GPU_OVERRIDES, f"train.activation_checkpointing={policy}"])
     info = init_distributed()
     torch.cuda.reset_peak_memory_stats()
     model = build_denoiser(cfg.model)
     apply_activation_checkpointing(model, policy)
-    engine = build_engine(model, cfg, 1)
+    engine = training_engine(model, cfg, batch_layout(cfg, 1))
     ema = EMA(engine.module, cfg.train.ema_decay)
     device, dtype = info.device, torch.bfloat16
     ids, mask = (x.to(device) for x in build_tokenizer(cfg.model)(["a red square moving left"]))

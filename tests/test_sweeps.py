@@ -27,7 +27,7 @@ def sweep_args(corpus: Path) -> list[str]:
 def test_a_local_sweep_runs_one_job_per_run_dir_and_reports_them(corpus, tmp_path):
     sweep_dir = tmp_path / "sweep"
     result = run_module(
-        "sora_train.train",
+        "sora_train.cli",
         "-m",
         *sweep_args(corpus),
         "optim.lr=1e-4,3e-3",
@@ -55,7 +55,7 @@ def test_a_local_sweep_runs_one_job_per_run_dir_and_reports_them(corpus, tmp_pat
 def test_an_optuna_search_minimises_the_final_validation_loss(corpus, tmp_path):
     sweep_dir = tmp_path / "search"
     result = run_module(
-        "sora_train.train", "-m", "hydra/sweeper=search", "hydra.sweeper.n_trials=2",
+        "sora_train.cli", "-m", "hydra/sweeper=search", "hydra.sweeper.n_trials=2",
         "hydra.sweeper.sampler.seed=0", *sweep_args(corpus), env={"SORA_SWEEP_DIR": str(sweep_dir)},
     )  # fmt: skip
     assert_ok(result)

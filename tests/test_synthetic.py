@@ -16,19 +16,16 @@ import torch.nn.functional as F
 import webdataset as wds
 from einops import rearrange
 from sora_train.data_prep import cli
-from sora_train.data_prep.synthetic import (
+
+from sora_train.data.synthetic import FRAME_SIZES, generate_corpus, render_clip, shard_urls
+from sora_train.data.synthetic_captions import (
     COLORS,
     COMBINATIONS,
     DIRECTIONS,
-    FRAME_SIZES,
     SHAPES,
     caption_for,
-    generate_corpus,
     parse_caption,
-    render_clip,
-    shard_urls,
 )
-
 from sora_train.eval.synthetic_metrics import measure_clip, score_clips
 from sora_train.video_io import encode_mp4, read_video
 

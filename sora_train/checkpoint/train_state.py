@@ -38,11 +38,17 @@ class TrainState:
     loader: VideoLoader
     generator: torch.Generator
 
-    def capture(self, cfg: TrainConfig, world_size: int, wandb_id: str | None) -> tuple[dict, dict]:
-        """(trainer_state for trainer_state.json, this rank's state for rank_NNNNN.pt)."""
+    def capture(
+        self, cfg: TrainConfig, world_size: int, accumulation: int, wandb_id: str | None
+    ) -> tuple[dict, dict]:
+        """(trainer_state for trainer_state.json, this rank's state for rank_NNNNN.pt).
+
+        `accumulation` is the run's gradient accumulation: the configured one, or the one a resume
+        on a different number of ranks derived from the checkpoint.
+        """
         trainer_state = {
             "world_size": world_size, "sequence_parallel": cfg.parallel.sequence_parallel,
-            "grad_accum_steps": cfg.train.grad_accum_steps, "ema_updates": self.ema.updates,
+            "grad_accum_steps": accumulation, "ema_updates": self.ema.updates,
             "guards": self.guards.state_dict(), "wandb_id": wandb_id, "config": asdict(cfg),
             "config_hash": config_hash(cfg),
         }  # fmt: skip

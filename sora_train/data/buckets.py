@@ -15,7 +15,7 @@ frequency of the bucket's samples).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,6 +124,29 @@ def load_bucket_table(name_or_path: str | Path) -> BucketTable:
             )
     spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     return bucket_table_from_dict(spec)
+
+
+def bucket_table(buckets: str | None, num_frames: int, height: int, width: int, stride: int) -> BucketTable:
+    """The table `buckets` names (see `load_bucket_table`), or when None the one bucket
+    num_frames × height × width sampled `stride` frames apart (raises ValueError)."""
+    if buckets is None:
+        return BucketTable((Bucket(num_frames, height, width),), stride)
+    return load_bucket_table(buckets)
+
+
+def check_bucket_table(table: BucketTable, patch_size: Sequence[int] | None, images: bool) -> None:
+    """Raise ValueError when a bucket's (frames, height, width) is not divisible by the model's
+    `patch_size` (pass it for pixel space, where buckets are patched as they are; None skips the
+    check), or when `images` are mixed in and the table has no 1-frame bucket to take them."""
+    if patch_size is not None:
+        for bucket in table.buckets:
+            sides = (bucket.frames, bucket.height, bucket.width)
+            if any(side % patch for side, patch in zip(sides, patch_size, strict=True)):
+                raise ValueError(
+                    f"bucket {bucket.name} is not divisible by model.patch_size={list(patch_size)}"
+                )
+    if images and not any(bucket.frames == 1 for bucket in table.buckets):
+        raise ValueError("data.images needs a bucket table with 1-frame (image) buckets")
 
 
 def bucket_table_from_dict(spec: dict) -> BucketTable:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -26,6 +27,10 @@ class SkipSample(Exception):
         self.reason = reason
 
 
+# Where a clip is cut from its video (`data.window`): a random stretch, or the centre.
+ClipWindow = Literal["random", "center"]
+
+
 @dataclass(frozen=True)
 class ClipSpec:
     """What the trainer wants from each video: F frames `stride` apart at H × W pixels.
@@ -37,7 +42,7 @@ class ClipSpec:
     stride: int
     height: int
     width: int
-    window: str = "random"
+    window: ClipWindow = "random"
 
     @property
     def shape(self) -> tuple[int, int, int]:

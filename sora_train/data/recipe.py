@@ -8,20 +8,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..models.patch import grid_size
-from .buckets import Bucket, BucketTable, batch_sizes_for, load_bucket_table
+from .buckets import Bucket, batch_sizes_for
 from .loader import LoaderSettings, VideoLoader
 from .storage import resolve_shards
 
 if TYPE_CHECKING:
-    from ..config import DataConfig, TrainConfig
+    from ..config import TrainConfig
     from ..models.vae import LatentSpace
-
-
-def bucket_table(data: DataConfig) -> BucketTable:
-    """`data.buckets`, or the one bucket num_frames × height × width at `frame_stride`."""
-    if data.buckets is None:
-        return BucketTable((Bucket(data.num_frames, data.height, data.width),), data.frame_stride)
-    return load_bucket_table(data.buckets)
 
 
 def tokens_per_sample(bucket: Bucket, latent_space: LatentSpace, patch_size: tuple[int, int, int]) -> int:
@@ -39,7 +32,7 @@ def build_loader(
     clips, no images, decoded in this process.
     """
     data = cfg.data
-    table = bucket_table(data)
+    table = data.bucket_table()
     patch = tuple(cfg.model.patch_size)
     sizes = batch_sizes_for(
         table,
@@ -47,7 +40,6 @@ def build_loader(
         lambda bucket: tokens_per_sample(bucket, latent_space, patch),
         micro_batch,
     )
-    latents = data.name == "latents"  # shards from `sora-prep encode`: no decoding, no VAE
     settings = LoaderSettings(
         table=table,
         batch_sizes=sizes,
@@ -57,7 +49,7 @@ def build_loader(
         target_fps=data.target_fps,
         max_upscale=data.max_upscale,
         latent_shapes=tuple(latent_space.latent_shape(b.frames, b.height, b.width) for b in table.buckets)
-        if latents
+        if data.precomputed
         else None,
         image_ratio=data.image_ratio,
         num_workers=data.num_workers,

@@ -13,12 +13,13 @@ import contextlib
 import itertools
 import multiprocessing
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-_DIED = object()  # a sentinel: what a worker's pipe gives when the worker died mid-answer; no item
+_NO_ITEM = object()  # what an empty input gives for its first item
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,138 @@ class _Worker:
         self.conn.close()
 
 
+class _SupervisedPool:
+    """The worker processes of one `supervised_map` call and the items in flight between them.
+
+    Items are numbered in input order. An item is `pending` from the moment it is read until its
+    result is yielded; `queued` until a worker takes it; `finished` once its result (or failure)
+    is known. Results leave in input order, so a slow item holds back the ones after it, and at
+    most `max_pending` items are held at once.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[Any], Any],
+        items: Iterator[Any],
+        timeout: float,
+        max_pending: int,
+        max_tasks: int | None,
+        worker_setup: Callable[[], None] | None,
+    ):
+        self._fn, self._worker_setup = fn, worker_setup
+        self._items = items
+        self._timeout, self._max_pending, self._max_tasks = timeout, max_pending, max_tasks
+        self._context = multiprocessing.get_context("spawn")
+        self.workers: list[_Worker] = []
+        self._pending: dict[int, Any] = {}  # input index -> item, from read until yielded
+        self._queued: deque[int] = deque()  # indices not yet given to a worker, in input order
+        self._finished: dict[int, Any] = {}  # input index -> result or WorkerFailure, not yet yielded
+        self._next_index = self._next_to_yield = 0
+        self._items_exhausted = False
+
+    def start(self, workers: int) -> None:
+        """Start `workers` processes (each becomes ready once its imports and setup are done)."""
+        for _ in range(workers):
+            self.workers.append(self._new_worker())
+
+    def stop(self) -> None:
+        """Stop every worker: ask the idle ones to exit, kill the ones still busy with an item."""
+        for worker in self.workers:
+            worker.stop(kill=worker.task is not None)
+
+    @property
+    def done(self) -> bool:
+        """Whether every input item has been read and its result yielded."""
+        return self._items_exhausted and not self._pending
+
+    def fill(self) -> None:
+        """Read input items until `max_pending` are held or the input ends; queue them."""
+        while not self._items_exhausted and len(self._pending) < self._max_pending:
+            try:
+                self._pending[self._next_index] = next(self._items)
+            except StopIteration:
+                self._items_exhausted = True
+                return
+            self._queued.append(self._next_index)
+            self._next_index += 1
+
+    def dispatch(self) -> None:
+        """Give queued items, oldest first, to the workers that are ready and idle."""
+        for worker in self.workers:
+            if worker.ready and worker.task is None and self._queued:
+                index = self._queued.popleft()
+                worker.submit(index, self._pending[index])
+
+    def results_in_order(self) -> Iterator[tuple[Any, Any]]:
+        """Yield `(item, result)` for the finished items that no earlier unfinished item holds back."""
+        while self._next_to_yield in self._finished:
+            yield self._pending.pop(self._next_to_yield), self._finished.pop(self._next_to_yield)
+            self._next_to_yield += 1
+
+    def wait_and_handle(self) -> None:
+        """Wait for a message, an exit or the oldest item's deadline; handle whatever happened."""
+        watched = [worker for worker in self.workers if worker.task is not None or not worker.ready]
+        if not watched:
+            return
+        busy_since = [worker.started for worker in watched if worker.task is not None]
+        ready = wait(
+            [worker.conn for worker in watched] + [worker.process.sentinel for worker in watched],
+            timeout=max(0.0, min(busy_since) + self._timeout - time.monotonic()) if busy_since else None,
+        )
+        for slot, worker in enumerate(self.workers):
+            if worker.ready and worker.task is None:
+                continue
+            if worker.conn in ready and self._receive(slot, worker):
+                continue
+            if not worker.ready:
+                self._check_started(worker)
+                continue
+            failure = self._failure(worker, ready)
+            if failure is not None:
+                self._finished[worker.task] = failure
+                self._replace(slot, kill=True)
+
+    def _receive(self, slot: int, worker: _Worker) -> bool:
+        """Take the worker's message (ready, or a result); False when it died while answering."""
+        try:
+            message = worker.conn.recv()
+        except (EOFError, OSError):
+            return False  # the pipe broke: judged as a crash by the caller
+        if message is None:
+            worker.ready = True
+            return True
+        index, result = message
+        self._finished[index] = result
+        worker.task = None
+        worker.served += 1
+        if self._max_tasks is not None and worker.served >= self._max_tasks:
+            self._replace(slot, kill=False)
+        return True
+
+    @staticmethod
+    def _check_started(worker: _Worker) -> None:
+        """Raise when a worker exited before it became ready (its setup or imports failed)."""
+        if not worker.process.is_alive():
+            raise RuntimeError(f"a worker process failed to start (exit code {worker.process.exitcode})")
+
+    def _failure(self, worker: _Worker, ready: list[Any]) -> WorkerFailure | None:
+        """The failure of a busy worker's item if it died or ran past the timeout; else None."""
+        if not worker.process.is_alive() or worker.process.sentinel in ready:
+            worker.process.join(timeout=1)
+            return WorkerFailure("decoder_crash", f"worker exited with code {worker.process.exitcode}")
+        if time.monotonic() - worker.started >= self._timeout:
+            return WorkerFailure("timeout", f"no result after {self._timeout:g}s")
+        return None
+
+    def _replace(self, slot: int, kill: bool) -> None:
+        """Stop the worker in `slot` (killing it if `kill`) and start a fresh one in its place."""
+        self.workers[slot].stop(kill=kill)
+        self.workers[slot] = self._new_worker()
+
+    def _new_worker(self) -> _Worker:
+        return _Worker(self._context, self._fn, self._worker_setup)
+
+
 def supervised_map(
     fn: Callable[[Any], Any],
     items: Iterable[Any],
@@ -88,84 +221,23 @@ def supervised_map(
     `max_pending` items (default 4 per worker) whatever the length of `items`, and a worker is
     replaced after `max_tasks` items (None: never), so leaks in native decoders cannot grow.
     `worker_setup` (picklable, no arguments) runs in each worker before it takes items.
+    Every worker is stopped when the stream ends, fails, or is closed early.
     """
     source = iter(items)
-    first = next(source, _DIED)
-    if first is _DIED:
+    first = next(source, _NO_ITEM)
+    if first is _NO_ITEM:
         return  # nothing to do: start no process
-    source = itertools.chain([first], source)
-    context = multiprocessing.get_context("spawn")
-    max_pending = max_pending or 4 * workers
-    pool = [_Worker(context, fn, worker_setup) for _ in range(workers)]
-    waiting: dict[int, Any] = {}  # submitted or queued items by input index
-    queue: list[int] = []  # indices not yet given to a worker
-    done: dict[int, Any] = {}
-    next_index = next_yield = 0
-    exhausted = False
+    pool = _SupervisedPool(
+        fn, itertools.chain([first], source), timeout, max_pending or 4 * workers, max_tasks, worker_setup
+    )
     try:
+        pool.start(workers)
         while True:
-            while not exhausted and len(waiting) < max_pending:
-                try:
-                    waiting[next_index] = next(source)
-                except StopIteration:
-                    exhausted = True
-                    break
-                queue.append(next_index)
-                next_index += 1
-            for worker in pool:
-                if worker.ready and worker.task is None and queue:
-                    index = queue.pop(0)
-                    worker.submit(index, waiting[index])
-            while next_yield in done:
-                yield waiting.pop(next_yield), done.pop(next_yield)
-                next_yield += 1
-            if exhausted and not waiting:
+            pool.fill()
+            pool.dispatch()
+            yield from pool.results_in_order()
+            if pool.done:
                 return
-            watched = [w for w in pool if w.task is not None or not w.ready]
-            if not watched:
-                continue
-            busy = [w.started for w in watched if w.task is not None]
-            ready = wait(
-                [w.conn for w in watched] + [w.process.sentinel for w in watched],
-                timeout=max(0.0, min(busy) + timeout - time.monotonic()) if busy else None,
-            )
-            for slot, worker in enumerate(pool):
-                if worker.ready and worker.task is None:
-                    continue
-                if worker.conn in ready:
-                    try:
-                        message = worker.conn.recv()
-                    except (EOFError, OSError):
-                        message = _DIED  # died while answering: handled below
-                    if message is None:
-                        worker.ready = True
-                        continue
-                    if message is not _DIED:
-                        index, result = message
-                        done[index] = result
-                        worker.task = None
-                        worker.served += 1
-                        if max_tasks is not None and worker.served >= max_tasks:
-                            worker.stop()
-                            pool[slot] = _Worker(context, fn, worker_setup)
-                        continue
-                if not worker.ready:
-                    if worker.process.is_alive():
-                        continue
-                    raise RuntimeError(
-                        f"a worker process failed to start (exit code {worker.process.exitcode})"
-                    )
-                if not worker.process.is_alive() or worker.process.sentinel in ready:
-                    worker.process.join(timeout=1)
-                    done[worker.task] = WorkerFailure(
-                        "decoder_crash", f"worker exited with code {worker.process.exitcode}"
-                    )
-                elif time.monotonic() - worker.started >= timeout:
-                    done[worker.task] = WorkerFailure("timeout", f"no result after {timeout:g}s")
-                else:
-                    continue
-                worker.stop(kill=True)
-                pool[slot] = _Worker(context, fn, worker_setup)
+            pool.wait_and_handle()
     finally:
-        for worker in pool:
-            worker.stop(kill=worker.task is not None)
+        pool.stop()

@@ -17,15 +17,22 @@ Shape legend: B batch, C channels, f latent frames, h/w latent height/width, F p
 from __future__ import annotations
 
 from itertools import accumulate
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple, get_args
 
 import torch
 from einops import rearrange
 
-from ..config import CONDITIONING_STRATEGIES, DiffusionConfig
+if TYPE_CHECKING:
+    from ..config import DiffusionConfig
+
+# The keys of `diffusion.conditioning`: which latent frames a training sample keeps clean.
+ConditioningStrategy = Literal["none", "first", "first_k", "last", "first_last", "random"]
+CONDITIONING_STRATEGIES: tuple[ConditioningStrategy, ...] = get_args(ConditioningStrategy)
 
 
-def draw_strategies(batch: int, probabilities: dict[str, float], generator: torch.Generator) -> list[str]:
+def draw_strategies(
+    batch: int, probabilities: dict[str, float], generator: torch.Generator
+) -> list[ConditioningStrategy]:
     """One strategy per sample with the given probabilities, from one `torch.rand(B)` draw.
 
     Strategies are laid out in `CONDITIONING_STRATEGIES` order (not the dict's), so the same
@@ -39,7 +46,7 @@ def draw_strategies(batch: int, probabilities: dict[str, float], generator: torc
 
 
 def strategy_mask(
-    strategy: str, frames: int, first_k: int, rate: float, uniform: torch.Tensor
+    strategy: ConditioningStrategy, frames: int, first_k: int, rate: float, uniform: torch.Tensor
 ) -> torch.Tensor:
     """(f,) bool: the latent frames `strategy` keeps clean in a clip of `frames` latent frames.
 

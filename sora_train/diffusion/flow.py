@@ -7,6 +7,7 @@ Shape legend: B batch, C channels, F frames, H height, W width.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal, get_args
 
 import torch
 from einops import rearrange
@@ -100,7 +101,9 @@ def cosmap_weight(t: torch.Tensor) -> torch.Tensor:
     return 2 / (torch.pi * (1 - 2 * t + 2 * t**2))
 
 
-LOSS_WEIGHTINGS = ("none", "cosmap")
+# `diffusion.loss_weighting`: none, or SD3's cosine-map weight over t (`cosmap_weight`).
+LossWeighting = Literal["none", "cosmap"]
+LOSS_WEIGHTINGS: tuple[LossWeighting, ...] = get_args(LossWeighting)
 
 
 def flow_loss(
@@ -109,7 +112,7 @@ def flow_loss(
     noise: torch.Tensor,
     t: torch.Tensor,
     frame_mask: torch.Tensor | None = None,
-    weighting: str = "none",
+    weighting: LossWeighting = "none",
 ) -> torch.Tensor:
     """Mean squared error between the predicted and the true velocity at (x_t, t).
 

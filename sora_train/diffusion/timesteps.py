@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Literal
+
 import torch
 
-from ..config import DiffusionConfig
 from .flow import mode_timesteps, resolution_shift, sample_timesteps, shift_timesteps, uniform_timesteps
+
+if TYPE_CHECKING:
+    from ..config import DiffusionConfig
+
+# `diffusion.timesteps`: logit-normal (logit_mean, logit_std), uniform, or SD3's mode sampling (mode_scale).
+TimestepSampling = Literal["logit_normal", "uniform", "mode"]
 
 
 def training_timesteps(

@@ -16,7 +16,7 @@ import sys
 import torch
 
 from ..data.shards import read_captions
-from ..data_prep.synthetic import parse_caption
+from ..data.synthetic_captions import parse_caption
 from ..generate import generate_videos
 from ..models.denoiser import VideoDenoiser
 from ..pretrained import InferenceConfig, load_model

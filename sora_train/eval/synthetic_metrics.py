@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sora_train.data_prep.synthetic import COLORS, parse_caption
+from ..data.synthetic_captions import COLORS, parse_caption
 
 _MIN_BRIGHTNESS = 80.0  # object pixels have a channel above this (and above half the clip's peak)
 _MIN_AREA = 0.002  # fraction of a frame's pixels the object must cover to count as present

@@ -7,15 +7,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 
-from ..config import ModelConfig
 from .dit import DiT, DiTShape, VideoTransformer
 from .mmdit import MMDiT
 from .text import HashTokenizer, TinyTextEncoder
 from .vae import latent_channels
+
+if TYPE_CHECKING:
+    from ..config import ModelConfig
+
+# `model.variant`: the networks `build_dit` builds: cross-attention to the text (`DiT`), or joint
+# text-video attention with separate weights per stream (`MMDiT`).
+ModelVariant = Literal["cross_attention", "mmdit"]
 
 
 class TextProjection(nn.Module):

@@ -9,7 +9,7 @@ positions are zeroed, so only real tokens carry signal. Shape legend: B batch, T
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from einops import rearrange
@@ -89,11 +89,15 @@ class FrozenT5Encoder:
         return hidden.cpu(), mask.bool().cpu()
 
 
-TEXT_ENCODERS = ("t5", "umt5")
+# The frozen pretrained encoders `build_text_encoder` loads.
+FrozenTextEncoderName = Literal["t5", "umt5"]
+TEXT_ENCODERS: tuple[FrozenTextEncoderName, ...] = get_args(FrozenTextEncoderName)
+# `model.text_encoder`: the small encoder trained with the DiT, or a frozen pretrained one.
+TextEncoderName = Literal["learned", FrozenTextEncoderName]
 
 
 def build_text_encoder(
-    name: str,
+    name: FrozenTextEncoderName,
     path: str,
     max_length: int,
     device: str | torch.device = "cpu",

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
 import torch
 from einops import rearrange
@@ -183,10 +183,12 @@ class WanVAE:
         return pixels.float().clamp(-1, 1).to(latents.device)
 
 
-LATENT_SPACES = ("pixel", "wan")
+# `model.latent_space`: pixels as they are, or a pretrained Wan VAE's latents.
+LatentSpaceName = Literal["pixel", "wan"]
+LATENT_SPACES: tuple[LatentSpaceName, ...] = get_args(LatentSpaceName)
 
 
-def latent_channels(name: str, path: str | None = None) -> int:
+def latent_channels(name: LatentSpaceName, path: str | None = None) -> int:
     """Channels of a latent space, read from its config (no weights are loaded)."""
     if name == "pixel":
         return PixelSpace.channels
@@ -198,7 +200,7 @@ def latent_channels(name: str, path: str | None = None) -> int:
 
 
 def build_latent_space(
-    name: str,
+    name: LatentSpaceName,
     path: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch.utils.checkpoint import (
@@ -33,7 +33,9 @@ from torch.utils.checkpoint import (
 
 from ..models.denoiser import VideoDenoiser
 
-POLICIES = ("none", "full", "every_k", "selective")
+# `train.activation_checkpointing`: the policies this module applies (see the module docstring).
+ActivationCheckpointPolicy = Literal["none", "full", "every_k", "selective"]
+POLICIES: tuple[ActivationCheckpointPolicy, ...] = get_args(ActivationCheckpointPolicy)
 
 aten = torch.ops.aten
 SAVED_OPS = frozenset({
@@ -46,7 +48,7 @@ SAVED_OPS = frozenset({
 })  # fmt: skip
 
 
-def checkpointed_blocks(policy: str, depth: int, every: int = 2) -> tuple[int, ...]:
+def checkpointed_blocks(policy: ActivationCheckpointPolicy, depth: int, every: int = 2) -> tuple[int, ...]:
     """Indices of the blocks `policy` wraps in a checkpoint (`every`: k of `every_k`)."""
     if policy not in POLICIES:
         raise ValueError(
@@ -81,7 +83,9 @@ def _checkpointed(forward: Callable[..., Any], selective: bool) -> Callable[...,
     return run
 
 
-def apply_activation_checkpointing(model: VideoDenoiser, policy: str, every: int = 2) -> None:
+def apply_activation_checkpointing(
+    model: VideoDenoiser, policy: ActivationCheckpointPolicy, every: int = 2
+) -> None:
     """Checkpoint `model.dit.blocks` under `policy` (one of `POLICIES`; `every`: k of `every_k`)."""
     for index in checkpointed_blocks(policy, len(model.dit.blocks), every):
         block = model.dit.blocks[index]

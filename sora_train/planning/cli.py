@@ -14,25 +14,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import ConfigError, TrainConfig
+from ..compose import compose_config
+from ..config import ConfigError
 from ..hardware import gpu_names
 from .plan import fitting_policies, format_plan, plan_json, plan_run, required_sequence_parallel
-
-
-def compose_config(overrides: list[str]) -> TrainConfig:
-    """The TrainConfig `sora-train` would run with these Hydra overrides (raises ConfigError)."""
-    from hydra import compose, initialize_config_dir
-
-    from ..config import register_schema, to_train_config
-    from ..recipes import config_dir
-    from ..train import describe_override_error
-
-    register_schema()
-    try:
-        with initialize_config_dir(str(config_dir()), version_base="1.3"):
-            return to_train_config(compose("train", overrides=overrides))
-    except Exception as error:  # Hydra and OmegaConf raise several types; all mean a bad override
-        raise ConfigError(describe_override_error(error)) from error
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -105,9 +105,7 @@ def _check_layout(cfg: TrainConfig, gpus: int) -> None:
 def bucket_batch_sizes(cfg: TrainConfig, gpus: int) -> tuple[int, ...]:
     """Per-GPU batch of each bucket, as the loader sizes it: the bucket's own, else
     data.tokens_per_batch // S, else the micro batch (global batch / (DP · accumulation))."""
-    from ..data.recipe import bucket_table
-
-    table = bucket_table(cfg.data)
+    table = cfg.data.bucket_table()
     ranks = (gpus // cfg.parallel.sequence_parallel) * cfg.train.grad_accum_steps
     global_batch = cfg.train.global_batch_size
     micro = global_batch // ranks if global_batch >= ranks and global_batch % ranks == 0 else 0
@@ -125,8 +123,6 @@ def bucket_batch_sizes(cfg: TrainConfig, gpus: int) -> tuple[int, ...]:
 
 def plan_run(cfg: TrainConfig, gpus: int, gpu: str) -> Plan:
     """The plan of `cfg` on `gpus` GPUs of type `gpu` (raises ConfigError or ValueError on bad input)."""
-    from ..data.recipe import bucket_table
-
     _check_layout(cfg, gpus)
     spec, model, parallel = gpu_spec(gpu), cfg.model, cfg.parallel
     precision = planned_precision(cfg)
@@ -137,7 +133,7 @@ def plan_run(cfg: TrainConfig, gpus: int, gpu: str) -> Plan:
     sp, dp = parallel.sequence_parallel, gpus // parallel.sequence_parallel
     policy, every = cfg.train.activation_checkpointing, cfg.train.activation_checkpointing_every
     buckets = []
-    for bucket, batch in zip(bucket_table(cfg.data).buckets, bucket_batch_sizes(cfg, gpus), strict=True):
+    for bucket, batch in zip(cfg.data.bucket_table().buckets, bucket_batch_sizes(cfg, gpus), strict=True):
         tokens = video_tokens(bucket, model)
         act = activation_bytes(
             model, batch, tokens, dtype_bytes=e, policy=policy, every=every, sequence_parallel=sp
@@ -169,7 +165,7 @@ def plan_notes(cfg: TrainConfig) -> tuple[str, ...]:
     path = model.text_encoder_path
     if model.text_encoder != "learned" and not (path and (Path(path) / "config.json").is_file()):
         notes.append(f"frozen text encoder width taken as {FROZEN_TEXT_DIM} (T5-XXL / UMT5-XXL's d_model)")
-    if cfg.data.name != "latents" and (model.latent_space == "wan" or model.text_encoder != "learned"):
+    if not cfg.data.precomputed and (model.latent_space == "wan" or model.text_encoder != "learned"):
         notes.append(
             "not counted: the frozen VAE / text encoder that encode each batch on the GPU; "
             "precompute them with `sora-prep encode` and train with data=latents"

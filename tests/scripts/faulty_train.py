@@ -16,9 +16,9 @@ from pathlib import Path
 
 def inject_nan(rank: int, steps: set[int]) -> None:
     """Multiply the loss by NaN on `rank` at `steps` (one micro-batch per step), so the gradients are NaN."""
-    import sora_train.train as train
+    import sora_train.loop.step as step
 
-    real_loss, calls = train.flow_loss, [0]
+    real_loss, calls = step.flow_loss, [0]
 
     def flow_loss(*args, **kwargs):
         calls[0] += 1
@@ -26,7 +26,7 @@ def inject_nan(rank: int, steps: set[int]) -> None:
         hit = int(os.environ.get("RANK", 0)) == rank and calls[0] in steps
         return loss * float("nan") if hit else loss
 
-    train.flow_loss = flow_loss
+    step.flow_loss = flow_loss
 
 
 def crash_in_save(step: int) -> None:
@@ -46,9 +46,9 @@ def crash_in_save(step: int) -> None:
 
 def desync(rank: int, step: int) -> None:
     """Add 1e-3 to the first weight of `rank`'s model right after the optimizer step `step`."""
-    import sora_train.train as train
+    from sora_train.ema import EMA
 
-    real_update, calls = train.EMA.update, [0]
+    real_update, calls = EMA.update, [0]
 
     def update(self, model):
         calls[0] += 1
@@ -56,7 +56,7 @@ def desync(rank: int, step: int) -> None:
             next(model.parameters()).data.add_(1e-3)
         return real_update(self, model)
 
-    train.EMA.update = update
+    EMA.update = update
 
 
 def main() -> None:
@@ -72,7 +72,7 @@ def main() -> None:
         desync(int(rank), int(step))
     else:
         raise SystemExit(f"unknown fault {fault!r}")
-    from sora_train.train import cli
+    from sora_train.cli import main as cli
 
     sys.argv = [sys.argv[0], *overrides]
     cli()

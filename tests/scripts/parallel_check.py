@@ -30,10 +30,11 @@ import torch.distributed as dist
 from sora_train.config import DataConfig, ModelConfig, TrainConfig, TrainLoopConfig
 from sora_train.diffusion.flow import flow_loss
 from sora_train.ema import EMA
+from sora_train.loop.engine import batch_layout, training_engine
 from sora_train.models.denoiser import VideoDenoiser, build_denoiser, build_tokenizer
+from sora_train.optim import build_optimizer, warmup_cosine
 from sora_train.parallel.dist import init_distributed, shutdown_distributed
 from sora_train.parallel.sequence import apply_sequence_parallel
-from sora_train.parallel.zero import build_engine, build_optimizer, warmup_cosine
 
 BATCH = 2
 GRIDS = {"divides": (4, 16, 16), "padded": (6, 12, 12)}  # (F, H, W) pixels: 32 and 27 tokens at patch 2×4×4
@@ -129,9 +130,11 @@ def compare_training(zero_stage: int, layout: str, group) -> dict:
     else:
         rank = dist.get_rank()
         share = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
-    engine = build_engine(model, cfg, dist.get_world_size())
+    engine = training_engine(
+        model, cfg, batch_layout(cfg, dist.get_world_size() // cfg.parallel.sequence_parallel)
+    )
     ema, reference_ema = EMA(engine.module, decay=0.9), EMA(reference, decay=0.9)
-    optimizer = build_optimizer(reference, cfg)
+    optimizer = build_optimizer(reference, cfg.optim)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, 1, cfg.train.max_steps, cfg.optim.min_lr_ratio)
     )

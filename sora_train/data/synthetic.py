@@ -1,39 +1,30 @@
 """The embedded default dataset: short clips of one coloured shape moving on a black background.
 
 Every clip shows a filled square, circle or triangle in one of six saturated colours, moving at
-constant speed left, right, up or down, captioned "a red square moving left on a black background".
-The whole trajectory stays inside the central min(H, W) square, so the object and its motion remain
-visible after the trainer resizes the short side and centre-crops.
+constant speed left, right, up or down, captioned "a red square moving left on a black background"
+(the grammar lives in `synthetic_captions`, shared with the evaluation). The whole trajectory stays
+inside the central min(H, W) square, so the object and its motion remain visible after the trainer
+resizes the short side and centre-crops.
 
 `generate_corpus` writes webdataset tar shards (`KEY.mp4` + `KEY.json` per sample) for a train and a
 held-out val split plus `manifest.json`; the same arguments always produce byte-identical files.
+The trainer writes it on first use (`data.generate_if_missing`); `sora-prep synthetic` calls the same
+function.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
-import re
 from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from sora_train.video_io import encode_mp4
-
+from ..video_io import encode_mp4
 from .shard_writer import write_shard
+from .synthetic_captions import COLORS, COMBINATIONS, DIRECTIONS, SHAPES, caption_for
 
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (255, 0, 0),
-    "green": (0, 255, 0),
-    "blue": (0, 0, 255),
-    "yellow": (255, 255, 0),
-    "cyan": (0, 255, 255),
-    "magenta": (255, 0, 255),
-}
-SHAPES = ("square", "circle", "triangle")
-DIRECTIONS = ("left", "right", "up", "down")
 # (height, width), all sides even; decord cannot decode widths 16, 24, 48 or 72, so none are used.
 FRAME_SIZES: tuple[tuple[int, int], ...] = (
     (64, 64),  # 1:1
@@ -45,34 +36,12 @@ FRAME_SIZES: tuple[tuple[int, int], ...] = (
     (96, 54),  # 9:16 portrait
     (80, 40),  # 1:2 portrait
 )
-COMBINATIONS: tuple[tuple[str, str, str], ...] = tuple(itertools.product(COLORS, SHAPES, DIRECTIONS))
-
 MANIFEST_NAME = "manifest.json"
 _SPLIT_STREAMS = {"train": 0, "val": 1}
 _UNIT_STEP = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}  # (dy, dx)
 _OBJECT_SIZE = (0.35, 0.45)  # fraction of min(H, W)
 _TRAVEL = (0.40, 0.55)  # fraction of min(H, W)
 _JITTER = 0.08  # perpendicular start jitter, fraction of min(H, W)
-_CAPTION_RE = re.compile(r"a (\w+) (\w+) moving (\w+) on a black background")
-
-
-def caption_for(color: str, shape: str, direction: str) -> str:
-    """The caption of a clip: "a {color} {shape} moving {direction} on a black background"."""
-    return f"a {color} {shape} moving {direction} on a black background"
-
-
-def parse_caption(caption: str) -> tuple[str, str, str]:
-    """Invert `caption_for`: (color, shape, direction). Raises ValueError for anything else."""
-    match = _CAPTION_RE.fullmatch(caption.strip().lower().rstrip("."))
-    if match is None:
-        raise ValueError(
-            f"not a synthetic caption (want {caption_for('COLOR', 'SHAPE', 'DIR')!r}): {caption!r}"
-        )
-    color, shape, direction = match.groups()
-    for word, allowed in ((color, tuple(COLORS)), (shape, SHAPES), (direction, DIRECTIONS)):
-        if word not in allowed:
-            raise ValueError(f"unknown word {word!r} in caption {caption!r}; expected one of {allowed}")
-    return color, shape, direction
 
 
 def _shape_mask(shape: str, dy: np.ndarray, dx: np.ndarray, radius: float) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 A shard is streamed into `NAME.partial`, flushed to disk, then renamed to `NAME`: a crash leaves at
 most a `.partial` file, which a rerun overwrites. Tar members carry a fixed mtime and owner, so the
-same samples always give the same bytes.
+same samples always give the same bytes. Used by the synthetic corpus (`sora_train.data.synthetic`)
+and by `sora-prep shards` and `sora-prep encode`.
 """
 
 from __future__ import annotations

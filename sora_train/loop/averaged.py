@@ -1,0 +1,24 @@
+"""The EMA weights as a plain model, for validation, samples and evaluation."""
+
+from __future__ import annotations
+
+from ..config import ModelConfig
+from ..ema import EMA
+from ..models.denoiser import VideoDenoiser, build_denoiser
+from ..parallel.dist import DistInfo
+
+
+def ema_model(
+    ema: EMA, model_config: ModelConfig, dist_info: DistInfo, everywhere: bool = True
+) -> VideoDenoiser | None:
+    """A plain model holding the EMA weights, on this rank's device, in eval mode.
+
+    Collective when the EMA is sharded (ZeRO-3). With `everywhere` False only the main rank builds
+    the model (the others get None), so only the rank that samples holds a whole replica.
+    """
+    weights = ema.state_dict(only_rank=None if everywhere else 0)
+    if not (everywhere or dist_info.is_main):
+        return None
+    model = build_denoiser(model_config)
+    model.load_state_dict(weights)
+    return model.to(dist_info.device).eval()

@@ -1,0 +1,112 @@
+"""One optimizer step: accumulate micro-batches (forward, flow-matching loss, backward), let the
+engine clip and step, update the EMA, and have the guards judge the outcome."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ..batch_inputs import clean_latents, text_input
+from ..config import TrainConfig
+from ..data.loader import Batch
+from ..diffusion.conditioning import draw_frame_mask
+from ..diffusion.flow import flow_loss
+from ..diffusion.timesteps import training_timesteps
+from ..ema import EMA
+from ..guards import StepVerdict, TrainingGuards
+from ..models.prompts import PromptEncoder
+from ..models.vae import LatentSpace
+from ..parallel.dist import all_reduce_mean
+from ..throughput import batch_flops, batch_tokens, caption_tokens
+
+
+def forward_backward(
+    engine, batch: Batch, prompts: PromptEncoder, latent_space: LatentSpace | None, generator: torch.Generator,
+    cfg: TrainConfig, dtype: torch.dtype,
+) -> float:  # fmt: skip
+    """One micro-batch: encode (unless `latent_space` is None: the batch holds latents), noise at
+    the configured timesteps, flow-matching loss, backward. Returns the loss.
+
+    With frame conditioning configured, a strategy per sample keeps some latent frames clean
+    (drawn after the noise); those frames carry no loss. Otherwise nothing more is drawn.
+    """
+    device = engine.device
+    x0 = clean_latents(batch, latent_space, device, dtype)
+    text, mask = text_input(batch, prompts, cfg.data.caption_dropout, generator, device, dtype)
+    t = training_timesteps(x0.shape[0], video_tokens(x0.shape, cfg), generator, cfg.diffusion)
+    noise = torch.randn(x0.shape, generator=generator)
+    frame_mask = None  # (B, f) bool: latent frames kept clean
+    if cfg.diffusion.conditions_frames():
+        frame_mask = draw_frame_mask(x0.shape[0], x0.shape[2], cfg.diffusion, generator).to(device)
+    loss = flow_loss(
+        lambda x_t, t_: engine(x_t, t_, text, mask, frame_mask), x0, noise.to(device, dtype), t.to(device, dtype),
+        frame_mask, cfg.diffusion.loss_weighting,
+    )  # fmt: skip
+    engine.backward(loss)
+    return loss.item()
+
+
+def video_tokens(shape: torch.Size, cfg: TrainConfig) -> int:
+    """Video tokens per sample of a (B, C, F, H, W) batch of what the DiT denoises."""
+    return batch_tokens(shape, None, tuple(cfg.model.patch_size)) // shape[0]
+
+
+@dataclass
+class StepOutcome:
+    """What one optimizer step did. `loss` and `data_wait` are means over all ranks; `keys`,
+    `tokens` and `flops` are this rank's."""
+
+    loss: float
+    data_wait: float  # fraction of the step spent waiting for batches
+    seconds: float
+    applied: bool  # False: a non-finite gradient norm discarded the step on all ranks
+    verdict: StepVerdict
+    keys: list[str]
+    tokens: int
+    flops: float
+    epoch: int
+
+
+@dataclass
+class Stepper:
+    """Everything a step touches: the engine, the EMA and guards, the encoders, this data-parallel
+    rank's random stream (shared by its sequence-parallel group), and the compute dtype."""
+
+    engine: object  # deepspeed.DeepSpeedEngine
+    ema: EMA
+    guards: TrainingGuards
+    prompts: PromptEncoder
+    encoder: LatentSpace | None  # None: the batches hold precomputed latents
+    generator: torch.Generator
+    cfg: TrainConfig
+    dtype: torch.dtype
+    accumulation: int
+
+    def train_step(self, batches: Iterator[Batch]) -> StepOutcome:
+        """Accumulate `accumulation` micro-batches, step (the engine clips and skips non-finite
+        steps), update the EMA when the step was applied, and let the guards judge it (collective)."""
+        started, data_wait, losses, keys, tokens, flops = time.perf_counter(), 0.0, [], [], 0, 0.0
+        patch = tuple(self.cfg.model.patch_size)
+        for _ in range(self.accumulation):
+            fetch = time.perf_counter()
+            batch = next(batches)
+            data_wait += time.perf_counter() - fetch
+            losses.append(forward_backward(
+                self.engine, batch, self.prompts, self.encoder, self.generator, self.cfg, self.dtype
+            ))  # fmt: skip
+            self.engine.step()  # DeepSpeed counts micro-batches; the last one of a step updates the weights
+            keys.extend(batch["key"])
+            micro_tokens = batch_tokens(batch["x"].shape, self.encoder, patch)
+            tokens += micro_tokens
+            text_tokens = caption_tokens(batch, self.prompts.learned, self.cfg)
+            flops += batch_flops(self.cfg, micro_tokens, len(batch["key"]), text_tokens)
+        applied = self.engine.was_step_applied()
+        if applied:
+            self.ema.update(self.engine.module)
+        elapsed = time.perf_counter() - started
+        loss, wait = all_reduce_mean([sum(losses) / len(losses), data_wait / elapsed], self.engine.device)
+        verdict = self.guards.observe(applied, loss)
+        return StepOutcome(loss, wait, elapsed, applied, verdict, keys, tokens, flops, batch["epoch"])
