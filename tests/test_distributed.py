@@ -264,6 +264,9 @@ def test_two_ranks_to_one_and_back_keeps_every_batch_of_the_epoch(two_process_ru
     one = run_train(*run_args(corpus), "checkpoint.every=2", f"run_dir={run_dir}", "train.max_steps=6")
     assert_ok(one)
     assert "saved by 2 ranks; converting it for 1 (grad_accum_steps=2)" in one.stdout
+    state = json.loads((run_dir / "checkpoints" / tag_for(6) / "trainer_state.json").read_text())
+    # the run keeps the accumulation the resume derived; the config it records is the one it was given
+    assert state["grad_accum_steps"] == 2 and state["config"]["train"]["grad_accum_steps"] == 1
     two = run_train(*run_args(corpus), "checkpoint.every=2", f"run_dir={run_dir}", "launch.nproc_per_node=2")
     assert_ok(two)
     assert "saved by 1 ranks; converting it for 2 (grad_accum_steps=1)" in two.stdout
