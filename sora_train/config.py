@@ -452,11 +452,6 @@ def data_parallel_size(cfg: TrainConfig, world_size: int) -> int:
     return world_size // cfg.parallel.sequence_parallel
 
 
-def micro_batch_size(cfg: TrainConfig, world_size: int) -> int:
-    """Samples per data-parallel rank per forward pass."""
-    return cfg.train.global_batch_size // (data_parallel_size(cfg, world_size) * cfg.train.grad_accum_steps)
-
-
 def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     """Reject a bad configuration with one clear line (raises ConfigError): each section's options
     and own rules, then the rules that span sections, the world size and the file system."""
