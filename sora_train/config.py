@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -27,8 +28,9 @@ from .data.buckets import BucketTable, bucket_table, check_bucket_table
 from .data.decode import ClipWindow
 from .diffusion.conditioning import CONDITIONING_STRATEGIES, ConditioningStrategy
 from .diffusion.flow import LossWeighting
-from .diffusion.timesteps import TimestepSampling
-from .models.denoiser import ModelVariant
+from .diffusion.timesteps import MODE_SCALE_MONOTONE, Expert, TimestepSampling, timestep_range
+from .models.denoiser import ModelVariant, build_denoiser
+from .models.lora import lora_spec, matching_modules
 from .models.text_encoders import TextEncoderName
 from .models.vae import LatentSpaceName
 from .options import OptionError, check_options, from_schema, omegaconf_schema, to_schema
@@ -56,12 +58,30 @@ class Section:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (`sora_train/models/lora.py`): with rank > 0 only the adapters train; the base
+    weights are frozen and never reach the optimizer. rank 0: full fine-tuning (the default)."""
+
+    rank: int = 0
+    alpha: float | None = None  # the update is scaled by alpha / rank; None: alpha = rank
+    dropout: float = 0.0  # on the adapters' input
+    # Regular expressions (full match) over the denoiser's module names, e.g. dit\.blocks\.\d+\.attn1\.to_q;
+    # None: the variant's attention q/k/v/out and FFN (models/lora.py: DEFAULT_TARGETS)
+    targets: list[str] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
+@dataclass
 class ModelConfig(Section):
     """DiT shape, latent space and text encoder. Presets live in configs/model/*.yaml."""
 
     preset: str = MISSING
     # cross_attention: self-attention over video, cross-attention to text, MLP per block;
-    # mmdit: joint text-video attention with separate weights per stream (MM-DiT)
+    # mmdit: joint text-video attention with separate weights per stream (MM-DiT);
+    # wan: Wan 2.1/2.2's transformer, parameters and computation as diffusers' WanTransformer3DModel
     variant: ModelVariant = "cross_attention"
     single_stream_blocks: int = 0  # mmdit: the last this many of `depth` blocks share one set of weights
     hidden_size: int = MISSING
@@ -76,9 +96,22 @@ class ModelConfig(Section):
     rope_axis_dims: list[int] | None = None
     absolute_positions: bool = False  # add a sinusoidal (t, y, x) embedding to the tokens, on top of RoPE
     shared_modulation: bool = False  # one adaLN projection for all blocks + a learned offset per block (Wan)
-    frame_conditioning: bool = (
-        False  # an input channel marks clean conditioning frames (image-to-video, extension)
-    )
+    # An input channel marks clean conditioning frames (image-to-video, extension); with variant=wan no
+    # channel: the tokens of clean frames get timestep 0, as in Wan 2.2 TI2V
+    frame_conditioning: bool = False
+    # variant=wan only (diffusers' WanTransformer3DModel config; hidden_size = heads × head dim):
+    ffn_dim: int | None = None  # FFN width; None: hidden_size × mlp_ratio
+    freq_dim: int = 256  # sinusoidal features of the timestep
+    cross_attn_norm: bool = True  # affine LayerNorm before the cross-attention
+    norm_eps: float = 1e-6
+    image_dim: int | None = None  # image-to-video: the image encoder's width (CLIP ViT-H: 1280)
+    added_kv_proj_dim: int | None = None  # image-to-video: = hidden_size
+    in_channels: int | None = None  # None: the latent space's channels; image-to-video: 36 (latents, mask)
+    rope_max_seq_len: int = 1024  # the longest token grid side
+    pos_embed_seq_len: int | None = None  # first-last-frame models: image tokens of both frames (514)
+    # A diffusers or original-Wan transformer folder whose weights initialise the denoiser (variant=wan);
+    # the architecture comes from its config.json: the fields above must equal it (checked here)
+    init_from: str | None = None
     nominal_parameters: float | None = None  # the size a preset is named for (checked by the tests)
     latent_space: LatentSpaceName = "pixel"
     vae_path: str | None = None  # local directory of the pretrained VAE (latent_space=wan)
@@ -89,6 +122,7 @@ class ModelConfig(Section):
     text_dim: int = 128
     text_depth: int = 2
     text_heads: int = 4
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def check(self) -> None:
         """The shape is buildable and the pretrained parts it names are on disk (raises ConfigError)."""
@@ -108,10 +142,12 @@ class ModelConfig(Section):
             raise ConfigError(
                 f"model.rope_axis_dims={axes} must be three even numbers summing to the head dim {head_dim}"
             )
-        if self.variant == "mmdit" and self.shared_modulation:
+        if self.variant != "cross_attention" and self.shared_modulation:
             raise ConfigError(
-                "model.shared_modulation is for model.variant=cross_attention; mmdit blocks modulate per stream"
+                "model.shared_modulation is for model.variant=cross_attention; mmdit blocks modulate per "
+                "stream and wan always shares one projection"
             )
+        self._check_wan_options()
         if not 0 <= self.single_stream_blocks <= self.depth or (
             self.single_stream_blocks and self.variant != "mmdit"
         ):
@@ -131,6 +167,82 @@ class ModelConfig(Section):
             raise ConfigError(
                 f"model.text_encoder={self.text_encoder} needs model.text_encoder_path= a local encoder "
                 f"directory, got {self.text_encoder_path}"
+            )
+        if self.variant == "wan" and self.text_encoder != "learned":
+            width = json.loads((Path(self.text_encoder_path) / "config.json").read_text())["d_model"]
+            if width != self.text_dim:
+                raise ConfigError(
+                    f"model.variant=wan takes the frozen encoder's embeddings: model.text_dim={self.text_dim} "
+                    f"must be its width {width}"
+                )
+        self._check_init_from()
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        """LoRA settings are in range and have base weights to adapt (raises ConfigError)."""
+        lora = self.lora
+        if lora.rank < 0 or not 0.0 <= lora.dropout < 1.0 or (lora.alpha is not None and lora.alpha <= 0):
+            raise ConfigError(
+                f"model.lora needs rank >= 0 (0: off), dropout in [0, 1) and alpha > 0, got rank={lora.rank}, "
+                f"dropout={lora.dropout}, alpha={lora.alpha}"
+            )
+        if lora.enabled and (self.init_from is None or self.text_encoder == "learned"):
+            raise ConfigError(
+                "model.lora.rank > 0 trains adapters on released weights: it needs model.init_from=DIR and a "
+                "frozen text encoder (model.text_encoder=t5 or umt5), whose weights are not trained either"
+            )
+        if lora.enabled:
+            spec = lora_spec(self.variant, lora.rank, lora.alpha, lora.dropout, lora.targets)
+            with torch.device("meta"):  # the module names only: no memory, no weights read
+                names = matching_modules(build_denoiser(self), spec.targets)
+            if not names:
+                raise ConfigError(
+                    f"model.lora.targets {list(spec.targets)} match no Linear module of the model"
+                )
+
+    def _check_init_from(self) -> None:
+        """`init_from` is a Wan transformer folder with this architecture (raises ConfigError)."""
+        if self.init_from is None:
+            return
+        if self.variant != "wan":
+            raise ConfigError(f"model.init_from needs model.variant=wan, got model.variant={self.variant}")
+        # imported here: sora_train.pretrained imports this module
+        from .pretrained.loading import PretrainedFormatError, check_architecture
+
+        try:
+            check_architecture(self, self.init_from)
+        except PretrainedFormatError as error:
+            raise ConfigError(f"model.init_from: {error}") from None  # the error names the folder
+
+    def _check_wan_options(self) -> None:
+        """The options of `variant=wan` are set only for it, and fit it (raises ConfigError)."""
+        wan_only = {"ffn_dim": None, "freq_dim": 256, "cross_attn_norm": True, "norm_eps": 1e-6,
+                    "image_dim": None, "added_kv_proj_dim": None, "in_channels": None,
+                    "rope_max_seq_len": 1024, "pos_embed_seq_len": None}  # fmt: skip
+        if self.variant != "wan":
+            changed = [f"model.{n}" for n, default in wan_only.items() if getattr(self, n) != default]
+            if changed:
+                raise ConfigError(f"{', '.join(changed)} apply only to model.variant=wan")
+            return
+        if self.absolute_positions or not self.qk_norm or self.rope_axis_dims is not None:
+            raise ConfigError(
+                "model.variant=wan has fixed positions and norms: it needs model.absolute_positions=false, "
+                "model.qk_norm=true and model.rope_axis_dims unset"
+            )
+        if (self.image_dim is None) != (self.added_kv_proj_dim is None) or self.added_kv_proj_dim not in (
+            None, self.hidden_size,
+        ):  # fmt: skip
+            raise ConfigError(
+                "model.image_dim and model.added_kv_proj_dim go together (image-to-video), the latter "
+                f"equal to model.hidden_size={self.hidden_size}"
+            )
+        if self.pos_embed_seq_len is not None and self.image_dim is None:
+            raise ConfigError("model.pos_embed_seq_len (first-last-frame models) needs model.image_dim")
+        sizes = (self.ffn_dim or 1, self.in_channels or 1, self.rope_max_seq_len, self.freq_dim // 2)
+        if min(sizes) < 1 or self.freq_dim % 2 or self.norm_eps <= 0:
+            raise ConfigError(
+                "model.ffn_dim, model.in_channels and model.rope_max_seq_len must be >= 1, "
+                "model.freq_dim even and >= 2, model.norm_eps > 0"
             )
 
 
@@ -229,8 +341,20 @@ class DiffusionConfig(Section):
     )
     conditioning_first_k: int = 2  # latent frames the first_k strategy keeps clean
     conditioning_random_rate: float = 0.25  # chance each latent frame is kept clean under `random`
+    # Train one range of timesteps t (the shifted t the model sees; 1 is noise). Wan 2.2 A14B's experts:
+    # high_noise trains t in [expert_boundary, 1], low_noise t in [0, expert_boundary); Wan's boundary
+    # is 0.875 for T2V-A14B and 0.9 for I2V-A14B. Without an expert, [t_min, t_max] (default: all).
+    # Validation and samples keep to the range (see eval/validation.py and diffusion/sampler.py).
+    expert: Expert = "none"  # none | high_noise | low_noise
+    expert_boundary: float = 0.875
+    t_min: float = 0.0  # only with expert=none
+    t_max: float = 1.0  # only with expert=none
     sample_steps: int = 25
     cfg_scale: float = 4.0
+    # The shift of the sampling schedule. None: uniform Euler steps from t = 1 to 0. A value samples on
+    # diffusers' FlowMatchEulerDiscreteScheduler(shift=sample_shift) schedule, as WanPipeline does:
+    # Wan 2.1 uses 5.0 at 720p and 3.0 at 480p; Wan 2.2 A14B 12.0 (T2V) and 5.0 (I2V)
+    sample_shift: float | None = None
 
     def conditions_frames(self) -> bool:
         """Whether training draws conditioned frames at all (some strategy other than none has p > 0)."""
@@ -255,6 +379,33 @@ class DiffusionConfig(Section):
         if self.conditioning_first_k < 1 or not 0.0 < self.conditioning_random_rate < 1.0:
             raise ConfigError(
                 "diffusion.conditioning_first_k must be >= 1 and diffusion.conditioning_random_rate in (0, 1)"
+            )
+        self._check_range_and_sampling()
+
+    def _check_range_and_sampling(self) -> None:
+        """The expert or free timestep range and the sampling shift are well formed (raises ConfigError)."""
+        if not 0.0 < self.expert_boundary < 1.0:
+            raise ConfigError(f"diffusion.expert_boundary must be in (0, 1), got {self.expert_boundary}")
+        if not 0.0 <= self.t_min < self.t_max <= 1.0:
+            raise ConfigError(
+                "diffusion.t_min and t_max need 0 <= t_min < t_max <= 1, "
+                f"got t_min={self.t_min}, t_max={self.t_max}"
+            )
+        if self.expert != "none" and (self.t_min, self.t_max) != (0.0, 1.0):
+            raise ConfigError(
+                f"diffusion.expert={self.expert} sets the timestep range from diffusion.expert_boundary; "
+                "leave diffusion.t_min=0 and diffusion.t_max=1"
+            )
+        low, high = MODE_SCALE_MONOTONE
+        restricted = not timestep_range(self).full
+        if restricted and self.timesteps == "mode" and not low < self.mode_scale < high:
+            raise ConfigError(
+                f"diffusion.mode_scale={self.mode_scale} must be in ({low:g}, {high:.3f}) to restrict the "
+                "timestep range (the mode density's map is monotone only there)"
+            )
+        if self.sample_shift is not None and self.sample_shift <= 0:
+            raise ConfigError(
+                f"diffusion.sample_shift must be > 0 (or null: no shift), got {self.sample_shift}"
             )
 
 

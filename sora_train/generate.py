@@ -4,6 +4,11 @@ Clips can be conditioned on given pixel frames: frames for the start (an image, 
 frames to extend it) and frames for the end (a last image, for interpolation). They are encoded
 as the latent frames they cover whole (see `diffusion/conditioning.py`), which the sampler then
 holds clean.
+
+A model trained on part of the timesteps (`diffusion.expert`, `diffusion.t_min`/`t_max`) samples
+only its part of the schedule (see `diffusion/sampler.euler_sample`): the high-noise expert returns
+its clean estimate at the boundary; the low-noise expert starts at the boundary from a reference
+clip re-noised there.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from .config import DiffusionConfig, ModelConfig
 from .data.decode import to_unit_range
 from .diffusion.conditioning import cover_given_frames
 from .diffusion.sampler import euler_sample
+from .diffusion.timesteps import timestep_range
 from .models.denoiser import VideoDenoiser
 from .models.prompts import PromptEncoder
 from .models.vae import LatentSpace, build_latent_space
@@ -83,6 +89,7 @@ def generate_videos(
     seed: int = 0,
     first_frames: np.ndarray | None = None,
     last_frames: np.ndarray | None = None,
+    reference: torch.Tensor | None = None,
 ) -> np.ndarray:
     """Sample one clip per prompt at (F, H, W) pixels: (B, F, H, W, 3) uint8 frames.
 
@@ -90,6 +97,12 @@ def generate_videos(
     The unconditional branch of classifier-free guidance uses the empty caption.
     `first_frames` / `last_frames` ((P, H, W, 3) uint8) condition every clip on its start / end
     (see `conditioning_latents`); the model must have been built with frame_conditioning.
+
+    The schedule has `diffusion.sample_steps` steps, shifted by `diffusion.sample_shift`, and keeps
+    to `timestep_range(diffusion)`. A range that starts below t = 1 (the low-noise expert) starts from
+    `reference` ((1 or B, C, f, h, w) clean latents, e.g. held-out clips) re-noised to its top time
+    with the seeded noise; without one, from the given frames' clip (`conditioning_latents`, the gap
+    filled with copies of them) when frames are given, else from zero latents (see `euler_sample`).
     """
     latent_space = build_latent_space(model_cfg.latent_space, model_cfg.vae_path)
     encoder = PromptEncoder(model_cfg)
@@ -116,7 +129,11 @@ def generate_videos(
     latent_shape = (len(prompts), *latent_space.latent_shape(*shape))  # (B, C, f, h, w)
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(latent_shape, generator=generator).to(device=device, dtype=dtype)
-    latents = euler_sample(velocity, noise, diffusion.sample_steps, diffusion.cfg_scale, clean, frame_mask)
+    reference = clean if reference is None else reference.to(device, dtype)  # clean: the given frames' clip
+    latents = euler_sample(
+        velocity, noise, diffusion.sample_steps, diffusion.cfg_scale, clean, frame_mask,
+        diffusion.sample_shift, timestep_range(diffusion), reference,
+    )  # fmt: skip
     pixels = latent_space.decode(latents.float())  # (B, 3, F, H, W) in [-1, 1]
     video = ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     return rearrange(video, "b c f h w -> b f h w c").cpu().numpy()

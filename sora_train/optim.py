@@ -12,12 +12,14 @@ from .config import OptimConfig
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: matrices (decayed) and norms, biases and other 1-D parameters (not decayed)."""
+    """AdamW groups: matrices (decayed) and norms, biases and other 1-D parameters (not decayed); a
+    group with no parameter (LoRA trains matrices only) is left out, as DeepSpeed drops it too."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    return [
+    groups = [
         {"params": [p for p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0},
     ]
+    return [group for group in groups if group["params"]]
 
 
 def build_optimizer(model: nn.Module, optim: OptimConfig, offloaded: bool = False) -> torch.optim.Optimizer:

@@ -108,3 +108,21 @@ def to_schema(config: Any) -> Any:
         for f in fields(config)
     }
     return omegaconf_schema(type(config))(**values)
+
+
+def dataclass_from_dict(config_class: type, values: dict[str, Any]) -> Any:
+    """The `config_class` instance holding `values` (e.g. a config read back from JSON), with nested
+    config dataclasses built from their dicts; fields absent from `values` keep their defaults, and
+    a key the class does not have is an error (raises OptionError)."""
+    hints = _type_hints(config_class)
+    names = {f.name for f in fields(config_class)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise OptionError(f"{config_class.__name__} has no field {unknown[0]!r}")
+    built = {}
+    for name, value in values.items():
+        nested = hints[name]
+        built[name] = (
+            dataclass_from_dict(nested, value) if is_dataclass(nested) and isinstance(value, dict) else value
+        )
+    return config_class(**built)

@@ -37,7 +37,10 @@ def caption_tokens(batch: Batch, learned_encoder: bool, cfg: TrainConfig) -> int
 
 def batch_flops(cfg: TrainConfig, video_tokens: int, batch_size: int, text_tokens: int) -> float:
     """Training FLOPs of one micro-batch of `batch_size` samples holding `video_tokens` in all."""
-    return batch_size * sample_flops(cfg.model, video_tokens // batch_size, text_tokens)
+    per_token_t = cfg.diffusion.conditions_frames()  # Wan embeds a timestep per token under a frame mask
+    return batch_size * sample_flops(
+        cfg.model, video_tokens // batch_size, text_tokens, timesteps_per_token=per_token_t
+    )
 
 
 def peak_memory_bytes(device: torch.device) -> int:

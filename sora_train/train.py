@@ -23,27 +23,28 @@ from .checkpoint.universal import convert_to_universal
 from .config import ConfigError, TrainConfig
 from .data.loader import Batch, VideoLoader
 from .data.recipe import build_loader
-from .data.synthetic import MANIFEST_NAME, generate_corpus
+from .data.synthetic import ensure_corpus
 from .ema import EMA
 from .guards import TrainingDiverged, TrainingGuards
 from .loop.checkpointer import Checkpointer
-from .loop.engine import BatchLayout, batch_layout, training_engine
+from .loop.engine import BatchLayout, batch_layout, engine_config, training_engine
 from .loop.reporting import StepReporter, report_start, tokens_per_step
 from .loop.sampler import Sampler
 from .loop.step import Stepper
 from .loop.validator import Validator
 from .metrics import MetricsLogger
 from .models.denoiser import VideoDenoiser, build_denoiser
-from .models.dit import count_parameters
 from .models.frozen import frozen_encoders
+from .models.lora import LoraTargetError, apply_lora, lora_spec
 from .models.prompts import PromptEncoder
 from .models.vae import LatentSpace, build_latent_space
 from .parallel.checkpointing import apply_activation_checkpointing
 from .parallel.compile import apply_block_compile
 from .parallel.dist import DistInfo, all_gather_objects, barrier, init_distributed, shutdown_distributed
 from .parallel.sequence import apply_sequence_parallel
-from .parallel.zero import use_bf16
+from .parallel.zero import copy_from_rank0, full_numel, partitioned_construction, use_bf16
 from .preemption import clear_preempted
+from .pretrained import load_pretrained
 from .run_info import write_run_info
 from .throughput import layout_summary
 
@@ -169,23 +170,8 @@ def start_run(cfg: TrainConfig, dist_info: DistInfo) -> None:
         )
     threads = cfg.train.threads_per_rank or max(1, (os.cpu_count() or 1) // dist_info.local_world_size)
     torch.set_num_threads(threads)
-    if dist_info.is_main:
-        ensure_synthetic_corpus(cfg)
-
-
-def ensure_synthetic_corpus(cfg: TrainConfig) -> None:
-    """Write the synthetic corpus when the recipe asks for it and data.train is missing or half-written.
-
-    An existing directory without an interrupted write is left alone, even if empty (the loader
-    then refuses it), so a user's own path is never written into.
-    """
-    train_dir, root = Path(cfg.data.train), Path(cfg.data.train).parent
-    if not (cfg.data.generate_if_missing and cfg.data.name == "synthetic") or (root / MANIFEST_NAME).exists():
-        return
-    if train_dir.exists() and not any(train_dir.glob("*.partial")):
-        return
-    print(f"writing the synthetic corpus to {root}", flush=True)
-    generate_corpus(root)
+    if dist_info.is_main and cfg.data.generate_if_missing and cfg.data.name == "synthetic":
+        ensure_corpus(cfg.data.train)
 
 
 def prepare_resume(cfg: TrainConfig, dist_info: DistInfo) -> ResumePoint:
@@ -212,10 +198,22 @@ def prepare_resume(cfg: TrainConfig, dist_info: DistInfo) -> ResumePoint:
 
 
 def build_model(cfg: TrainConfig, dist_info: DistInfo, resume: ResumePoint) -> tuple[VideoDenoiser, int]:
-    """The denoiser with sequence parallelism, activation checkpointing and compile applied, checked
-    against the checkpoint it resumes from; and its parameter count (taken before ZeRO-3 partitions it)."""
-    model = build_denoiser(cfg.model)
-    parameters = count_parameters(model)
+    """The denoiser, with released weights from `model.init_from` and LoRA adapters when configured,
+    then sequence parallelism, activation checkpointing and compile applied, checked against the
+    checkpoint it resumes from; and its parameter count.
+
+    Under ZeRO-3 a model with `init_from` is built partitioned and its weights are streamed in one
+    tensor at a time from rank 0, so no rank ever holds the whole model.
+    """
+    partitioned = cfg.parallel.zero_stage == 3 and cfg.model.init_from is not None
+    with partitioned_construction(engine_config(cfg, resume.layout), enabled=partitioned):
+        model = build_denoiser(cfg.model)
+    parameters = sum(full_numel(p) for p in model.parameters())
+    if cfg.model.init_from and (resume.trainer_state is None or cfg.model.lora.enabled):
+        # a resumed full fine-tune takes every weight from its checkpoint; LoRA's base is not in it
+        load_pretrained(model, cfg.model.init_from, copy=copy_from_rank0 if partitioned else None)
+    if cfg.model.lora.enabled:
+        add_lora(model, cfg)
     apply_sequence_parallel(model, dist_info.sequence_group)
     if resume.trainer_state is not None:
         check_model_fits(resume.selection.directory, model, resume.trainer_state["config"], cfg)
@@ -225,6 +223,16 @@ def build_model(cfg: TrainConfig, dist_info: DistInfo, resume: ResumePoint) -> t
     if cfg.train.compile_blocks:  # compiles __call__, so the checkpoint is in the graph (compile.py: order)
         apply_block_compile(model)
     return model, parameters
+
+
+def add_lora(model: VideoDenoiser, cfg: TrainConfig) -> None:
+    """`model.lora`'s adapters on `model`, everything else frozen (targets that match nothing are a
+    ConfigError)."""
+    lora = cfg.model.lora
+    try:
+        apply_lora(model, lora_spec(cfg.model.variant, lora.rank, lora.alpha, lora.dropout, lora.targets))
+    except LoraTargetError as error:
+        raise ConfigError(str(error)) from error
 
 
 def build_loaders(

@@ -39,7 +39,7 @@ from sora_train.planning.cli import compose_config
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["model.variant=unet"], "model.variant must be cross_attention or mmdit, got 'unet'"),
+        (["model.variant=unet"], "model.variant must be cross_attention, mmdit or wan, got 'unet'"),
         (
             ["model.variant=mmdit", "model.shared_modulation=true"],
             "model.shared_modulation is for model.variant=cross",

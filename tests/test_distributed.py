@@ -21,6 +21,7 @@ from sora_train.checkpoint.store import tag_for
 from sora_train.config import ModelConfig
 from sora_train.flops import sample_flops
 from sora_train.metrics import read_metrics
+from sora_train.options import dataclass_from_dict
 from sora_train.parallel.dist import free_port
 from sora_train.preemption import EXIT_PREEMPTED
 
@@ -89,7 +90,9 @@ def assert_throughput_report(run_dir: Path, rows: list[dict]) -> None:
         layout["sequence_parallel"],
     ) == (1, 2, 2, 1)
     assert layout["tokens_per_step_by_bucket"] == {"4x16x16": 192, "4x16x24": 192, "4x24x16": 192}
-    model = ModelConfig(**json.loads((run_dir / "run_info.json").read_text())["config"]["model"])
+    model = dataclass_from_dict(
+        ModelConfig, json.loads((run_dir / "run_info.json").read_text())["config"]["model"]
+    )
     uniform = 0
     for row in rows:
         clip_tokens = row["tokens_per_s"] / row["samples_per_s"]

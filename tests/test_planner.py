@@ -397,16 +397,21 @@ def engine_state_bytes(precision: str) -> int:
     t = torch.rand(2).to(dtype)
     for _ in range(2):  # after the second backward: optimizer states (from step 1) and gradients exist
         engine.backward(flow_loss(lambda x_t, t_: engine(x_t, t_, ids, mask), x0, noise, t))
-        zero = engine.optimizer
-        tensors = [*engine.module.parameters(), *(p.grad for p in engine.module.parameters())]
-        tensors += [*zero.bit16_groups_flat, *zero.single_partition_of_fp32_groups]
-        tensors += [p.grad for p in zero.single_partition_of_fp32_groups]
-        tensors += [g for grads in zero.averaged_gradients.values() for g in grads]
-        tensors += [b for bucket in zero.ipg_buckets.values() for b in bucket.buffer]
-        tensors += [
-            v for state in zero.optimizer.state.values() for v in state.values() if torch.is_tensor(v)
-        ]
+        nbytes = engine_tensors(engine)
         engine.step()
+    return nbytes
+
+
+def engine_tensors(engine) -> int:
+    """Bytes of a ZeRO-1/2 engine's module parameters and gradients, flat bf16 groups, fp32 partitions
+    and their gradients, averaged gradients, reduction buckets and optimizer-state tensors (unique storages)."""
+    zero = engine.optimizer
+    tensors = [*engine.module.parameters(), *(p.grad for p in engine.module.parameters())]
+    tensors += [*zero.bit16_groups_flat, *zero.single_partition_of_fp32_groups]
+    tensors += [p.grad for p in zero.single_partition_of_fp32_groups]
+    tensors += [g for grads in zero.averaged_gradients.values() for g in grads]
+    tensors += [b for bucket in zero.ipg_buckets.values() for b in bucket.buffer]
+    tensors += [v for state in zero.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
     return sum(_storage_bytes(tensors).values())
 
 

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..config import ConfigError, TrainConfig
+from ..parallel.zero import full_shape
 from ..pretrained import EMA_WEIGHTS
 from .manifest import CheckpointInvalid, file_problems, read_manifest, unlisted_files
 from .safe_load import weights_only_loads
@@ -111,7 +112,7 @@ def check_model_fits(directory: Path, model: nn.Module, saved_config: dict, cfg:
     difference and the model settings that changed."""
     with safe_open(str(directory / EMA_WEIGHTS), framework="pt") as weights:
         saved = {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}  # noqa: SIM118 (safe_open is not iterable)
-    current = {name: tuple(p.shape) for name, p in model.named_parameters() if p.requires_grad}
+    current = {name: tuple(full_shape(p)) for name, p in model.named_parameters() if p.requires_grad}
     if saved == current:
         return
     differing = sorted(set(saved) ^ set(current)) or sorted(n for n in saved if saved[n] != current[n])
@@ -159,10 +160,13 @@ def resumed_accumulation(trainer_state: dict, cfg: TrainConfig, data_world: int)
     return passes // data_world
 
 
-def load_engine_state(engine, directory: Path) -> None:
+def load_engine_state(engine, directory: Path, frozen_excluded: bool = False) -> None:
     """Model, optimizer and LR schedule into `engine` (collective); DeepSpeed's files are read
-    with weights-only loads."""
+    with weights-only loads. `frozen_excluded`: the checkpoint holds only the parameters that train
+    (LoRA), so the module's frozen ones are expected to be absent (the EMA check has matched names)."""
     with weights_only_loads():
-        path, _ = engine.load_checkpoint(str(directory.parent), tag=directory.name)
+        path, _ = engine.load_checkpoint(
+            str(directory.parent), tag=directory.name, load_module_strict=not frozen_excluded
+        )
     if path is None:
         raise CheckpointInvalid(f"DeepSpeed found no checkpoint in {directory}")

@@ -72,8 +72,10 @@ def save_checkpoint(
     keep_last: int = 0,
     keep_every: int = 0,
     background: bool = False,
+    frozen_excluded: bool = False,
 ) -> PendingSave:
-    """Save on every rank (collective).
+    """Save on every rank (collective). `frozen_excluded`: leave out parameters that do not train
+    (LoRA's base weights, which the run reads from `model.init_from`).
 
     Every rank writes into a staging directory; each then flushes and checksums its share of
     the files; rank 0 writes the manifest, renames the directory into place, moves `latest`
@@ -88,7 +90,9 @@ def save_checkpoint(
     if dist_info.is_main:
         store.begin(step)
     barrier()
-    engine.save_checkpoint(str(store.root), tag=staging.name, save_latest=False)
+    engine.save_checkpoint(
+        str(store.root), tag=staging.name, save_latest=False, exclude_frozen_parameters=frozen_excluded
+    )
     torch.save(rank_state, staging / rank_file(dist_info.rank))
     if dist_info.is_main:
         save_weights(staging / EMA_WEIGHTS, ema_weights)

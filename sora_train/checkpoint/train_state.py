@@ -71,7 +71,7 @@ class TrainState:
         data-parallel ranks the data plan is dealt again from every old data-parallel rank's
         position and the RNG streams start afresh from the step.
         """
-        load_engine_state(self.engine, universal or checkpoint)
+        load_engine_state(self.engine, universal or checkpoint, frozen_excluded=cfg.model.lora.enabled)
         step = trainer_state["step"]
         saved_world, saved_degree = trainer_state["world_size"], trainer_state.get("sequence_parallel", 1)
         if (saved_world, saved_degree) == (dist_info.world_size, dist_info.sequence_parallel):

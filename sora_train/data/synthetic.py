@@ -221,6 +221,20 @@ def generate_corpus(
     return manifest
 
 
+def ensure_corpus(train_split: str | Path) -> bool:
+    """Write the corpus (default arguments) into the parent of `train_split` when that split is
+    missing or half-written; returns whether it wrote. A complete corpus (its manifest is there) and
+    any existing directory without an interrupted write are left alone, even if empty (the loader
+    then refuses it), so a user's own path is never written into."""
+    train_dir = Path(train_split)
+    root = train_dir.parent
+    if (root / MANIFEST_NAME).exists() or (train_dir.exists() and not any(train_dir.glob("*.partial"))):
+        return False
+    print(f"writing the synthetic corpus to {root}", flush=True)
+    generate_corpus(root)
+    return True
+
+
 def shard_urls(root: str | Path, split: str) -> list[str]:
     """Sorted paths of the tar shards of `split`, read from `root`/manifest.json."""
     root = Path(root)

@@ -3,7 +3,9 @@
 The same clips, timesteps and noise every time (each clip's noise is seeded by its key), so
 values are comparable across evaluations, runs of a sweep and numbers of ranks. The model holds
 the EMA weights; its only collectives are within a sequence-parallel group, whose ranks read the
-same batches, so different data-parallel ranks need not see the same number of batches.
+same batches, so different data-parallel ranks need not see the same number of batches. A model
+trained on part of the timesteps (an expert, or `diffusion.t_min`/`t_max`) is validated inside
+that range only (`validation_timesteps`).
 """
 
 from __future__ import annotations
@@ -18,8 +20,25 @@ from torch import nn
 from ..batch_inputs import clean_latents, text_input
 from ..data.loader import Batch
 from ..diffusion.flow import flow_errors
+from ..diffusion.timesteps import FULL_RANGE, TimestepRange
 from ..models.prompts import PromptEncoder
 from ..models.vae import LatentSpace
+
+
+def validation_timesteps(configured: list[float], t_range: TimestepRange = FULL_RANGE) -> list[float]:
+    """The configured validation timesteps inside `t_range`, in their order; when none is inside,
+    the centres of as many equal parts of the range (one part without configured timesteps).
+
+    E.g. [0.1, 0.3, 0.5, 0.7, 0.9] keeps [0.9] for the high-noise expert of boundary 0.875 and
+    [0.1, 0.3, 0.5, 0.7] for the low-noise one; a range [0.92, 0.97] gets its centres of fifths,
+    0.925, 0.935, ..., 0.965. The full range keeps them all.
+    """
+    inside = [t for t in configured if t_range.contains(t)]
+    if inside or t_range.full:
+        return inside
+    parts = max(1, len(configured))
+    width = (t_range.high - t_range.low) / parts
+    return [t_range.low + (i + 0.5) * width for i in range(parts)]
 
 
 def clip_noise(keys: list[str], shape: torch.Size, seed: int) -> torch.Tensor:
@@ -33,12 +52,14 @@ def clip_noise(keys: list[str], shape: torch.Size, seed: int) -> torch.Tensor:
 @torch.no_grad()
 def loss_sums(
     model: nn.Module, batches: Iterable[Batch], prompts: PromptEncoder, latent_space: LatentSpace | None,
-    timesteps: list[float], seed: int, dtype: torch.dtype,
+    timesteps: list[float], seed: int, dtype: torch.dtype, t_range: TimestepRange = FULL_RANGE,
 ) -> dict[str, list[float]]:  # fmt: skip
     """{bucket: [sum over clips of the loss averaged over `timesteps`, clips]} for this rank's batches.
 
-    `latent_space` None: the batches already hold latents.
+    `latent_space` None: the batches already hold latents. Only timesteps inside `t_range` count
+    (`validation_timesteps`).
     """
+    timesteps = validation_timesteps(timesteps, t_range)
     sums: dict[str, list[float]] = {}
     device = next(model.parameters()).device
     no_dropout = torch.Generator()

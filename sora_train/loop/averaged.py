@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from ..config import ModelConfig
 from ..ema import EMA
-from ..models.denoiser import VideoDenoiser, build_denoiser
+from ..models.denoiser import VideoDenoiser
 from ..parallel.dist import DistInfo
+from ..pretrained import assemble_model
 
 
 def ema_model(
     ema: EMA, model_config: ModelConfig, dist_info: DistInfo, everywhere: bool = True
 ) -> VideoDenoiser | None:
-    """A plain model holding the EMA weights, on this rank's device, in eval mode.
+    """A plain model holding the EMA weights (with LoRA: the averaged adapters on the base weights of
+    `model.init_from`), on this rank's device, in eval mode.
 
     Collective when the EMA is sharded (ZeRO-3). With `everywhere` False only the main rank builds
     the model (the others get None), so only the rank that samples holds a whole replica.
@@ -19,6 +21,4 @@ def ema_model(
     weights = ema.state_dict(only_rank=None if everywhere else 0)
     if not (everywhere or dist_info.is_main):
         return None
-    model = build_denoiser(model_config)
-    model.load_state_dict(weights)
-    return model.to(dist_info.device).eval()
+    return assemble_model(model_config, weights).to(dist_info.device).eval()

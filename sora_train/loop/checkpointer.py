@@ -76,7 +76,7 @@ class Checkpointer:
         self.pending.append(save_checkpoint(
             self.state.engine, cfg.run_dir, self.dist_info, step, rank_state, trainer_state,
             self.state.ema.state_dict(only_rank=0), inference_config(cfg), cfg.checkpoint.keep_last,
-            cfg.checkpoint.keep_every, background,
+            cfg.checkpoint.keep_every, background, frozen_excluded=cfg.model.lora.enabled,
         ))  # fmt: skip
         self.last_saved = step
         if not background:

@@ -31,14 +31,21 @@ def batch_layout(cfg: TrainConfig, data_world: int, accumulation: int | None = N
     return BatchLayout(data_world=data_world, accumulation=accumulation, micro_batch=micro_batch)
 
 
-def training_engine(model: nn.Module, cfg: TrainConfig, layout: BatchLayout, load_universal: bool = False):
-    """`model` in a DeepSpeed engine with AdamW, the warmup-cosine schedule and `cfg.parallel`'s ZeRO
-    settings; `load_universal` when resuming from a checkpoint saved by a different number of ranks."""
-    optimizer = build_optimizer(model, cfg.optim, offloaded=cfg.parallel.offload_optimizer)
-    schedule = build_schedule(optimizer, cfg.optim, cfg.train.max_steps)
-    config = deepspeed_config(
+def engine_config(cfg: TrainConfig, layout: BatchLayout, load_universal: bool = False) -> dict:
+    """The DeepSpeed config of this run: `cfg.parallel`'s ZeRO settings for `layout`'s batches;
+    `load_universal` when resuming from a checkpoint saved by a different number of ranks."""
+    return deepspeed_config(
         cfg.parallel, global_batch=cfg.train.global_batch_size, micro_batch=layout.micro_batch,
         accumulation=layout.accumulation, grad_clip=cfg.train.grad_clip, bf16=use_bf16(cfg.train.precision),
         load_universal=load_universal,
     )  # fmt: skip
-    return build_engine(model, optimizer, schedule, config, UNIVERSAL_INFO)
+
+
+def training_engine(model: nn.Module, cfg: TrainConfig, layout: BatchLayout, load_universal: bool = False):
+    """`model` in a DeepSpeed engine with AdamW over its trainable parameters, the warmup-cosine
+    schedule and `engine_config`'s ZeRO settings."""
+    optimizer = build_optimizer(model, cfg.optim, offloaded=cfg.parallel.offload_optimizer)
+    schedule = build_schedule(optimizer, cfg.optim, cfg.train.max_steps)
+    return build_engine(
+        model, optimizer, schedule, engine_config(cfg, layout, load_universal), UNIVERSAL_INFO
+    )

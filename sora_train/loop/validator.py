@@ -1,4 +1,5 @@
-"""The validation loss on `data.val` with the EMA weights: every `eval.val_every` steps and at the end."""
+"""The validation loss on `data.val` with the EMA weights: every `eval.val_every` steps and at the end,
+at the configured timesteps inside the trained range (a Wan 2.2 expert's, or `diffusion.t_min/t_max`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 
 from ..config import TrainConfig
 from ..data.recipe import build_loader
+from ..diffusion.timesteps import timestep_range
 from ..ema import EMA
 from ..eval.validation import loss_sums, merge_sums, one_pass
 from ..metrics import MetricsLogger
@@ -55,7 +57,7 @@ class Validator:
         encoder = None if cfg.data.precomputed else self.latent_space
         sums = loss_sums(
             averaged, one_pass(held_out, cfg.eval.val_batches), self.prompts, encoder, cfg.eval.val_timesteps,
-            cfg.seed, self.dtype,
+            cfg.seed, self.dtype, t_range=timestep_range(cfg.diffusion),
         )  # fmt: skip
         means = merge_sums(data_reports(info, sums))
         if self.logger:

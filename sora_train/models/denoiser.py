@@ -1,6 +1,9 @@
 """The trainable network: the learned text encoder and the DiT as one module.
 
-This is what DeepSpeed wraps, so both parts train and shard together.
+This is what DeepSpeed wraps, so both parts train and shard together. With `model.variant=wan`
+the DiT is `WanTransformer` (models/wan.py), whose parameters are named as in diffusers'
+`WanTransformer3DModel`: the denoiser's are `dit.<diffusers name>`, plus `text_encoder.*` for the
+learned encoder (a frozen encoder's embeddings pass through unchanged; Wan projects them itself).
 """
 
 from __future__ import annotations
@@ -16,13 +19,15 @@ from .dit import DiT, DiTShape, VideoTransformer
 from .mmdit import MMDiT
 from .text import HashTokenizer, TinyTextEncoder
 from .vae import latent_channels
+from .wan import WanShape, WanTransformer
 
 if TYPE_CHECKING:
     from ..config import ModelConfig
 
-# `model.variant`: the networks `build_dit` builds: cross-attention to the text (`DiT`), or joint
-# text-video attention with separate weights per stream (`MMDiT`).
-ModelVariant = Literal["cross_attention", "mmdit"]
+# `model.variant`: the networks `build_dit` builds: cross-attention to the text (`DiT`), joint
+# text-video attention with separate weights per stream (`MMDiT`), or Wan's transformer with
+# diffusers' parameter names and computation (`WanTransformer`).
+ModelVariant = Literal["cross_attention", "mmdit", "wan"]
 
 
 class TextProjection(nn.Module):
@@ -37,6 +42,17 @@ class TextProjection(nn.Module):
         return self.proj(self.norm(embeddings))
 
 
+class FrozenTextEmbeddings(nn.Module):
+    """Frozen-encoder embeddings (B, T, E) passed through as they are (no parameters): the Wan
+    transformer's own `text_embedder` projects them."""
+
+    def forward(self, embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return embeddings
+
+
+TextEncoder = TinyTextEncoder | TextProjection | FrozenTextEmbeddings
+
+
 class VideoDenoiser(nn.Module):
     """(x_t, t, text input, text mask[, frame mask]) -> flow velocity, all shapes as in `DiT.forward`.
 
@@ -44,7 +60,7 @@ class VideoDenoiser(nn.Module):
     (B, T, E_in) for a projection; see `models/prompts.py`.
     """
 
-    def __init__(self, dit: VideoTransformer, text_encoder: TinyTextEncoder | TextProjection):
+    def __init__(self, dit: VideoTransformer | WanTransformer, text_encoder: TextEncoder):
         super().__init__()
         self.dit = dit
         self.text_encoder = text_encoder
@@ -61,8 +77,10 @@ class VideoDenoiser(nn.Module):
         return self.dit(x, t, text, text_mask, frame_mask)
 
 
-def dit_shape(cfg: ModelConfig) -> DiTShape:
-    """The DiT shape a model config describes."""
+def dit_shape(cfg: ModelConfig) -> DiTShape | WanShape:
+    """The DiT shape a model config describes (a `WanShape` for `variant=wan`)."""
+    if cfg.variant == "wan":
+        return wan_shape(cfg)
     return DiTShape(
         hidden_size=cfg.hidden_size,
         depth=cfg.depth,
@@ -82,8 +100,37 @@ def dit_shape(cfg: ModelConfig) -> DiTShape:
     )
 
 
-def build_dit(shape: DiTShape) -> VideoTransformer:
-    """The variant `shape.variant` names: the cross-attention `DiT` or the joint-attention `MMDiT`."""
+def wan_shape(cfg: ModelConfig) -> WanShape:
+    """The Wan transformer a `variant=wan` model config describes: it outputs the latent space's
+    channels and takes `in_channels` (None: the same; image-to-video: more), and its text input is
+    `text_dim` wide (a frozen encoder's width, or the learned encoder's)."""
+    out_channels = latent_channels(cfg.latent_space, cfg.vae_path)
+    return WanShape(
+        hidden_size=cfg.hidden_size,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        ffn_dim=cfg.ffn_dim if cfg.ffn_dim is not None else int(cfg.hidden_size * cfg.mlp_ratio),
+        patch_size=tuple(cfg.patch_size),
+        in_channels=cfg.in_channels if cfg.in_channels is not None else out_channels,
+        out_channels=out_channels,
+        text_dim=cfg.text_dim,
+        freq_dim=cfg.freq_dim,
+        cross_attn_norm=cfg.cross_attn_norm,
+        norm_eps=cfg.norm_eps,
+        image_dim=cfg.image_dim,
+        added_kv_proj_dim=cfg.added_kv_proj_dim,
+        pos_embed_seq_len=cfg.pos_embed_seq_len,
+        rope_max_seq_len=cfg.rope_max_seq_len,
+        rope_theta=cfg.rope_theta,
+        frame_conditioning=cfg.frame_conditioning,
+    )
+
+
+def build_dit(shape: DiTShape | WanShape) -> VideoTransformer | WanTransformer:
+    """The network a shape describes: `WanTransformer` for a `WanShape`; else the variant
+    `shape.variant` names, the cross-attention `DiT` or the joint-attention `MMDiT`."""
+    if isinstance(shape, WanShape):
+        return WanTransformer(shape)
     return MMDiT(shape) if shape.variant == "mmdit" else DiT(shape)
 
 
@@ -93,6 +140,8 @@ def build_denoiser(cfg: ModelConfig) -> VideoDenoiser:
         text_encoder = TinyTextEncoder(
             cfg.text_vocab_size, cfg.text_max_length, cfg.text_dim, cfg.text_depth, cfg.text_heads
         )
+    elif cfg.variant == "wan":  # the frozen encoder's width is model.text_dim (checked by ModelConfig)
+        text_encoder = FrozenTextEmbeddings()
     else:
         text_encoder = TextProjection(frozen_text_dim(cfg.text_encoder_path), cfg.text_dim)
     return VideoDenoiser(build_dit(dit_shape(cfg)), text_encoder)

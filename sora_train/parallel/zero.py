@@ -3,6 +3,8 @@ values, never hand-kept. The optimizer and its schedule come built (`sora_train.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -83,7 +85,8 @@ def build_engine(
     import deepspeed
 
     model.universal_checkpoint_info = dict(universal_info)
-    if config["zero_optimization"]["stage"] == 3:
+    has_multihead = any(isinstance(module, nn.MultiheadAttention) for module in model.modules())
+    if config["zero_optimization"]["stage"] == 3 and has_multihead:
         # nn.MultiheadAttention reads its out_proj weights without calling out_proj, which ZeRO-3's
         # per-module parameter fetching cannot follow once a checkpoint is loaded (a "tracing
         # error" on the second step after resuming); fetch each one whole, as one leaf module.
@@ -94,3 +97,35 @@ def build_engine(
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=config
     )
     return engine
+
+
+def partitioned_construction(config: dict, enabled: bool) -> contextlib.AbstractContextManager:
+    """A context in which modules are built already partitioned over the ranks (ZeRO-3's
+    `zero.Init`), so no rank ever holds the whole model; a no-op unless `enabled`."""
+    if not enabled:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.Init(config_dict_or_path=config)
+
+
+def copy_from_rank0(parameter: nn.Parameter, tensor: torch.Tensor) -> None:
+    """Set a ZeRO-3-partitioned `parameter` to rank 0's `tensor` (collective): the parameter is
+    gathered, rank 0 writes it, and each rank keeps its new partition. Other ranks' `tensor` is
+    not read. For streaming pretrained weights in one tensor at a time."""
+    import deepspeed
+    import torch.distributed as dist
+
+    with deepspeed.zero.GatheredParameters([parameter], modifier_rank=0), torch.no_grad():
+        if dist.get_rank() == 0:
+            parameter.data.copy_(tensor)
+
+
+def full_shape(parameter: nn.Parameter) -> torch.Size:
+    """A parameter's whole shape, also when ZeRO-3 has partitioned it (its local tensor is empty)."""
+    return getattr(parameter, "ds_shape", parameter.shape)
+
+
+def full_numel(parameter: nn.Parameter) -> int:
+    """A parameter's whole number of elements, also when ZeRO-3 has partitioned it."""
+    return getattr(parameter, "ds_numel", parameter.numel())

@@ -1,7 +1,8 @@
 """sora-plan: will a run fit its GPUs? Memory and FLOPs per GPU, per bucket, before launching it.
 
 `sora-plan [overrides] [--gpus N] [--gpu TYPE] [--json]` composes the same config as
-`sora-train` and prints, per GPU: parameter, gradient, optimizer and EMA bytes under the ZeRO
+`sora-train` and prints the model's parameters and how many train (LoRA: the adapters, with
+`model.lora.rank > 0`); per GPU: parameter, gradient, optimizer and EMA bytes under the ZeRO
 stage and offload settings; and per bucket: video tokens, the loader's batch size, tokens per
 GPU under sequence parallelism, activation bytes under the activation checkpointing policy
 (`train.activation_checkpointing`), FLOPs per step, and whether it fits; when a bucket does not,

@@ -20,9 +20,11 @@ from torch.utils._pytree import tree_leaves
 from ..config import ModelConfig
 from ..flops import (
     frozen_text_width,
+    lora_targets,
     planned_latent_channels,
     planning_model,
 )
+from ..models.lora import LoraSpec, apply_lora
 from ..parallel.checkpointing import POLICIES, SAVED_OPS, apply_activation_checkpointing, checkpointed_blocks
 
 
@@ -65,9 +67,14 @@ class _Producers(TorchDispatchMode):
 
 
 def measure_saved_bytes(
-    denoiser: torch.nn.Module, x0: torch.Tensor, text: torch.Tensor, mask: torch.Tensor
+    denoiser: torch.nn.Module,
+    x0: torch.Tensor,
+    text: torch.Tensor,
+    mask: torch.Tensor,
+    frame_mask: torch.Tensor | None = None,
 ) -> SavedBytes:
-    """Bytes one training forward (denoiser and flow-matching loss) keeps for backward."""
+    """Bytes one training forward (denoiser and flow-matching loss) keeps for backward; `frame_mask`
+    (B, f) bool: the latent frames kept clean (frame conditioning), as the trainer passes it."""
     from ..diffusion.flow import flow_loss
 
     params = {p.untyped_storage().data_ptr() for p in denoiser.parameters()}
@@ -101,11 +108,14 @@ def measure_saved_bytes(
     producers = _Producers()
     try:
         with producers, torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            loss = flow_loss(lambda x_t, t_: denoiser(x_t, t_, text, mask), x0, noise, t)
+            loss = flow_loss(
+                lambda x_t, t_: denoiser(x_t, t_, text, mask, frame_mask), x0, noise, t, frame_mask
+            )
     finally:
         for handle in handles:
             handle.remove()
-    outside = params | {x.untyped_storage().data_ptr() for x in (x0, noise, t, text, mask, loss)}
+    given = (x0, noise, t, text, mask, loss) + (() if frame_mask is None else (frame_mask,))
+    outside = params | {x.untyped_storage().data_ptr() for x in given}
     kept = {**_alive(seen), **{p: size for p, size in producers.alive().items() if p not in outside}}
     block_saved = [_alive(b) for b in per_block]
     return SavedBytes(
@@ -135,9 +145,13 @@ def measure_activation_bytes(
     dtype: torch.dtype,
     policies: tuple[str, ...] = POLICIES,
     every: int = 2,
+    timesteps_per_token: bool = False,
 ) -> MeasuredActivations:
     """Bytes `model` keeps for backward on CPU for `batch` latent clips of (f, h, w)
-    frames/height/width under each activation checkpointing policy (`every`: k of every_k).
+    frames/height/width under each activation checkpointing policy (`every`: k of every_k), with
+    `model.lora`'s adapters when it has them (needs peft);
+    `timesteps_per_token`: with a frame mask (the first latent frame clean), as frame-conditioned
+    training passes it.
 
     A checkpointed block's tensors live again while it is recomputed in backward: the figure adds
     the most any checkpointed block saves beyond its inputs (and, under `selective`, beyond the
@@ -151,17 +165,27 @@ def measure_activation_bytes(
     else:
         text = torch.randn(batch, model.text_max_length, frozen_text_width(model)).to(dtype)
         mask = torch.ones(batch, model.text_max_length, dtype=torch.bool)
+    frame_mask = None
+    if timesteps_per_token:
+        frame_mask = torch.zeros(batch, clip[0], dtype=torch.bool)
+        frame_mask[:, 0] = True
 
     def denoiser(policy: str) -> torch.nn.Module:
         torch.manual_seed(0)
-        built = planning_model(model, device="cpu").to(dtype)
+        built = planning_model(model, device="cpu")
+        if model.lora.enabled:  # adapters on a frozen base, as the trainer applies them
+            lora = model.lora
+            apply_lora(built, LoraSpec(lora.rank, lora.alpha or lora.rank, lora.dropout, lora_targets(model)))
+        built = built.to(dtype)
         apply_activation_checkpointing(built, policy, every)
         return built
 
-    whole = measure_saved_bytes(denoiser("none"), x0, text, mask)
+    whole = measure_saved_bytes(denoiser("none"), x0, text, mask, frame_mask)
     saved = {}
     for policy in policies:
-        kept = whole if policy == "none" else measure_saved_bytes(denoiser(policy), x0, text, mask)
+        kept = (
+            whole if policy == "none" else measure_saved_bytes(denoiser(policy), x0, text, mask, frame_mask)
+        )
         live_again = [
             whole.blocks[i] - (whole.kept[i] if policy == "selective" else 0)
             for i in checkpointed_blocks(policy, model.depth, every)

@@ -7,9 +7,12 @@ The model (docs/planner.md has the derivation and the measured errors):
   (DeepSpeed keeps the fp32 master even when training in fp32), the fp32 EMA (`sora_train/ema.py`:
   whole on every rank, under ZeRO-3 each rank's partition of every parameter), DeepSpeed's
   gradient-reduction buckets during backward, and the fp32 gradient partition at the optimizer step.
+  Under LoRA gradients, optimizer states and EMA exist for the adapters only; the frozen base has
+  its working copy in the training dtype (sharded under ZeRO-3).
 - Activations: the bytes kept for backward, summed from a per-op table of what each kind of
   block saves (`block_terms`: the cross-attention DiT's block, MM-DiT's double-stream and
-  single-stream blocks), each tensor tagged with its role under activation checkpointing, and
+  single-stream blocks, Wan's block, and Wan's under LoRA on the default targets), each tensor
+  tagged with its role under activation checkpointing, and
   checked against measurements on CPU (`measure_activation_bytes`). CUDA saves less than the CPU
   for RMSNorm (a fused kernel) and attention outputs (written token-major): plans for GPUs use
   `CUDA_KERNELS`, measurements on CPU `CPU_KERNELS`. A checkpointed block keeps its inputs
@@ -21,7 +24,8 @@ The model (docs/planner.md has the derivation and the measured errors):
   workspaces) and `FRAGMENTATION` of the rest (the caching allocator).
 
 Shape legend: B batch per GPU, S video tokens per sample, s = ceil(S / SP) per GPU, T text
-tokens, D hidden size, N heads, K head dim, M MLP width, E text width, e bytes per activation.
+tokens, I image tokens, D hidden size, N heads, K head dim, M MLP width, E text width, R LoRA
+rank, e bytes per activation.
 """
 
 from __future__ import annotations
@@ -36,9 +40,11 @@ from ..data.buckets import Bucket
 from ..flops import (
     ParameterCounts,
     frozen_text_width,
+    image_tokens,
     planned_latent_channels,
     planned_latent_compression,
 )
+from ..models.lora import DEFAULT_TARGETS
 from ..models.patch import grid_size
 from ..parallel.checkpointing import checkpointed_blocks
 
@@ -102,7 +108,9 @@ def tokens_per_rank(tokens: int, sequence_parallel: int) -> int:
 # checkpointing keeps too. RECOMPUTED: saved for a pointwise op, recomputed under selective
 # checkpointing. KEPT_ONLY: a matmul output only selective checkpointing keeps (nothing saves it
 # for backward, e.g. it goes straight into a residual add).
-INPUT, KEPT, RECOMPUTED, KEPT_ONLY = "input", "kept", "recomputed", "kept only"
+# INPUT_ONLY: the block's input that nothing inside it saves (Wan's blocks save an fp32 copy of
+# it instead), kept only by a checkpointed block.
+INPUT, KEPT, RECOMPUTED, KEPT_ONLY, INPUT_ONLY = "input", "kept", "recomputed", "kept only", "input only"
 
 # Kinds of block (`block_kinds`): the cross-attention DiT's; MM-DiT's double-stream block, the last
 # one when no single-stream block follows (its text stream gives keys and values only), its
@@ -110,18 +118,24 @@ INPUT, KEPT, RECOMPUTED, KEPT_ONLY = "input", "kept", "recomputed", "kept only"
 CROSS_ATTENTION, DOUBLE, DOUBLE_KEYS_ONLY, SINGLE, SINGLE_LAST = (
     "cross-attention", "double-stream", "double-stream, keys-only text", "single-stream", "single-stream, last",
 )  # fmt: skip
+# Wan's block (models/wan.py), and under LoRA with the default targets: the first block (whose input
+# needs no gradient) and the others.
+WAN, WAN_LORA_FIRST, WAN_LORA = "wan", "wan, LoRA, first", "wan, LoRA"
 
 
 @dataclass(frozen=True)
 class Saved:
     """Bytes saved for backward by what they scale with: per video token on this rank, per text
-    token and per sample (each for every sample of the batch), and per video token on this rank
-    shared by the batch (RoPE cos/sin)."""
+    token and per sample (each for every sample of the batch), per video token on this rank shared
+    by the batch (RoPE cos/sin), per image token (Wan image-to-video) and a fixed amount (fp32
+    copies of a block's bf16 norm weights)."""
 
     token: int = 0
     text: int = 0
     sample: int = 0
     position: int = 0
+    image: int = 0
+    fixed: int = 0
 
     def __add__(self, other: Saved) -> Saved:
         return Saved(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
@@ -129,9 +143,11 @@ class Saved:
     def __sub__(self, other: Saved) -> Saved:
         return Saved(*(a - b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
-    def bytes(self, batch: int, tokens: int, text_tokens: int) -> int:
-        """Bytes for `batch` samples of `tokens` video tokens (on this rank) and `text_tokens` text tokens."""
-        return batch * (tokens * self.token + text_tokens * self.text + self.sample) + tokens * self.position
+    def bytes(self, batch: int, tokens: int, text_tokens: int, image_tokens: int = 0) -> int:
+        """Bytes for `batch` samples of `tokens` video tokens (on this rank), `text_tokens` text tokens
+        and `image_tokens` image tokens."""
+        per_sample = tokens * self.token + text_tokens * self.text + image_tokens * self.image + self.sample
+        return batch * per_sample + tokens * self.position + self.fixed
 
 
 class Term(NamedTuple):
@@ -166,10 +182,17 @@ class _Widths:
 def _widths(model: ModelConfig, e: int, kernels: Kernels) -> _Widths:
     d, n, qk = model.hidden_size, model.num_heads, model.qk_norm
     return _Widths(
-        d=d, n=n, k=d // n, m=int(d * model.mlp_ratio), e=e, stats=2 * (kernels.norm_stats_bytes or e),
+        d=d, n=n, k=d // n, m=mlp_width(model), e=e, stats=2 * (kernels.norm_stats_bytes or e),
         rms=_rms_norm_bytes(d, n, e, kernels, fresh_input=False) if qk else 0,
         norm_keeps_input=qk and (kernels.fused_rms_norm or e == 4),
     )  # fmt: skip
+
+
+def mlp_width(model: ModelConfig) -> int:
+    """M: the MLP's (Wan: the FFN's) hidden width."""
+    if model.variant == "wan" and model.ffn_dim is not None:
+        return model.ffn_dim
+    return int(model.hidden_size * model.mlp_ratio)
 
 
 def _token(n: int) -> Saved:
@@ -289,8 +312,141 @@ def _single_stream_terms(
     }
 
 
+def _wan_block_terms(
+    model: ModelConfig, w: _Widths, kernels: Kernels, timesteps_per_token: bool
+) -> dict[str, Term]:
+    """A Wan block (models/wan.py: `WanBlock`): fp32 LayerNorms and modulation, RMSNorm over all
+    heads of q and k, RoPE from the shared tables, self- and cross-attention, tanh-GELU FFN.
+
+    Nothing in the block saves its own input (the norms save an fp32 copy), so only a checkpoint
+    keeps it. The caption's keys and values are per text token; the modulation (the shared
+    projection plus the block's table, fp32, read by the gates) per sample, or per video token
+    with per-token timesteps (frame conditioning)."""
+    d, n, m, e = w.d, w.n, w.m, w.e
+    rms = _rms_norm_bytes(d, 1, e, kernels, fresh_input=False)  # one rstd per token: across all heads
+    projected = KEPT if w.norm_keeps_input else KEPT_ONLY  # q, k outputs: else only the norms' fp32 copies
+    copied = not kernels.token_major_attention_output  # the self-attention output copied for to_out
+    modulated = _token if timesteps_per_token else _sample
+    norm2 = 4 * d + 8 if model.cross_attn_norm else 0
+    copy = 0 if e == 4 else 4 * d  # `.float()` of a bf16 tensor is a copy; of an fp32 one, itself
+    terms = {
+        "input (residual stream; in fp32 norm1's input)": Term(
+            _token(d * e), INPUT if e == 4 else INPUT_ONLY
+        ),
+        "norm1 input (fp32 copy), mean/rstd, output (fp32)": Term(_token(copy + 4 * d + 8), RECOMPUTED),
+        "q/k/v input (modulated norm1 output)": Term(_token(d * e), RECOMPUTED),
+        "q, k (RMSNorm inputs)": Term(_token(2 * d * e), projected),
+        "q/k RMSNorm": Term(_token(2 * rms), RECOMPUTED),
+        "rotated q, k": Term(_token(2 * d * e), RECOMPUTED),
+        "v": Term(_token(d * e), KEPT),
+        "self-attention output, logsumexp": Term(_token(d * e + 4 * n), KEPT),
+        "self-attention to_out input": Term(_token(d * e if copied else 0), RECOMPUTED),
+        "self-attention to_out output (gate)": Term(_token(d * e), KEPT),
+        "norm2 input (fp32 copy), mean/rstd": Term(_token(norm2), RECOMPUTED),
+        "norm2 weight and bias (fp32 copies)": Term(
+            Saved(fixed=8 * d if e != 4 and norm2 else 0), RECOMPUTED
+        ),
+        "cross-attention q input (norm2 output)": Term(_token(d * e), RECOMPUTED),
+        "cross-attention q (RMSNorm input)": Term(_token(d * e), projected),
+        "cross-attention q RMSNorm, normalised q": Term(_token(rms + d * e), RECOMPUTED),
+        "cross-attention output, logsumexp": Term(_token(d * e + 4 * n), KEPT),
+        "cross-attention to_out output (into the residual)": Term(_token(d * e), KEPT_ONLY),
+        "norm3 input (fp32 copy), mean/rstd, output (fp32)": Term(_token(8 * d + 8), RECOMPUTED),
+        "FFN input (modulated norm3 output)": Term(_token(d * e), RECOMPUTED),
+        "GELU input (FFN proj output)": Term(_token(m * e), KEPT),
+        "FFN net.2 input (GELU output)": Term(_token(m * e), RECOMPUTED),
+        "FFN output (in fp32 the gate's input)": Term(_token(d * e), KEPT if e == 4 else KEPT_ONLY),
+        "FFN output (fp32 copy, the gate's input)": Term(_token(copy), RECOMPUTED),
+        "cross-attention k (RMSNorm input)": Term(_text(d * e), projected),
+        "cross-attention v": Term(_text(d * e), KEPT),
+        "cross-attention k RMSNorm, normalised k": Term(_text(rms + d * e), RECOMPUTED),
+        "modulation + scale_shift_table (fp32, the gates' input)": Term(modulated(24 * d), RECOMPUTED),
+        "1 + scale, twice (fp32)": Term(modulated(8 * d), RECOMPUTED),
+    }
+    if model.image_dim is not None:  # the same queries over the image tokens, added: to_out reads the sum
+        terms |= {
+            "image attention output, logsumexp": Term(_token(d * e + 4 * n), KEPT),
+            "to_out input (text + image attention outputs)": Term(_token(d * e), RECOMPUTED),
+            "image k (RMSNorm input)": Term(Saved(image=d * e), projected),
+            "image v": Term(Saved(image=d * e), KEPT),
+            "image k RMSNorm, normalised k": Term(Saved(image=rms + d * e), RECOMPUTED),
+        }
+    return terms
+
+
+def _wan_lora_block_terms(
+    model: ModelConfig, w: _Widths, kernels: Kernels, timesteps_per_token: bool, first: bool
+) -> dict[str, Term]:
+    """A Wan block whose Linear layers all carry a rank-R LoRA adapter (the default targets) on a
+    frozen base: a frozen weight needs no weight gradient, so its input is saved only where an
+    adapter or another op needs it, and nothing is saved for the frozen norm weights or for the
+    modulation's gradient (the conditioning path needs none). Each adapter saves its R-wide
+    lora_A output; selective checkpointing keeps the base and the lora_B outputs too. The first
+    block's input needs no gradient: its norm1 saves nothing."""
+    d, n, m, e, r = w.d, w.n, w.m, w.e, model.lora.rank
+    rms = d * e + 4 if kernels.fused_rms_norm else 4 * d + 4  # its input (CPU: an fp32 copy) and rstd
+    copied = not kernels.token_major_attention_output  # the self-attention output copied for to_out
+    modulated = _token if timesteps_per_token else _sample
+    norm2 = 4 * d + 8 if model.cross_attn_norm else 0
+    terms = {
+        "input (residual stream)": Term(_token(d * e), INPUT if e == 4 and not first else INPUT_ONLY),
+        "norm1 input (fp32 copy), mean/rstd": Term(
+            _token(0 if first else (4 * d if e != 4 else 0) + 8), RECOMPUTED
+        ),
+        "q/k/v input (modulated norm1 output)": Term(_token(d * e), RECOMPUTED),
+        "lora_A outputs: q, k, v, to_out, cross q, to_out, FFN x2": Term(_token(8 * r * e), KEPT),
+        "base and lora_B outputs (their sums are what later ops save)": Term(
+            _token((7 * d + m) * 2 * e), KEPT_ONLY
+        ),
+        "q, k RMSNorm (input, rstd)": Term(_token(2 * rms), RECOMPUTED),
+        "rotated q, k; v": Term(_token(3 * d * e), RECOMPUTED),
+        "self-attention output, logsumexp": Term(_token(d * e + 4 * n), KEPT),
+        "self-attention to_out input": Term(_token(d * e if copied else 0), RECOMPUTED),
+        "norm2 input (fp32 copy), mean/rstd": Term(_token(norm2), RECOMPUTED),
+        "norm2 weight and bias (fp32 copies)": Term(
+            Saved(fixed=8 * d if e != 4 and norm2 else 0), RECOMPUTED
+        ),
+        "cross-attention q input (norm2 output)": Term(_token(d * e), RECOMPUTED),
+        "cross-attention q RMSNorm, normalised q": Term(_token(rms + d * e), RECOMPUTED),
+        "cross-attention output, logsumexp": Term(_token(d * e + 4 * n), KEPT),
+        "norm3 input (fp32 copy; in fp32 the residual itself), mean/rstd": Term(
+            _token(4 * d + 8), RECOMPUTED
+        ),
+        "FFN input; GELU input and output": Term(_token(d * e + 2 * m * e), RECOMPUTED),
+        "cross-attention lora_A outputs: k, v": Term(_text(2 * r * e), KEPT),
+        "cross-attention base and lora_B outputs: k, v": Term(_text(4 * d * e), KEPT_ONLY),
+        "cross-attention k RMSNorm, normalised k; v": Term(_text(rms + 2 * d * e), RECOMPUTED),
+        "modulation + scale_shift_table (fp32, the gates' input)": Term(modulated(24 * d), RECOMPUTED),
+        "1 + scale (fp32)": Term(modulated(4 * d if first else 8 * d), RECOMPUTED),
+    }
+    if model.image_dim is not None:  # frozen add_k/add_v (no adapter): their outputs need no gradient
+        terms |= {
+            "image attention output, logsumexp": Term(_token(d * e + 4 * n), KEPT),
+            "to_out input (text + image attention outputs)": Term(_token(d * e), RECOMPUTED),
+            "image keys and values (frozen; the attention saves them)": Term(
+                Saved(image=2 * d * e), RECOMPUTED
+            ),
+        }
+    return terms
+
+
+def lora_activations(model: ModelConfig) -> bool:
+    """Whether the activations follow LoRA's frozen base: Wan with adapters on the default targets.
+    Other LoRA runs are planned with the full-training tables, an upper bound (a frozen weight's
+    input is saved only where something else needs it)."""
+    if not model.lora.enabled or model.variant != "wan":
+        return False
+    return model.lora.targets is None or tuple(model.lora.targets) == DEFAULT_TARGETS["wan"]
+
+
 def block_kinds(model: ModelConfig) -> tuple[str, ...]:
     """The kind of each of the model's blocks, in order."""
+    if model.variant == "wan":
+        return (
+            (WAN_LORA_FIRST,) + (WAN_LORA,) * (model.depth - 1)
+            if lora_activations(model)
+            else (WAN,) * model.depth
+        )
     if model.variant != "mmdit":
         return (CROSS_ATTENTION,) * model.depth
     single = model.single_stream_blocks
@@ -299,10 +455,17 @@ def block_kinds(model: ModelConfig) -> tuple[str, ...]:
     return tuple(kinds)
 
 
-def block_terms(model: ModelConfig, kind: str, e: int, kernels: Kernels) -> dict[str, Term]:
+def block_terms(
+    model: ModelConfig, kind: str, e: int, kernels: Kernels, timesteps_per_token: bool = False
+) -> dict[str, Term]:
     """What one block of `kind` (`block_kinds`) saves for backward, op by op, and each tensor's
-    role under checkpointing (`e` bytes per activation value)."""
+    role under checkpointing (`e` bytes per activation value; `timesteps_per_token`: Wan with a
+    frame mask, whose modulation is per video token)."""
     w = _widths(model, e, kernels)
+    if kind == WAN:
+        return _wan_block_terms(model, w, kernels, timesteps_per_token)
+    if kind in (WAN_LORA_FIRST, WAN_LORA):
+        return _wan_lora_block_terms(model, w, kernels, timesteps_per_token, first=kind == WAN_LORA_FIRST)
     if kind == CROSS_ATTENTION:
         return _cross_attention_terms(model, w, kernels)
     if kind in (DOUBLE, DOUBLE_KEYS_ONLY):
@@ -323,7 +486,8 @@ class BlockSaves:
     """One block's saved bytes without checkpointing and what each checkpointing keeps."""
 
     whole: Saved  # without checkpointing
-    inputs: Saved  # its own inputs (part of `whole`): what a checkpointed block keeps
+    inputs: Saved  # its own inputs: what a checkpointed block keeps
+    inputs_saved: Saved  # the part of `inputs` that `whole` saves too
     kept: Saved  # what selective checkpointing keeps beyond the inputs: matmul and attention outputs
     kept_saved: Saved  # the part of `kept` that `whole` saves too (not made again by the recompute)
 
@@ -335,7 +499,8 @@ class BlockSaves:
             return sum((term.saved for term in terms.values() if term.role in roles), Saved())
 
         whole, kept = total(INPUT, KEPT, RECOMPUTED), total(KEPT, KEPT_ONLY)
-        return cls(whole=whole, inputs=total(INPUT), kept=kept, kept_saved=total(KEPT))
+        inputs = total(INPUT, INPUT_ONLY)
+        return cls(whole=whole, inputs=inputs, inputs_saved=total(INPUT), kept=kept, kept_saved=total(KEPT))
 
     def resident(self, selective: bool) -> Saved:
         """What the block keeps from its forward to its backward when checkpointed."""
@@ -343,7 +508,7 @@ class BlockSaves:
 
     def recomputed(self, selective: bool) -> Saved:
         """What lives again while the checkpointed block is recomputed in backward."""
-        return self.whole - self.inputs - (self.kept_saved if selective else Saved())
+        return self.whole - self.inputs_saved - (self.kept_saved if selective else Saved())
 
 
 @dataclass(frozen=True)
@@ -358,24 +523,29 @@ class ActivationModel:
     transient_per_token: int  # gradients in flight during one block's backward (an estimate)
 
 
-def activation_model(model: ModelConfig, e: int, kernels: Kernels = CUDA_KERNELS) -> ActivationModel:
-    """The activation model of a config, for activations of `e` bytes (2: bf16, 4: fp32)."""
+def activation_model(
+    model: ModelConfig, e: int, kernels: Kernels = CUDA_KERNELS, timesteps_per_token: bool = False
+) -> ActivationModel:
+    """The activation model of a config, for activations of `e` bytes (2: bf16, 4: fp32);
+    `timesteps_per_token`: Wan with a frame mask (frame conditioning), one timestep per video token."""
     w = _widths(model, e, kernels)
+    kinds = block_kinds(model)
+    per_token = timesteps_per_token and model.variant == "wan" and model.frame_conditioning
+    terms = {kind: block_terms(model, kind, e, kernels, per_token) for kind in set(kinds)}
+    blocks = tuple(BlockSaves.of(terms[kind]) for kind in kinds)
+    if model.variant == "wan":
+        return _wan_activation_model(model, w, blocks, per_token)
     d = w.d
     patch_values = math.prod(model.patch_size) * planned_latent_channels(model)
-    if model.text_encoder == "learned":  # per layer: norms, in_proj in/out, attention, out_proj, MLP
-        width, heads = model.text_dim, model.text_heads
-        layer = 16 * width * e + 2 * w.stats + 4 * heads + heads * e
-        encoder = model.text_depth * layer + width * e + w.stats + 8  # + final norm + int64 token ids
+    if model.text_encoder == "learned":
+        encoder = _learned_encoder_bytes(model, w)
     else:  # TextProjection: LayerNorm input and stats, the projection's input
         encoder = 2 * frozen_text_width(model) * e + w.stats
-    kinds = block_kinds(model)
-    saves = {kind: BlockSaves.of(block_terms(model, kind, e, kernels)) for kind in set(kinds)}
     cross_attention = model.variant != "mmdit"
     shared = model.shared_modulation  # one modulation projection (outside the blocks) for all of them
     outside_sample = TIME_FREQ_DIM + 4 * d + model.text_dim + 1 + (d if shared else 0)
     return ActivationModel(
-        blocks=tuple(saves[kind] for kind in kinds),
+        blocks=blocks,
         shared=Saved(text=d * e if cross_attention else 0, sample=d * e),
         # fp32 RoPE angles, the bool text mask, the shared modulation
         checkpoint_shared=Saved(position=2 * w.k, text=1, sample=6 * d * e if shared else 0),
@@ -389,6 +559,67 @@ def activation_model(model: ModelConfig, e: int, kernels: Kernels = CUDA_KERNELS
     )
 
 
+def _learned_encoder_bytes(model: ModelConfig, w: _Widths) -> int:
+    """Per text token: what the learned text encoder saves (per layer: norms, in_proj in/out,
+    attention, out_proj, MLP; the final norm; the int64 token ids)."""
+    width, heads, e = model.text_dim, model.text_heads, w.e
+    layer = 16 * width * e + 2 * w.stats + 4 * heads + heads * e
+    return model.text_depth * layer + width * e + w.stats + 8
+
+
+def _wan_activation_model(
+    model: ModelConfig, w: _Widths, blocks: tuple[BlockSaves, ...], per_token: bool
+) -> ActivationModel:
+    """Wan's (models/wan.py) activation model around its blocks. The caption's embedding (every
+    block's cross-attention keys and values read it) and the RoPE cos/sin tables are kept once;
+    checkpointed blocks also share the modulation (the projection of the time embedding), per
+    sample or, with per-token timesteps, per video token."""
+    d, e = w.d, w.e
+    lora = lora_activations(model)
+    image = model.image_dim is not None and not lora  # under LoRA nothing saves the image embedding
+    return ActivationModel(
+        blocks=blocks,
+        # the caption's (and images') embedding, fp32 cos and sin (K/2 each) of every position
+        shared=Saved(text=d * e, image=d * e if image else 0, position=4 * w.k),
+        checkpoint_shared=Saved(**{"token" if per_token else "sample": 6 * d * e}),
+        outside=_wan_outside(model, w, per_token, lora),
+        outside_per_full_token=4 * planned_latent_channels(model) * math.prod(model.patch_size),  # the loss
+        transient_per_token=(2 * w.m + 3 * d) * e,
+    )
+
+
+def _wan_outside(model: ModelConfig, w: _Widths, per_token: bool, lora: bool) -> Saved:
+    """What Wan saves outside its blocks: the Conv3d patch embedding's input; the time MLP and
+    time_proj (per sample, or per video token with per-token timesteps); the text embedder (Linear,
+    tanh-GELU, Linear; a learned encoder before it); the image embedder (fp32 LayerNorm, GELU MLP,
+    fp32 LayerNorm; not measured); the output: fp32 LayerNorm modulated by the time embedding,
+    proj_out. Under LoRA (frozen embedders and output) only the output norm's input and statistics
+    and its 1 + scale."""
+    d, e = w.d, w.e
+    out_scale = d * e  # the output's 1 + scale (the activation dtype)
+    if lora:
+        per_sample = 0 if per_token else out_scale
+        return Saved(token=4 * d + 8 + (out_scale if per_token else 0), sample=per_sample)
+    if model.text_encoder == "learned":  # the encoder, its output masked (a copy, and the bool mask)
+        text = _learned_encoder_bytes(model, w) + model.text_dim * e + 1
+    else:  # the masked frozen embeddings
+        text = model.text_dim * e
+    time = model.freq_dim * e + 4 * d * e + out_scale  # time MLP, time_proj input, the output's 1 + scale
+    patches = (model.in_channels or planned_latent_channels(model)) * math.prod(model.patch_size) * e
+    image, weights = 0, 0
+    if model.image_dim is not None:
+        image = 4 * model.image_dim + 8 + 3 * model.image_dim * e + 4 * d + 8
+        weights = 8 * (model.image_dim + d) if e != 4 else 0  # its LayerNorms' fp32 weight copies
+    output = 8 * d + 8 + d * e  # norm_out input (fp32) and statistics, its output (fp32), proj_out's input
+    return Saved(
+        token=patches + output + (time if per_token else 0),
+        text=text + 2 * d * e,
+        sample=0 if per_token else time,
+        image=image,
+        fixed=weights,
+    )
+
+
 @dataclass(frozen=True)
 class Activations:
     """Activation bytes of one micro-batch on one GPU."""
@@ -399,12 +630,14 @@ class Activations:
 
 def activation_bytes(
     model: ModelConfig, batch: int, video_tokens: int, *, dtype_bytes: int, policy: str, every: int = 2,
-    sequence_parallel: int = 1, kernels: Kernels = CUDA_KERNELS,
+    sequence_parallel: int = 1, kernels: Kernels = CUDA_KERNELS, timesteps_per_token: bool = False,
 ) -> Activations:  # fmt: skip
     """Activation bytes on one GPU for `batch` samples of `video_tokens` tokens each, under the
-    activation checkpointing `policy` (`every`: k of every_k; see `sora_train.parallel.checkpointing`)."""
-    act = activation_model(model, dtype_bytes, kernels)
+    activation checkpointing `policy` (`every`: k of every_k; see `sora_train.parallel.checkpointing`);
+    `timesteps_per_token`: the batches carry a frame mask (Wan: per-token modulation)."""
+    act = activation_model(model, dtype_bytes, kernels, timesteps_per_token)
     b, t, s = batch, model.text_max_length, tokens_per_rank(video_tokens, sequence_parallel)
+    i = image_tokens(model)
     checkpointed = set(checkpointed_blocks(policy, model.depth, every))
     selective = policy == "selective"
     kept = act.shared + act.outside + (act.checkpoint_shared if checkpointed else Saved())
@@ -412,10 +645,10 @@ def activation_bytes(
     for index, block in enumerate(act.blocks):
         if index in checkpointed:
             kept += block.resident(selective)
-            recomputed.append(block.recomputed(selective).bytes(b, s, t))
+            recomputed.append(block.recomputed(selective).bytes(b, s, t, i))
         else:
             kept += block.whole
-    saved = kept.bytes(b, s, t) + b * video_tokens * act.outside_per_full_token + max(recomputed)
+    saved = kept.bytes(b, s, t, i) + b * video_tokens * act.outside_per_full_token + max(recomputed)
     return Activations(saved=saved, transient=b * s * act.transient_per_token)
 
 
@@ -442,8 +675,13 @@ class StateBytes:
 
 
 def state_bytes(counts: ParameterCounts, parallel: ParallelConfig, world: int, bf16: bool) -> StateBytes:
-    """ZeRO-1 shards optimizer states, ZeRO-2 also gradients, ZeRO-3 also parameters, over all `world` ranks."""
-    total, e = counts.total, 2 if bf16 else 4
+    """ZeRO-1 shards optimizer states, ZeRO-2 also gradients, ZeRO-3 also parameters, over all `world` ranks.
+
+    Gradients, optimizer states (fp32 master + 2 moments) and the EMA exist for the trainable
+    parameters only (LoRA: the adapters); every parameter, frozen or not, has its working copy in
+    the training dtype (DeepSpeed casts the whole module), partitioned under ZeRO-3, whole otherwise.
+    """
+    total, trainable, e = counts.total, counts.trainable, 2 if bf16 else 4
     stage, offload = parallel.zero_stage, parallel.offload_optimizer
     if stage < 3:
         params, host_params = total * e, 0
@@ -454,12 +692,12 @@ def state_bytes(counts: ParameterCounts, parallel: ParallelConfig, world: int, b
         partition = math.ceil(sharded / world) * e
         params = persistent * e + gathered * e + (0 if parallel.offload_params else partition)
         host_params = partition if parallel.offload_params else 0
-    grads = total * e if stage == 1 else math.ceil(total / world) * e
-    optimizer = math.ceil(total / world) * ADAM_BYTES
-    fp32_grads = math.ceil(total / world) * 4
+    grads = trainable * e if stage == 1 else math.ceil(trainable / world) * e
+    optimizer = math.ceil(trainable / world) * ADAM_BYTES
+    fp32_grads = math.ceil(trainable / world) * 4
     overlap = parallel.overlap_comm != "false"  # auto: on, on a GPU
-    # The EMA follows the parameters: whole below ZeRO-3, else each rank's partition of every tensor.
-    ema_elements = total if stage < 3 else sum(math.ceil(n / world) for n in counts.tensor_sizes)
+    # The EMA follows the trainable parameters: whole below ZeRO-3, else each rank's partition of every tensor.
+    ema_elements = trainable if stage < 3 else sum(math.ceil(n / world) for n in counts.trainable_sizes)
     return StateBytes(
         parameters=params,
         gradients=0 if offload and stage > 1 else grads,

@@ -10,8 +10,11 @@ from ..config import ConfigError, TrainConfig
 from ..data.buckets import batch_sizes_for
 from ..flops import (
     FROZEN_TEXT_DIM,
+    IMAGE_TOKENS,
+    image_tokens,
     parameter_counts,
     sample_flops,
+    wan_vae_geometry,
 )
 from ..hardware import GpuSpec, gpu_spec
 from .memory import (
@@ -29,10 +32,13 @@ from .memory import (
 # The planner's errors against measurements (docs/planner.md: how, when, with which command).
 MEASURED_ERRORS = {
     "states": "+0.00% against a DeepSpeed ZeRO-2 engine's parameters, gradients and AdamW states "
-    "(1 CPU process, fp32 and bf16; 2026-11-22)",
+    "(1 CPU process, fp32 and bf16; full training 2026-11-22; LoRA adapters of a small Wan 2026-12-05)",
     "activations": "+0.02% at most against saved_tensors_hooks and the storages alive after the forward "
     "(tiny at 2 buckets, S and B at one; every checkpointing policy; cross-attention and MM-DiT with and "
-    "without single-stream blocks; fp32 and bf16, CPU kernels; 2026-11-22)",
+    "without single-stream blocks; fp32 and bf16, CPU kernels; 2026-11-22); Wan blocks, full training and "
+    "LoRA on the default targets, per-sample and per-token timesteps: 0.001% at most (2026-12-05)",
+    "FLOPs": "within 1.8% of torch's FlopCounterMode (Wan: tiny and 512-wide, text-to-video, per-token "
+    "timesteps, image-to-video, LoRA; 2026-12-05)",
     "GPU peak": "not measured yet (needs a GPU: tests/test_planner.py -m gpu, torch.cuda.max_memory_allocated)",
 }
 
@@ -60,8 +66,10 @@ class Plan:
     """A run's memory and FLOPs per GPU."""
 
     preset: str
-    parameters: int
-    trainable: int
+    parameters: int  # every parameter, LoRA adapters included
+    trainable: int  # what the optimizer updates (LoRA: the adapters only)
+    lora_rank: int  # 0: full training
+    lora_modules: int  # Linear modules with an adapter
     gpu: str
     gpus: int
     data_parallel: int
@@ -132,16 +140,18 @@ def plan_run(cfg: TrainConfig, gpus: int, gpu: str) -> Plan:
     usable = usable_bytes(spec)
     sp, dp = parallel.sequence_parallel, gpus // parallel.sequence_parallel
     policy, every = cfg.train.activation_checkpointing, cfg.train.activation_checkpointing_every
+    per_token = cfg.diffusion.conditions_frames()  # a frame mask: Wan embeds a timestep per token
     buckets = []
     for bucket, batch in zip(cfg.data.bucket_table().buckets, bucket_batch_sizes(cfg, gpus), strict=True):
         tokens = video_tokens(bucket, model)
         act = activation_bytes(
-            model, batch, tokens, dtype_bytes=e, policy=policy, every=every, sequence_parallel=sp
-        )
+            model, batch, tokens, dtype_bytes=e, policy=policy, every=every, sequence_parallel=sp,
+            timesteps_per_token=per_token,
+        )  # fmt: skip
         peak = states.persistent + max(
             act.saved + act.transient + states.reduce_buffers, states.step_transient
         )
-        flops = sample_flops(model, tokens, model.text_max_length)
+        flops = sample_flops(model, tokens, model.text_max_length, timesteps_per_token=per_token)
         buckets.append(BucketPlan(
             name=bucket.name, latent_grid=latent_grid(bucket, model), video_tokens=tokens,
             text_tokens=model.text_max_length, batch=batch, tokens_per_gpu=batch * tokens_per_rank(tokens, sp),
@@ -149,7 +159,9 @@ def plan_run(cfg: TrainConfig, gpus: int, gpu: str) -> Plan:
             sample_flops=flops, step_flops=flops * batch * dp * cfg.train.grad_accum_steps,
         ))  # fmt: skip
     return Plan(
-        preset=model.preset, parameters=counts.total, trainable=counts.total, gpu=spec.name, gpus=gpus,
+        preset=model.preset, parameters=counts.total, trainable=counts.trainable,
+        lora_rank=model.lora.rank, lora_modules=counts.adapted_modules,
+        gpu=spec.name, gpus=gpus,
         data_parallel=dp, sequence_parallel=sp, zero_stage=parallel.zero_stage, precision=precision,
         activation_checkpointing=policy, activation_checkpointing_every=every,
         gpu_memory_bytes=spec.memory_bytes, usable_bytes=usable,
@@ -160,11 +172,21 @@ def plan_run(cfg: TrainConfig, gpus: int, gpu: str) -> Plan:
 def plan_notes(cfg: TrainConfig) -> tuple[str, ...]:
     """The assumptions a plan of `cfg` rests on, beyond the model in this module's docstring."""
     model, notes = cfg.model, []
-    if model.latent_space == "wan":
+    if model.latent_space == "wan" and wan_vae_geometry(model.vae_path) is None:
         notes.append("Wan latents taken as Wan 2.1's VAE: 16 channels, 4x time and 8x8 space compression")
     path = model.text_encoder_path
-    if model.text_encoder != "learned" and not (path and (Path(path) / "config.json").is_file()):
+    files = path and (Path(path) / "config.json").is_file()
+    if model.text_encoder != "learned" and model.variant != "wan" and not files:
         notes.append(f"frozen text encoder width taken as {FROZEN_TEXT_DIM} (T5-XXL / UMT5-XXL's d_model)")
+    if image_tokens(model) and model.pos_embed_seq_len is None:
+        notes.append(f"image tokens taken as {IMAGE_TOKENS} (CLIP ViT-H/14 at 224x224)")
+    if model.lora.enabled:
+        notes.append(
+            "LoRA: gradients, optimizer states and EMA for the adapters only; frozen weights in the training "
+            "dtype; FLOPs count the work done (frozen weights: no weight gradient)"
+        )
+    if cfg.diffusion.conditions_frames() and model.variant == "wan":
+        notes.append("frame conditioning: one timestep per video token (time MLP and modulation per token)")
     if not cfg.data.precomputed and (model.latent_space == "wan" or model.text_encoder != "learned"):
         notes.append(
             "not counted: the frozen VAE / text encoder that encode each batch on the GPU; "
@@ -219,12 +241,23 @@ def _gib(n: float) -> str:
     return f"{n / GIB:.2f}"
 
 
+def _count(n: int) -> str:
+    """A parameter count: 174.1M, 14.29B."""
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def _model_line(plan: Plan) -> str:
+    """The plan's first line: the preset, its parameters and what trains."""
+    lora = f": LoRA rank {plan.lora_rank} on {plan.lora_modules} Linear modules" if plan.lora_rank else ""
+    return f"model {plan.preset}: {_count(plan.parameters)} parameters ({_count(plan.trainable)} trainable{lora})"
+
+
 def format_plan(plan: Plan, suggestion: int | None = None, policies: tuple[str, ...] = ()) -> str:
     """The plan as console text; `suggestion`: the sequence-parallel degree at which all buckets fit;
     `policies`: the activation checkpointing policies at which they do (`fitting_policies`)."""
     s = plan.states
     lines = [
-        f"model {plan.preset}: {plan.parameters / 1e6:.1f}M parameters ({plan.trainable / 1e6:.1f}M trainable)",
+        _model_line(plan),
         f"{plan.gpus} x {plan.gpu} ({_gib(plan.gpu_memory_bytes)} GiB): data parallel {plan.data_parallel} x "
         f"sequence parallel {plan.sequence_parallel}, ZeRO-{plan.zero_stage}, {plan.precision}, "
         f"activation checkpointing {describe_policy(plan.activation_checkpointing, plan.activation_checkpointing_every)}",

@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import DiffusionConfig, ModelConfig, TrainConfig
-from .models.denoiser import VideoDenoiser, build_denoiser
+from ..config import DiffusionConfig, ModelConfig, TrainConfig
+from ..models.denoiser import VideoDenoiser, build_denoiser
+from ..options import dataclass_from_dict
 
 CONFIG_FILE = "config.json"
 EXPORT_WEIGHTS = "model.safetensors"
@@ -57,8 +58,9 @@ def write_config(directory: Path, config: InferenceConfig) -> None:
 def read_config(directory: Path) -> InferenceConfig:
     """Read config.json back into dataclasses."""
     raw = json.loads((directory / CONFIG_FILE).read_text())
+    model = dataclass_from_dict(ModelConfig, raw.pop("model"))
     return InferenceConfig(
-        model=ModelConfig(**raw.pop("model")), diffusion=DiffusionConfig(**raw.pop("diffusion")), **raw
+        model=model, diffusion=dataclass_from_dict(DiffusionConfig, raw.pop("diffusion")), **raw
     )
 
 
@@ -83,10 +85,31 @@ def load_model(
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such weights file")
     config = read_config(directory)
-    model = build_denoiser(config.model)
-    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{path} does not match the model in {CONFIG_FILE}: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
+    try:
+        model = assemble_model(config.model, load_file(str(path)))
+    except WeightsDoNotMatch as error:
+        raise ValueError(f"{path} does not match the model in {CONFIG_FILE}: {error}") from error
     return model.eval(), config
+
+
+class WeightsDoNotMatch(ValueError):
+    """Weights whose names are not the parameters the model config describes."""
+
+
+def assemble_model(config: ModelConfig, weights: dict[str, torch.Tensor]) -> VideoDenoiser:
+    """The model `config` describes holding `weights`: every parameter, or with LoRA (`config.lora`)
+    the adapters, added to the base weights read from `config.init_from` (raises WeightsDoNotMatch)."""
+    model = build_denoiser(config)
+    if config.lora.enabled:
+        from ..models.lora import apply_lora, lora_spec
+        from .loading import load_pretrained
+
+        load_pretrained(model, config.init_from)
+        lora = config.lora
+        apply_lora(model, lora_spec(config.variant, lora.rank, lora.alpha, lora.dropout, lora.targets))
+    expected = {name for name, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or unexpected:
+        raise WeightsDoNotMatch(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.load_state_dict(weights, strict=False)  # with LoRA the frozen base came from init_from
+    return model
