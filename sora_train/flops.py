@@ -66,7 +66,7 @@ from .models.denoiser import (
     frozen_text_dim,
     wan_shape,
 )
-from .models.lora import DEFAULT_TARGETS, matching_modules
+from .models.lora import lora_spec, matching_modules
 
 WAN_CHANNELS = 16  # Wan 2.1 VAE latent channels (z_dim), assumed when planning
 WAN_COMPRESSION = (4, 8, 8)  # (time, height, width): F = 1 + 4k frames -> 1 + k latent frames
@@ -249,7 +249,8 @@ def planning_model(model: ModelConfig, device: str | torch.device = "meta") -> V
 
 def lora_targets(model: ModelConfig) -> tuple[str, ...]:
     """The LoRA target patterns of `model` (`model.lora.targets`, else the variant's defaults)."""
-    return tuple(model.lora.targets) if model.lora.targets else DEFAULT_TARGETS[model.variant]
+    lora = model.lora
+    return lora_spec(model.variant, lora.rank, lora.alpha, lora.dropout, lora.targets).targets
 
 
 def lora_adapters(model: ModelConfig, denoiser: nn.Module) -> dict[str, tuple[int, int]]:

@@ -176,3 +176,18 @@ def test_lora_targets_that_match_nothing_stop_before_anything_is_written(corpus,
     assert result.stderr.strip().splitlines()[-1] == (
         "error: model.lora.targets ['dit\\\\.nothing'] match no Linear module of the model"
     )
+
+
+def test_wan_composes_with_sequence_parallelism_frame_conditioning_and_checkpointing(corpus, umt5, tmp_path):
+    """The trainer's other features with the Wan variant: Ulysses SP over both ranks, Wan 2.2's
+    frame conditioning (clean frames at timestep 0), selective activation checkpointing, ZeRO-1."""
+    source = save_tiny_diffusers_wan(tmp_path / "released")
+    run_dir = tmp_path / "run"
+    args = [*run_args(corpus, umt5, source), "parallel=zero1", "parallel.sequence_parallel=2",
+            "train.global_batch_size=2", "train.max_steps=2", "train.activation_checkpointing=selective",
+            "model.frame_conditioning=true", "diffusion.conditioning.none=0.5", "diffusion.conditioning.first=0.5"]  # fmt: skip
+    assert_ok(run_train(*args, f"run_dir={run_dir}"))
+    rows = steps_of(run_dir)
+    assert sorted(rows) == [1, 2] and all(row["tflops_per_device"] > 0 for row in rows.values())
+    (layout,) = [r for r in read_metrics(run_dir) if r.get("event") == "layout"]
+    assert (layout["data_parallel"], layout["sequence_parallel"]) == (1, 2)

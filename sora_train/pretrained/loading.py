@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..parallel.zero import full_shape
 from .reading import (
     Layout,
     PretrainedFormatError,
@@ -55,11 +56,6 @@ def copy_into(target: torch.Tensor, tensor: torch.Tensor) -> None:
     target.data.copy_(tensor)
 
 
-def full_shape(tensor: torch.Tensor) -> tuple[int, ...]:
-    """A tensor's shape; for a ZeRO-3 partitioned parameter, its full (unpartitioned) shape."""
-    return tuple(getattr(tensor, "ds_shape", tensor.shape))
-
-
 def model_tensors(model: nn.Module, prefix: str = DIT_PREFIX) -> dict[str, torch.Tensor]:
     """The model's parameters and persistent buffers under `prefix`, by name without it."""
     return {
@@ -91,7 +87,7 @@ def check_fits(
     misshaped = [
         f"{prefix}{name}: {list(specs[name].shape)} in the folder, {list(full_shape(target))} in the model"
         for name, target in sorted(targets.items())
-        if name in specs and specs[name].shape != full_shape(target)
+        if name in specs and specs[name].shape != tuple(full_shape(target))
     ]
     if missing or unexpected or misshaped:
         raise WeightsMismatch(
