@@ -8,6 +8,7 @@ or restarted run expects it. The command line (`sora-train`) lives in `sora_trai
 
 from __future__ import annotations
 
+import gc
 import os
 import warnings
 from collections.abc import Iterator
@@ -85,10 +86,17 @@ def train(cfg: TrainConfig) -> bool:
     """
     dist_info = init_distributed(cfg.parallel.sequence_parallel)
     try:
-        finished = run_loop(build_run(cfg, dist_info))
+        run = build_run(cfg, dist_info)
+        finished = run_loop(run)
     except BaseException:
         shutdown_distributed(wait_for_peers=False)
         raise
+    # Free the engine and everything that refers to the process groups (ZeRO-3 parameters keep
+    # theirs) while the interpreter is whole: a gloo group destroyed only at interpreter exit can
+    # abort the process ("terminate called without an active exception") after a finished run.
+    run.stepper.engine.destroy()
+    del run
+    gc.collect()
     shutdown_distributed()
     return finished
 
