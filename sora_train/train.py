@@ -164,7 +164,7 @@ def build_run(cfg: TrainConfig, dist_info: DistInfo) -> Run:
         reporter=StepReporter(logger, dist_info, engine, loader, guards, cfg.train.log_keys),
         checkpointer=Checkpointer(cfg, dist_info, state, resume.layout.accumulation, logger, resumed.step),
         validator=Validator(cfg, dist_info, ema, prompts, latent_space, resume.layout.micro_batch, dtype, logger),
-        sampler=Sampler(cfg, dist_info, ema, logger),
+        sampler=Sampler(cfg, dist_info, ema, dtype, logger),
     )  # fmt: skip
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from ..config import TrainConfig
 from ..ema import EMA
 from ..eval.synthetic_eval import evaluate_prompts, held_out_prompts
@@ -41,8 +43,15 @@ class Sampler:
     """Rank 0 samples the configured prompts; at the end every rank evaluates a share of the
     synthetic prompts when asked to (all methods collective)."""
 
-    def __init__(self, cfg: TrainConfig, dist_info: DistInfo, ema: EMA, logger: MetricsLogger | None):
-        self.cfg, self.dist_info, self.ema, self.logger = cfg, dist_info, ema, logger
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        dist_info: DistInfo,
+        ema: EMA,
+        dtype: torch.dtype,
+        logger: MetricsLogger | None,
+    ):
+        self.cfg, self.dist_info, self.ema, self.dtype, self.logger = cfg, dist_info, ema, dtype, logger
 
     def maybe_sample(self, step: int) -> None:
         """Samples at multiples of `train.sample_every` before the last step (the end samples anyway)."""
@@ -50,8 +59,8 @@ class Sampler:
         if not (every and step % every == 0 and step < self.cfg.train.max_steps):
             return
         averaged = ema_model(
-            self.ema, self.cfg.model, self.dist_info, everywhere=False
-        )  # collective under ZeRO-3
+            self.ema, self.cfg.model, self.dist_info, self.dtype, everywhere=False
+        )  # ZeRO-3: collective
         if self.logger:
             paths = write_samples(averaged, self.cfg, step)
             self.logger.log_videos(step, paths, self.cfg.train.sample_prompts)
@@ -61,7 +70,9 @@ class Sampler:
         """The final samples (a `samples` event) and, with `eval.synthetic`, the `eval_synthetic` scores."""
         cfg = self.cfg
         # every rank evaluates a share of the synthetic prompts; otherwise only rank 0 samples
-        final_model = ema_model(self.ema, cfg.model, self.dist_info, everywhere=cfg.eval.synthetic)
+        final_model = ema_model(
+            self.ema, cfg.model, self.dist_info, self.dtype, everywhere=cfg.eval.synthetic
+        )
         if self.logger:
             paths = write_samples(final_model, cfg, step)
             self.logger.log_videos(step, paths, cfg.train.sample_prompts)
