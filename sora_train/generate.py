@@ -124,7 +124,7 @@ def generate_videos(
 
     def velocity(x: torch.Tensor, t: torch.Tensor, conditional: bool) -> torch.Tensor:
         text, text_mask = (ids, mask) if conditional else (null_ids, null_mask)
-        return model(x, t.to(dtype), text, text_mask, frame_mask)
+        return model(x, t, text, text_mask, frame_mask)  # t stays float32 (the models embed it so)
 
     latent_shape = (len(prompts), *latent_space.latent_shape(*shape))  # (B, C, f, h, w)
     generator = torch.Generator().manual_seed(seed)

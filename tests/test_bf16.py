@@ -58,3 +58,50 @@ def test_the_demo_recipe_in_bf16_validates_samples_resumes_exactly_and_exports(c
     ids = torch.randint(1, 64, (1, config.model.text_max_length))
     with torch.no_grad():
         assert torch.isfinite(model(x, torch.rand(1), ids, torch.ones_like(ids, dtype=torch.bool))).all()
+
+
+class Recording(torch.nn.Module):
+    """A denoiser wrapped to record what each call receives (an engine for `forward_backward`)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model, self.device, self.calls = model, torch.device("cpu"), []
+
+    def forward(self, *args):
+        self.calls.append(args)
+        return self.model(*args)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+
+def test_a_bf16_step_keeps_timesteps_float32_and_forms_x_t_before_casting_it():
+    from sora_train.config import DataConfig, ModelConfig, TrainConfig
+    from sora_train.diffusion.timesteps import training_timesteps
+    from sora_train.loop.step import forward_backward, video_tokens
+    from sora_train.models.denoiser import build_denoiser
+    from sora_train.models.prompts import PromptEncoder
+
+    model_cfg = ModelConfig(preset="test", hidden_size=32, depth=1, num_heads=2, patch_size=[1, 4, 4], text_dim=32,
+                            text_depth=1, text_heads=2, text_vocab_size=256)  # fmt: skip
+    cfg = TrainConfig(model=model_cfg, data=DataConfig(train="unused", num_frames=2, height=8, width=8),
+                      run_dir="unused")  # fmt: skip
+    cfg.data.caption_dropout = 0.0
+    torch.manual_seed(0)
+    engine = Recording(build_denoiser(model_cfg).to(torch.bfloat16))
+    batch = {"x": torch.rand(3, 3, 2, 8, 8) * 2 - 1, "caption": ["a", "b", "c"]}
+    loss = forward_backward(
+        engine, batch, PromptEncoder(model_cfg), None, torch.Generator().manual_seed(7), cfg, torch.bfloat16
+    )
+    x_t, t = engine.calls[0][:2]
+    assert x_t.dtype == torch.bfloat16 and t.dtype == torch.float32 and loss == loss
+    expected = torch.Generator().manual_seed(7)
+    torch.rand(3, generator=expected)  # the caption-dropout draw
+    drawn = training_timesteps(3, video_tokens(batch["x"].shape, cfg), expected, cfg.diffusion)
+    assert torch.equal(t, drawn)  # not rounded to bf16's 8 bits
+    noise = torch.randn(batch["x"].shape, generator=expected)
+    x0 = batch["x"].to(torch.bfloat16)
+    formed = ((1 - drawn.view(-1, 1, 1, 1, 1)) * x0.float() + drawn.view(-1, 1, 1, 1, 1) * noise).to(
+        torch.bfloat16
+    )
+    assert torch.equal(x_t, formed)

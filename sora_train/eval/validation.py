@@ -66,10 +66,10 @@ def loss_sums(
     for batch in batches:
         x0 = clean_latents(batch, latent_space, device, dtype)
         text, mask = text_input(batch, prompts, 0.0, no_dropout, device, dtype)
-        noise = clip_noise(batch["key"], x0.shape, seed).to(device, dtype)
+        noise = clip_noise(batch["key"], x0.shape, seed).to(device)  # float32, as t (see flow_errors)
         per_clip = torch.zeros(x0.shape[0], device=device)
         for value in timesteps:
-            t = torch.full((x0.shape[0],), value, device=device, dtype=dtype)
+            t = torch.full((x0.shape[0],), value, device=device)
             errors = flow_errors(lambda x_t, t_: model(x_t, t_, text, mask), x0, noise, t)  # noqa: B023 (called at once)
             per_clip += reduce(errors, "b ... -> b", "mean")  # the flow-matching loss of each clip
         bucket = sums.setdefault(batch["bucket"], [0.0, 0])
