@@ -330,6 +330,7 @@ def test_a_partitioned_parameter_is_checked_by_its_full_shape(tmp_path):
 
 # Run under torchrun: the model is built partitioned (deepspeed.zero.Init), then fed one tensor at a time.
 ZERO3_SCRIPT = """
+import gc
 import sys
 from pathlib import Path
 
@@ -340,6 +341,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
 
+from sora_train.parallel.zero import copy_from_rank0
 from sora_train.pretrained import load_pretrained
 
 folder = Path(sys.argv[1])
@@ -360,13 +362,7 @@ sizes = {name: p.numel() for name, p in model.dit.named_parameters()}
 assert all(sizes[n] < full[n].numel() for n in sizes if full[n].numel() > 1), "not partitioned"
 
 
-def zero3_copy(param: torch.Tensor, tensor: torch.Tensor) -> None:
-    with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-        if dist.get_rank() == 0:
-            param.data.copy_(tensor)
-
-
-loaded = load_pretrained(model, folder, copy=zero3_copy)
+loaded = load_pretrained(model, folder, copy=copy_from_rank0)
 engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=config)
 with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
     state = {name.removeprefix("dit."): p.detach().clone() for name, p in engine.module.named_parameters()}
@@ -374,6 +370,12 @@ assert state.keys() == full.keys()
 bad = [name for name in full if not torch.equal(state[name], full[name])]
 assert not bad, bad
 print(f"rank {dist.get_rank()}: {loaded.tensors} tensors loaded partitioned")
+# leave the process group while the interpreter is whole (a gloo group freed at exit can abort)
+engine.destroy()
+del engine, model
+gc.collect()
+dist.barrier()
+dist.destroy_process_group()
 """
 
 

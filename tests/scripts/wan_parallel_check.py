@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from sora_train.models.denoiser import FrozenTextEmbeddings, VideoDenoiser
 from sora_train.models.wan import WanShape, WanTransformer
+from sora_train.parallel.dist import shutdown_distributed
 from sora_train.parallel.sequence import apply_sequence_parallel, sequence_groups
 
 SHAPE = WanShape(hidden_size=32, depth=2, num_heads=4, ffn_dim=48, patch_size=(1, 2, 2), in_channels=4,
@@ -76,7 +77,7 @@ def main(out: str) -> None:
     if dist.get_rank() == 0:
         with open(out, "w") as file:
             json.dump(report, file, indent=1)
-    dist.destroy_process_group()
+    shutdown_distributed()  # every rank done before gloo is torn down
 
 
 if __name__ == "__main__":
