@@ -462,3 +462,17 @@ if __name__ == "__main__":
         print(json.dumps(gpu_peak(sys.argv[2])))
     else:
         raise SystemExit(f"unknown measurement {sys.argv[1]!r}")
+
+
+def test_zero3_fetches_a_parameter_larger_than_the_prefetch_bucket_whole():
+    """Wan 14B's FFN weight (13824 × 5120 = 70.8M elements) is larger than the default 5e7 bucket:
+    the bucket and the live-parameter limit are raised to it, never lowered."""
+    from sora_train.parallel.zero import zero3_fetch_sizes, zero_config
+
+    parallel = ParallelConfig(zero_stage=3)
+    ffn = 13824 * 5120
+    assert zero3_fetch_sizes(parallel, ffn) == (ffn, parallel.max_live_parameters)
+    assert zero3_fetch_sizes(parallel, 1000) == (parallel.prefetch_bucket_size, parallel.max_live_parameters)
+    section = zero_config(parallel, on_gpu=False, largest_parameter=ffn)
+    assert section["stage3_prefetch_bucket_size"] == ffn
+    assert zero_config(ParallelConfig(zero_stage=2), on_gpu=False, largest_parameter=ffn)["stage"] == 2

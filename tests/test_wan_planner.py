@@ -37,6 +37,7 @@ from sora_train.flops import (
 )
 from sora_train.models.denoiser import build_denoiser
 from sora_train.models.dit import count_parameters
+from sora_train.parallel.zero import zero3_fetch_sizes
 from sora_train.planning.cli import main
 from sora_train.planning.measure import measure_activation_bytes
 from sora_train.planning.memory import CPU_KERNELS, activation_bytes, activation_model, state_bytes
@@ -326,9 +327,9 @@ def test_lora_state_bytes_by_zero_stage():
         if stage < 3:
             assert states.parameters == 2 * counts.total and states.ema == 4 * counts.trainable
         else:  # everything sharded, the frozen base too; the EMA holds the adapters' partitions
-            whole = (
-                sum(n for n in counts.tensor_sizes if n <= 100_000) + 50_000_000 + max(counts.tensor_sizes)
-            )
+            largest = max(counts.tensor_sizes)  # the prefetch bucket is raised to it (zero3_fetch_sizes)
+            prefetch, _ = zero3_fetch_sizes(ParallelConfig(zero_stage=3), largest)
+            whole = sum(n for n in counts.tensor_sizes if n <= 100_000) + prefetch + largest
             assert 2 * frozen / world < states.parameters < 2 * (counts.total / world + whole)
             assert states.ema == 4 * sum(-(-n // world) for n in counts.trainable_sizes)
 

@@ -10,7 +10,7 @@ from torch import nn
 from ..checkpoint.universal import UNIVERSAL_INFO
 from ..config import TrainConfig
 from ..optim import build_optimizer, build_schedule
-from ..parallel.zero import build_engine, deepspeed_config, use_bf16
+from ..parallel.zero import build_engine, deepspeed_config, full_numel, use_bf16
 
 
 @dataclass(frozen=True)
@@ -31,13 +31,16 @@ def batch_layout(cfg: TrainConfig, data_world: int, accumulation: int | None = N
     return BatchLayout(data_world=data_world, accumulation=accumulation, micro_batch=micro_batch)
 
 
-def engine_config(cfg: TrainConfig, layout: BatchLayout, load_universal: bool = False) -> dict:
+def engine_config(
+    cfg: TrainConfig, layout: BatchLayout, load_universal: bool = False, largest_parameter: int = 0
+) -> dict:
     """The DeepSpeed config of this run: `cfg.parallel`'s ZeRO settings for `layout`'s batches;
-    `load_universal` when resuming from a checkpoint saved by a different number of ranks."""
+    `load_universal` when resuming from a checkpoint saved by a different number of ranks;
+    `largest_parameter` (elements) sizes ZeRO-3's fetching (`parallel.zero.zero3_fetch_sizes`)."""
     return deepspeed_config(
         cfg.parallel, global_batch=cfg.train.global_batch_size, micro_batch=layout.micro_batch,
         accumulation=layout.accumulation, grad_clip=cfg.train.grad_clip, bf16=use_bf16(cfg.train.precision),
-        load_universal=load_universal,
+        load_universal=load_universal, largest_parameter=largest_parameter,
     )  # fmt: skip
 
 
@@ -46,6 +49,6 @@ def training_engine(model: nn.Module, cfg: TrainConfig, layout: BatchLayout, loa
     schedule and `engine_config`'s ZeRO settings."""
     optimizer = build_optimizer(model, cfg.optim, offloaded=cfg.parallel.offload_optimizer)
     schedule = build_schedule(optimizer, cfg.optim, cfg.train.max_steps)
-    return build_engine(
-        model, optimizer, schedule, engine_config(cfg, layout, load_universal), UNIVERSAL_INFO
-    )
+    largest = max(full_numel(p) for p in model.parameters())
+    config = engine_config(cfg, layout, load_universal, largest_parameter=largest)
+    return build_engine(model, optimizer, schedule, config, UNIVERSAL_INFO)

@@ -20,7 +20,7 @@ def use_bf16(precision: str) -> bool:
 
 def deepspeed_config(
     parallel: ParallelConfig, *, global_batch: int, micro_batch: int, accumulation: int, grad_clip: float,
-    bf16: bool, load_universal: bool = False,
+    bf16: bool, load_universal: bool = False, largest_parameter: int = 0,
 ) -> dict:  # fmt: skip
     """The DeepSpeed config dict: `global_batch` samples per optimizer step over the data-parallel
     ranks, each taking `accumulation` micro-batches of `micro_batch` samples.
@@ -36,7 +36,7 @@ def deepspeed_config(
         "gradient_accumulation_steps": accumulation,
         "gradient_clipping": grad_clip,
         "bf16": {"enabled": bf16, "check_grad_overflow": True},
-        "zero_optimization": zero_config(parallel, torch.cuda.is_available()),
+        "zero_optimization": zero_config(parallel, torch.cuda.is_available(), largest_parameter),
         "checkpoint": {"load_universal": load_universal},
         "zero_allow_untested_optimizer": True,
         # Offloading with torch's AdamW (on a machine without a GPU): allowed, if slower than DeepSpeed's.
@@ -46,8 +46,19 @@ def deepspeed_config(
     }
 
 
-def zero_config(parallel: ParallelConfig, on_gpu: bool) -> dict:
-    """DeepSpeed's `zero_optimization` section for the ZeRO stage, offload and bucket settings."""
+def zero3_fetch_sizes(parallel: ParallelConfig, largest_parameter: int) -> tuple[int, int]:
+    """(prefetch bucket, live parameters) in elements under ZeRO-3: the configured sizes, raised to
+    the model's largest parameter, which ZeRO-3 could otherwise neither prefetch nor keep gathered
+    (Wan 14B's FFN weights are 70.8M elements against the default 5e7 bucket)."""
+    return (
+        max(parallel.prefetch_bucket_size, largest_parameter),
+        max(parallel.max_live_parameters, largest_parameter),
+    )
+
+
+def zero_config(parallel: ParallelConfig, on_gpu: bool, largest_parameter: int = 0) -> dict:
+    """DeepSpeed's `zero_optimization` section for the ZeRO stage, offload and bucket settings
+    (`largest_parameter`: elements of the model's largest parameter, see `zero3_fetch_sizes`)."""
     overlap = on_gpu if parallel.overlap_comm == "auto" else parallel.overlap_comm == "true"
     section = {
         "stage": parallel.zero_stage,
@@ -60,10 +71,11 @@ def zero_config(parallel: ParallelConfig, on_gpu: bool) -> dict:
     if parallel.zero_stage < 3:
         section["allgather_bucket_size"] = parallel.allgather_bucket_size
         return section
+    prefetch, live = zero3_fetch_sizes(parallel, largest_parameter)
     section.update({
-        "stage3_prefetch_bucket_size": parallel.prefetch_bucket_size,
+        "stage3_prefetch_bucket_size": prefetch,
         "stage3_param_persistence_threshold": parallel.param_persistence_threshold,
-        "stage3_max_live_parameters": parallel.max_live_parameters,
+        "stage3_max_live_parameters": live,
     })  # fmt: skip
     if parallel.offload_params:
         section["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}

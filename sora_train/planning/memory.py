@@ -47,6 +47,7 @@ from ..flops import (
 from ..models.lora import DEFAULT_TARGETS
 from ..models.patch import grid_size
 from ..parallel.checkpointing import checkpointed_blocks
+from ..parallel.zero import zero3_fetch_sizes
 
 GIB = 2**30
 RESERVE_BYTES = 2 * GIB  # CUDA context, NCCL buffers, cuBLAS workspaces: outside PyTorch's allocator
@@ -688,7 +689,8 @@ def state_bytes(counts: ParameterCounts, parallel: ParallelConfig, world: int, b
     else:  # small tensors stay whole on every rank; the rest is sharded and gathered a few at a time
         persistent = sum(n for n in counts.tensor_sizes if n <= parallel.param_persistence_threshold)
         sharded = total - persistent
-        gathered = min(sharded, parallel.prefetch_bucket_size + max(counts.tensor_sizes))
+        prefetch, _ = zero3_fetch_sizes(parallel, max(counts.tensor_sizes))
+        gathered = min(sharded, prefetch + max(counts.tensor_sizes))
         partition = math.ceil(sharded / world) * e
         params = persistent * e + gathered * e + (0 if parallel.offload_params else partition)
         host_params = partition if parallel.offload_params else 0
