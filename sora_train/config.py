@@ -29,7 +29,7 @@ from .data.decode import ClipWindow
 from .diffusion.conditioning import CONDITIONING_STRATEGIES, ConditioningStrategy
 from .diffusion.flow import LossWeighting
 from .diffusion.timesteps import MODE_SCALE_MONOTONE, Expert, TimestepSampling, timestep_range
-from .models.denoiser import ModelVariant, build_denoiser
+from .models.denoiser import ModelVariant, build_denoiser, frozen_text_dim
 from .models.lora import lora_spec, matching_modules
 from .models.text_encoders import TextEncoderName
 from .models.vae import LatentSpaceName
@@ -169,7 +169,7 @@ class ModelConfig(Section):
                 f"directory, got {self.text_encoder_path}"
             )
         if self.variant == "wan" and self.text_encoder != "learned":
-            width = json.loads((Path(self.text_encoder_path) / "config.json").read_text())["d_model"]
+            width = frozen_text_dim(self.text_encoder_path)
             if width != self.text_dim:
                 raise ConfigError(
                     f"model.variant=wan takes the frozen encoder's embeddings: model.text_dim={self.text_dim} "

@@ -15,6 +15,7 @@ from sora_train.metrics import read_metrics
 from sora_train.pretrained import load_model
 
 from .conftest import assert_ok, run_module, run_train
+from .test_conditioning import RecordingEngine
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -60,21 +61,6 @@ def test_the_demo_recipe_in_bf16_validates_samples_resumes_exactly_and_exports(c
         assert torch.isfinite(model(x, torch.rand(1), ids, torch.ones_like(ids, dtype=torch.bool))).all()
 
 
-class Recording(torch.nn.Module):
-    """A denoiser wrapped to record what each call receives (an engine for `forward_backward`)."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model, self.device, self.calls = model, torch.device("cpu"), []
-
-    def forward(self, *args):
-        self.calls.append(args)
-        return self.model(*args)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-
 def test_a_bf16_step_keeps_timesteps_float32_and_forms_x_t_before_casting_it():
     from sora_train.config import DataConfig, ModelConfig, TrainConfig
     from sora_train.diffusion.timesteps import training_timesteps
@@ -88,7 +74,7 @@ def test_a_bf16_step_keeps_timesteps_float32_and_forms_x_t_before_casting_it():
                       run_dir="unused")  # fmt: skip
     cfg.data.caption_dropout = 0.0
     torch.manual_seed(0)
-    engine = Recording(build_denoiser(model_cfg).to(torch.bfloat16))
+    engine = RecordingEngine(build_denoiser(model_cfg).to(torch.bfloat16))
     batch = {"x": torch.rand(3, 3, 2, 8, 8) * 2 - 1, "caption": ["a", "b", "c"]}
     loss = forward_backward(
         engine, batch, PromptEncoder(model_cfg), None, torch.Generator().manual_seed(7), cfg, torch.bfloat16
