@@ -191,3 +191,19 @@ def test_wan_composes_with_sequence_parallelism_frame_conditioning_and_checkpoin
     assert sorted(rows) == [1, 2] and all(row["tflops_per_device"] > 0 for row in rows.values())
     (layout,) = [r for r in read_metrics(run_dir) if r.get("event") == "layout"]
     assert (layout["data_parallel"], layout["sequence_parallel"]) == (1, 2)
+
+
+def test_bf16_lora_under_zero3_from_released_weights_validates_samples_and_exports(corpus, umt5, tmp_path):
+    """The conditions users train in at once: bf16, ZeRO-3 built partitioned, released weights, LoRA."""
+    source = save_tiny_diffusers_wan(tmp_path / "released")
+    run_dir = tmp_path / "run"
+    args = [*run_args(corpus, umt5, source), "parallel=zero3", "train.precision=bf16", "model.lora.rank=4",
+            "train.max_steps=2"]  # fmt: skip
+    assert_ok(run_train(*args, f"run_dir={run_dir}"))
+    assert [e["step"] for e in read_metrics(run_dir) if e.get("event") == "validation"] == [2]
+    assert [e for e in read_metrics(run_dir) if e.get("event") == "samples"]
+    ema = load_file(run_dir / "checkpoints" / tag_for(2) / "ema.safetensors")
+    assert ema and all(".lora_" in name and t.dtype == torch.float32 for name, t in ema.items())
+    out = tmp_path / "lora"
+    assert_ok(run_module("sora_train.export", str(run_dir), "--out", str(out), "--format", "diffusers"))
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
