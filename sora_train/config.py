@@ -25,10 +25,11 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .data.buckets import BucketTable, bucket_table, check_bucket_table
-from .data.decode import ClipWindow
+from .data.decode import ClipWindow, DecoderName
 from .diffusion.conditioning import CONDITIONING_STRATEGIES, ConditioningStrategy
 from .diffusion.flow import LossWeighting
 from .diffusion.timesteps import MODE_SCALE_MONOTONE, Expert, TimestepSampling, timestep_range
+from .models.attention import AttentionBackend
 from .models.denoiser import ModelVariant, build_denoiser, frozen_text_dim
 from .models.lora import lora_spec, matching_modules
 from .models.text_encoders import TextEncoderName
@@ -270,6 +271,7 @@ class DataConfig(Section):
     max_upscale: float = 2.0  # a bucket needing more enlargement than this is not a candidate
     images: str | None = None  # shards of images (key.jpg/png/webp + caption), mixed with the videos
     image_ratio: float = 0.0  # fraction of batches drawn from `images`
+    decoder: DecoderName = "auto"  # auto: decord where installed, else torchcodec, else PyAV
     decode_timeout: float = 60.0  # seconds one sample may take to decode before it is skipped
     worker_max_tasks: int = 2000  # samples a decode process handles before it is replaced
     allow_pipe: bool = False  # accept pipe:COMMAND shard sources (they run a shell)
@@ -423,6 +425,8 @@ class TrainLoopConfig(Section):
     activation_checkpointing: ActivationCheckpointPolicy = "none"
     activation_checkpointing_every: int = 2
     compile_blocks: bool = False  # torch.compile each transformer block
+    # SDPA kernel for every attention call, forward and recompute; auto: fastest eligible on the device
+    attention_backend: AttentionBackend = "auto"
     ema_decay: float = 0.999
     log_every: int = 10  # console lines; metrics.jsonl gets every step
     sample_every: int = 0  # 0: only at the end

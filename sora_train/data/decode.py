@@ -29,6 +29,8 @@ class SkipSample(Exception):
 
 # Where a clip is cut from its video (`data.window`): a random stretch, or the centre.
 ClipWindow = Literal["random", "center"]
+# `data.decoder`: auto takes decord where installed, else torchcodec, else PyAV.
+DecoderName = Literal["auto", "decord", "torchcodec", "pyav"]
 
 
 @dataclass(frozen=True)

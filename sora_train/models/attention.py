@@ -9,8 +9,14 @@ supplies the Ulysses one, so the model code never changes.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
+
+# `train.attention_backend`: the SDPA kernel every attention call runs (forward and recompute);
+# auto: the fastest one eligible on the device.
+AttentionBackend = Literal["auto", "cudnn", "flash", "efficient", "math"]
 
 
 def attention(
