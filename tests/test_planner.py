@@ -240,12 +240,14 @@ def test_state_bytes_by_zero_stage_and_offload():
     assert one.gradients == 2 * total and two.gradients == three.gradients == 2 * -(-total // world)
     assert one.optimizer == two.optimizer == three.optimizer == 12 * -(-total // world)
     assert three.parameters < two.parameters
-    assert one.ema == two.ema == 4 * total  # fp32, whole on every rank
+    assert one.ema == two.ema == 4 * -(-total // world)  # fp32, one slice of the flattened master
     assert three.ema == 4 * sum(-(-n // world) for n in counts.tensor_sizes)  # sharded like the parameters
     offloaded = state_bytes(
         counts, replace(plain, zero_stage=3, offload_optimizer=True, offload_params=True), world, True
     )
     assert offloaded.optimizer == 0 and offloaded.host >= three.optimizer
+    below_three = state_bytes(counts, replace(plain, zero_stage=2, offload_optimizer=True), world, True)
+    assert below_three.ema == 0 and below_three.host == three.optimizer + 4 * -(-total // world) * 2
     assert offloaded.parameters < three.parameters
 
 

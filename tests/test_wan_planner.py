@@ -325,7 +325,7 @@ def test_lora_state_bytes_by_zero_stage():
         assert states.optimizer == 12 * -(-counts.trainable // world)
         assert states.gradients == 2 * (counts.trainable if stage == 1 else -(-counts.trainable // world))
         if stage < 3:
-            assert states.parameters == 2 * counts.total and states.ema == 4 * counts.trainable
+            assert states.parameters == 2 * counts.total and states.ema == 4 * -(-counts.trainable // world)
         else:  # everything sharded, the frozen base too; the EMA holds the adapters' partitions
             largest = max(counts.tensor_sizes)  # the prefetch bucket is raised to it (zero3_fetch_sizes)
             prefetch, _ = zero3_fetch_sizes(ParallelConfig(zero_stage=3), largest)

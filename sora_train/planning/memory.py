@@ -4,8 +4,9 @@ The model (docs/planner.md has the derivation and the measured errors):
 
 - States (AdamW under DeepSpeed ZeRO, sharded over every rank): a working copy of the
   parameters and gradients in the training dtype, an fp32 master copy and two fp32 moments
-  (DeepSpeed keeps the fp32 master even when training in fp32), the fp32 EMA (`sora_train/ema.py`:
-  whole on every rank, under ZeRO-3 each rank's partition of every parameter), DeepSpeed's
+  (DeepSpeed keeps the fp32 master even when training in fp32), the fp32 EMA of the master weights
+  (`sora_train/ema.py`: sharded as the optimizer shards the master; on the host with the optimizer
+  below ZeRO-3 when it is offloaded), DeepSpeed's
   gradient-reduction buckets during backward, and the fp32 gradient partition at the optimizer step.
   Under LoRA gradients, optimizer states and EMA exist for the adapters only; the frozen base has
   its working copy in the training dtype (sharded under ZeRO-3).
@@ -53,7 +54,7 @@ GIB = 2**30
 RESERVE_BYTES = 2 * GIB  # CUDA context, NCCL buffers, cuBLAS workspaces: outside PyTorch's allocator
 FRAGMENTATION = 0.05  # of the rest, lost to the caching allocator between differently shaped buckets
 ADAM_BYTES = 12  # per parameter: fp32 master copy + two fp32 moments
-EMA_BYTES = 4  # per parameter: fp32 (whole on every rank, or sharded under ZeRO-3)
+EMA_BYTES = 4  # per parameter: fp32, sharded like the optimizer's fp32 master
 TIME_FREQ_DIM = 256  # TimestepEmbedder's sinusoidal features
 
 
@@ -698,14 +699,19 @@ def state_bytes(counts: ParameterCounts, parallel: ParallelConfig, world: int, b
     optimizer = math.ceil(trainable / world) * ADAM_BYTES
     fp32_grads = math.ceil(trainable / world) * 4
     overlap = parallel.overlap_comm != "false"  # auto: on, on a GPU
-    # The EMA follows the trainable parameters: whole below ZeRO-3, else each rank's partition of every tensor.
-    ema_elements = trainable if stage < 3 else sum(math.ceil(n / world) for n in counts.trainable_sizes)
+    # The EMA follows the fp32 master: below ZeRO-3 one slice of the flattened trainable parameters
+    # (in host memory when the optimizer is offloaded), else each rank's partition of every tensor.
+    if stage < 3:
+        ema = math.ceil(trainable / world) * EMA_BYTES
+        ema, host_ema = (0, ema) if offload else (ema, 0)
+    else:
+        ema, host_ema = sum(math.ceil(n / world) for n in counts.trainable_sizes) * EMA_BYTES, 0
     return StateBytes(
         parameters=params,
         gradients=0 if offload and stage > 1 else grads,
         optimizer=0 if offload else optimizer,
-        ema=ema_elements * EMA_BYTES,
+        ema=ema,
         reduce_buffers=parallel.reduce_bucket_size * e * (2 if overlap else 1),
         step_transient=0 if offload else fp32_grads,
-        host=host_params + (optimizer + fp32_grads if offload else 0),
+        host=host_params + host_ema + (optimizer + fp32_grads if offload else 0),
     )

@@ -12,7 +12,7 @@ argument:
   and ZeRO stage (2, 3), the loss of each of 3 DeepSpeed steps and of the same steps taken by a
   plain torch model and optimizer on the whole batch, the largest difference between the final
   weights, the least any weight moved, the largest difference between the EMA weights and a plain
-  EMA's, the share of the plain EMA's bytes each rank holds (1/2 under ZeRO-3: sharded), and (ZeRO-2)
+  EMA's, the share of the plain EMA's bytes each rank holds (1/2: sharded like the optimizer), and (ZeRO-2)
   the largest difference between the two ranks' weights.
 Usage: torchrun --nproc-per-node 2 parallel_check.py OUT.json
 """
