@@ -30,10 +30,14 @@ def losses(run_dir) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in read_metrics(run_dir) if "loss" in row}
 
 
-@pytest.mark.parametrize("recipe", ["zero2", "zero3"])
-def test_the_demo_recipe_in_bf16_validates_samples_resumes_exactly_and_exports(corpus, tmp_path, recipe):
+@pytest.mark.parametrize(
+    "layout",
+    [["parallel=zero2"], ["parallel=zero3"], ["parallel=zero1", "parallel.sequence_parallel=2"]],
+    ids=["zero2", "zero3", "zero1-sp2"],
+)
+def test_the_demo_recipe_in_bf16_validates_samples_resumes_exactly_and_exports(corpus, tmp_path, layout):
     args = [
-        "experiment=demo", f"parallel={recipe}", "train.precision=bf16", f"data.train={corpus / 'train'}", f"data.val={corpus / 'val'}",
+        "experiment=demo", *layout, "train.precision=bf16", f"data.train={corpus / 'train'}", f"data.val={corpus / 'val'}",
         "data.num_workers=0", "wandb.mode=disabled", "train.max_steps=4", "checkpoint.every=2", "eval.val_every=2",
         "eval.val_batches=1", "train.sample_every=2", "eval.num_prompts=4", "eval.batch_size=4",
         "diffusion.sample_steps=2", "train.global_batch_size=4",
