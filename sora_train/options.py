@@ -97,8 +97,18 @@ def from_schema(config_class: type, schema_object: Any) -> Any:
     values = {}
     for f in fields(config_class):
         value = getattr(schema_object, f.name)
-        values[f.name] = from_schema(hints[f.name], value) if is_dataclass(hints[f.name]) else value
+        if is_dataclass(hints[f.name]):
+            value = from_schema(hints[f.name], value)
+        values[f.name] = _yaml_boolean_option(value, literal_options(hints[f.name]))
     return config_class(**values)
+
+
+def _yaml_boolean_option(value: Any, options: tuple | None) -> Any:
+    """The option "true" or "false" for the "True" or "False" OmegaConf makes of a YAML boolean
+    (`parallel.overlap_comm=true` on the command line) given to a string option; else `value`."""
+    if options and value in ("True", "False") and value.lower() in options:
+        return value.lower()
+    return value
 
 
 def to_schema(config: Any) -> Any:

@@ -92,6 +92,13 @@ def test_good_options_pass(overrides):
     validate(compose_config(["run_dir=unused", *overrides]), world_size=1)
 
 
+@pytest.mark.parametrize("given, option", [("true", "true"), ("false", "false"), ("auto", "auto")])
+def test_a_yaml_boolean_given_to_a_true_false_option_means_that_option(given, option):
+    cfg = compose_config(["run_dir=unused", f"parallel.overlap_comm={given}"])  # YAML parses true as a bool
+    validate(cfg, world_size=1)
+    assert cfg.parallel.overlap_comm == option
+
+
 def option_fields() -> list[tuple[str, str, tuple]]:
     """(section, field, options) of every Literal-typed field (or `Literal[...] | None`) of every
     TrainConfig section."""
