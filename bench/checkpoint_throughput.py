@@ -219,7 +219,7 @@ def stepped_engine(cfg: TrainConfig, dist_info: DistInfo) -> Any:
 def save_arguments(engine: Any, cfg: TrainConfig, dist_info: DistInfo, ema: EMA) -> tuple:
     """`save_checkpoint`'s positional arguments, as the trainer passes them, into an emptied run dir."""
     shutil.rmtree(cfg.run_dir, ignore_errors=True)
-    rank_state = {"rng": capture_rng(torch.Generator().manual_seed(cfg.seed))}
+    rank_state = {"rng": capture_rng()}
     trainer_state = {"world_size": dist_info.world_size, "grad_accum_steps": cfg.train.grad_accum_steps,
                      "ema_updates": ema.updates, "config": asdict(cfg)}  # fmt: skip
     weights = ema.state_dict()

@@ -247,7 +247,6 @@ def plain_child(overrides: list[str]) -> None:
     latent_space = build_latent_space(cfg.model.latent_space, cfg.model.vae_path, device)
     encoder = None if cfg.data.precomputed else latent_space
     loader = build_loader(cfg, info.data_rank, info.data_world, latent_space, layout.micro_batch)
-    generator = torch.Generator().manual_seed(cfg.seed + 1000 * (info.data_rank + 1))
     prompts = PromptEncoder(cfg.model, device)
     batches = iter(loader)
     clock = PartClock()
@@ -255,14 +254,14 @@ def plain_child(overrides: list[str]) -> None:
     clock.wrap(DeepSpeedEngine, "step", ENGINE_STEP)
 
     walls, cpus, steps, parts = [], [], [], []
-    for _ in range(cfg.train.max_steps):
+    for number in range(1, cfg.train.max_steps + 1):
         barrier()
         started = time.perf_counter()
         walls.append(started)
         cpus.append(time.process_time())
         for _ in range(cfg.train.grad_accum_steps):
             batch = next(batches)
-            step.forward_backward(engine, batch, prompts, encoder, generator, cfg, dtype)
+            step.forward_backward(engine, batch, prompts, encoder, number, cfg, dtype)
             engine.step()
         steps.append(time.perf_counter() - started)
         parts.append(clock.take())

@@ -23,14 +23,18 @@ def clean_latents(
 
 
 def text_input(
-    batch: Batch, prompts: PromptEncoder, probability: float, generator: torch.Generator,
-    device: torch.device, dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """The batch's text input and mask on `device`, each caption replaced by the empty one with
-    `probability` (caption dropout, for classifier-free guidance). Precomputed embeddings are used
-    when present and the model conditions on a frozen encoder; the learned encoder always reads
-    the captions. Embeddings come in `dtype`; token ids stay integers."""
-    dropped = torch.rand(len(batch["caption"]), generator=generator) < probability
+    batch: Batch,
+    prompts: PromptEncoder,
+    dropped: torch.Tensor | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's text input and mask on `device`, the captions `dropped` (B,) bool marks replaced
+    by the empty one (caption dropout, for classifier-free guidance; None: none dropped).
+    Precomputed embeddings are used when present and the model conditions on a frozen encoder; the
+    learned encoder always reads the captions. Embeddings come in `dtype`; token ids stay integers."""
+    if dropped is None:
+        dropped = torch.zeros(len(batch["caption"]), dtype=torch.bool)
     if "text" in batch and not prompts.learned:
         text, mask = prompts.drop(batch["text"], batch["text_mask"], dropped)
     else:

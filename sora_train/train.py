@@ -107,7 +107,7 @@ def run_loop(run: Run) -> bool:
     step, max_steps = run.start_step, run.cfg.train.max_steps
     while step < max_steps:
         step += 1
-        outcome = run.stepper.train_step(run.batches)
+        outcome = run.stepper.train_step(run.batches, step)
         run.reporter.log_step(step, outcome)
         if outcome.verdict.stop:
             raise TrainingDiverged(run.stepper.guards.diverged_message(step))
@@ -146,18 +146,14 @@ def build_run(cfg: TrainConfig, dist_info: DistInfo) -> Run:
     # Pretrained encoders run frozen (no gradients, eval mode, outside the optimizer) in the compute dtype.
     latent_space = build_latent_space(cfg.model.latent_space, cfg.model.vae_path, dist_info.device, dtype)
     loader = build_loaders(cfg, dist_info, latent_space, resume.layout.micro_batch)
-    # One stream per data-parallel rank: a sequence-parallel group draws the same t, noise and dropout.
-    generator = torch.Generator().manual_seed(cfg.seed + 1000 * (dist_info.data_rank + 1))
-    state = TrainState(engine, ema, guards, loader, generator)
+    state = TrainState(engine, ema, guards, loader)
     resumed = restore(state, resume, cfg, dist_info)
     logger = start_logging(cfg, dist_info, resume, resumed, loader, latent_space, parameters)
     prompts = PromptEncoder(cfg.model, dist_info.device, dtype)
     if logger and (frozen := frozen_encoders(latent_space, prompts)):
         logger.log_event("frozen_encoders", resumed.step, frozen)
     encoder = None if cfg.data.precomputed else latent_space
-    stepper = Stepper(
-        engine, ema, guards, prompts, encoder, generator, cfg, dtype, resume.layout.accumulation
-    )
+    stepper = Stepper(engine, ema, guards, prompts, encoder, cfg, dtype, resume.layout.accumulation)
     batches = iter(loader)
     return Run(
         cfg=cfg, start_step=resumed.step, batches=batches, stepper=stepper, logger=logger,

@@ -69,7 +69,7 @@ def test_the_demo_recipe_in_bf16_validates_samples_resumes_exactly_and_exports(c
 
 def test_a_bf16_step_keeps_timesteps_float32_and_forms_x_t_before_casting_it():
     from sora_train.config import DataConfig, ModelConfig, TrainConfig
-    from sora_train.diffusion.timesteps import training_timesteps
+    from sora_train.diffusion.draws import draw_for_samples
     from sora_train.loop.step import forward_backward, video_tokens
     from sora_train.models.denoiser import build_denoiser
     from sora_train.models.prompts import PromptEncoder
@@ -81,17 +81,14 @@ def test_a_bf16_step_keeps_timesteps_float32_and_forms_x_t_before_casting_it():
     cfg.data.caption_dropout = 0.0
     torch.manual_seed(0)
     engine = RecordingEngine(build_denoiser(model_cfg).to(torch.bfloat16))
-    batch = {"x": torch.rand(3, 3, 2, 8, 8) * 2 - 1, "caption": ["a", "b", "c"]}
-    loss = forward_backward(
-        engine, batch, PromptEncoder(model_cfg), None, torch.Generator().manual_seed(7), cfg, torch.bfloat16
-    )
+    batch = {"x": torch.rand(3, 3, 2, 8, 8) * 2 - 1, "caption": ["a", "b", "c"], "key": ["a", "b", "c"]}
+    loss = forward_backward(engine, batch, PromptEncoder(model_cfg), None, 7, cfg, torch.bfloat16)
     x_t, t = engine.calls[0][:2]
     assert x_t.dtype == torch.bfloat16 and t.dtype == torch.float32 and loss == loss
-    expected = torch.Generator().manual_seed(7)
-    torch.rand(3, generator=expected)  # the caption-dropout draw
-    drawn = training_timesteps(3, video_tokens(batch["x"].shape, cfg), expected, cfg.diffusion)
-    assert torch.equal(t, drawn)  # not rounded to bf16's 8 bits
-    noise = torch.randn(batch["x"].shape, generator=expected)
+    tokens = video_tokens(batch["x"].shape, cfg)
+    drawn = draw_for_samples(batch["key"], 7, cfg.seed, batch["x"].shape, tokens, 0.0, cfg.diffusion)
+    assert torch.equal(t, drawn.t) and len(set(t.tolist())) == 3  # not rounded to bf16's 8 bits
+    drawn, noise = drawn.t, drawn.noise
     x0 = batch["x"].to(torch.bfloat16)
     formed = ((1 - drawn.view(-1, 1, 1, 1, 1)) * x0.float() + drawn.view(-1, 1, 1, 1, 1) * noise).to(
         torch.bfloat16

@@ -20,6 +20,7 @@ from sora_train.diffusion.conditioning import (
     draw_strategies,
     strategy_mask,
 )
+from sora_train.diffusion.draws import sample_generator
 from sora_train.diffusion.flow import cosmap_weight, flow_loss, interpolate, velocity_target
 from sora_train.diffusion.sampler import euler_sample
 from sora_train.diffusion.timesteps import training_timesteps
@@ -197,22 +198,34 @@ def train_config(**conditioning: float) -> TrainConfig:
 
 def video_batch(size: int, seed: int = 0) -> dict:
     frames = [rearrange(gradient_frames(5, 16, 16, seed=seed + i), "f h w c -> c f h w") for i in range(size)]
-    return {"x": torch.from_numpy(np.stack(frames)), "caption": [f"clip {i}" for i in range(size)]}
+    captions = [f"clip {i}" for i in range(size)]
+    return {
+        "x": torch.from_numpy(np.stack(frames)),
+        "caption": captions,
+        "key": [f"k{seed + i}" for i in range(size)],
+    }
 
 
-def test_training_without_conditioning_draws_exactly_as_before():
+def test_an_unconditioned_step_draws_dropout_timestep_and_noise_from_each_samples_key_and_step():
     cfg = train_config()
     engine, prompts = RecordingEngine(build_denoiser(cfg.model)), PromptEncoder(cfg.model)
     batch = video_batch(2)
-    used = torch.Generator().manual_seed(5)
-    forward_backward(engine, batch, prompts, None, used, cfg, torch.float32)
-    # the draws of an unconditioned micro-step: caption dropout, timesteps, noise; nothing else
-    expected = torch.Generator().manual_seed(5)
-    torch.rand(2, generator=expected)
-    training_timesteps(2, video_tokens(batch["x"].shape, cfg), expected, cfg.diffusion)
-    torch.randn(batch["x"].shape, generator=expected)
-    assert torch.equal(used.get_state(), expected.get_state())
+    forward_backward(engine, batch, prompts, None, 7, cfg, torch.float32)
+    x_t, t = engine.calls[0][:2]
+    x0 = to_unit_range(batch["x"])
+    for index, key in enumerate(batch["key"]):  # caption dropout, timestep, noise; nothing else
+        expected = sample_generator(cfg.seed, key, 7)
+        torch.rand(1, generator=expected)
+        drawn = training_timesteps(1, video_tokens(batch["x"].shape, cfg), expected, cfg.diffusion)
+        noise = torch.randn(batch["x"].shape[1:], generator=expected)
+        assert torch.equal(t[index : index + 1], drawn)
+        torch.testing.assert_close(x_t[index], (1 - drawn) * x0[index] + drawn * noise, rtol=0, atol=1e-6)
     assert engine.calls[0][4] is None
+    alone = RecordingEngine(engine.model)  # the second sample alone draws what it drew beside the first
+    forward_backward(
+        alone, {name: value[1:] for name, value in batch.items()}, prompts, None, 7, cfg, torch.float32
+    )
+    assert torch.equal(alone.calls[0][0][0], x_t[1]) and torch.equal(alone.calls[0][1], t[1:])
 
 
 def test_a_short_conditioned_training_run():
@@ -224,16 +237,15 @@ def test_a_short_conditioned_training_run():
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     batch = video_batch(4)
 
-    def step(generator: torch.Generator) -> float:
+    def step(number: int) -> float:
         optimizer.zero_grad()
-        return forward_backward(engine, batch, prompts, None, generator, cfg, torch.float32)
+        return forward_backward(engine, batch, prompts, None, number, cfg, torch.float32)
 
-    before = step(torch.Generator().manual_seed(99))  # the same draws before and after training
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(20):
-        step(generator)
+    before = step(99)  # the same draws before and after training
+    for number in range(1, 21):
+        step(number)
         optimizer.step()
-    after = step(torch.Generator().manual_seed(99))
+    after = step(99)
     assert math.isfinite(after) and after < 0.8 * before
     masks = torch.cat([call[4] for call in engine.calls])  # (steps·B, f)
     assert masks.any(dim=1).float().mean() > 0.5 and not masks.all(dim=1).any()

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
 from ..config import TrainConfig, config_hash
@@ -36,7 +35,6 @@ class TrainState:
     ema: EMA
     guards: TrainingGuards
     loader: VideoLoader
-    generator: torch.Generator
 
     def capture(
         self, cfg: TrainConfig, world_size: int, accumulation: int, wandb_id: str | None
@@ -52,7 +50,7 @@ class TrainState:
             "guards": self.guards.state_dict(), "wandb_id": wandb_id, "config": asdict(cfg),
             "config_hash": config_hash(cfg),
         }  # fmt: skip
-        rank_state = {"rng": capture_rng(self.generator), "loader": self.loader.state_dict()}
+        rank_state = {"rng": capture_rng(), "loader": self.loader.state_dict()}
         return trainer_state, rank_state
 
     def restore(
@@ -83,11 +81,11 @@ class TrainState:
         if same_data is not None:
             rank_state = read_rank_state(checkpoint, same_data)
             self.loader.load_state_dict(rank_state["loader"])
-            restore_rng(rank_state["rng"], self.generator)
+            restore_rng(rank_state["rng"])
         else:  # one saved state per old data-parallel rank: the first rank of each old group
             saved = [read_rank_state(checkpoint, r)["loader"] for r in range(0, saved_world, saved_degree)]
             self.loader.load_state_dict(merge_loader_states(saved))
-            reseed_rng(cfg.seed, step, dist_info.data_rank, self.generator)
+            reseed_rng(cfg.seed, step, dist_info.data_rank)
         self.ema.load_state_dict(load_file(str(checkpoint / EMA_WEIGHTS)), trainer_state["ema_updates"])
         self.guards.load_state_dict(trainer_state["guards"])
         return Resumed(

@@ -62,10 +62,9 @@ def loss_sums(
     timesteps = validation_timesteps(timesteps, t_range)
     sums: dict[str, list[float]] = {}
     device = next(model.parameters()).device
-    no_dropout = torch.Generator()
     for batch in batches:
         x0 = clean_latents(batch, latent_space, device, dtype)
-        text, mask = text_input(batch, prompts, 0.0, no_dropout, device, dtype)
+        text, mask = text_input(batch, prompts, None, device, dtype)
         noise = clip_noise(batch["key"], x0.shape, seed).to(device)  # float32, as t (see flow_errors)
         per_clip = torch.zeros(x0.shape[0], device=device)
         for value in timesteps:

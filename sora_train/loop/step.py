@@ -12,9 +12,8 @@ import torch
 from ..batch_inputs import clean_latents, text_input
 from ..config import TrainConfig
 from ..data.loader import Batch
-from ..diffusion.conditioning import draw_frame_mask
+from ..diffusion.draws import draw_for_samples
 from ..diffusion.flow import flow_loss
-from ..diffusion.timesteps import training_timesteps
 from ..ema import EMA
 from ..guards import StepVerdict, TrainingGuards
 from ..models.prompts import PromptEncoder
@@ -24,28 +23,28 @@ from ..throughput import batch_flops, batch_tokens, caption_tokens
 
 
 def forward_backward(
-    engine, batch: Batch, prompts: PromptEncoder, latent_space: LatentSpace | None, generator: torch.Generator,
+    engine, batch: Batch, prompts: PromptEncoder, latent_space: LatentSpace | None, step: int,
     cfg: TrainConfig, dtype: torch.dtype,
 ) -> float:  # fmt: skip
-    """One micro-batch: encode (unless `latent_space` is None: the batch holds latents), noise at
-    the configured timesteps, flow-matching loss, backward. Returns the loss.
+    """One micro-batch of optimizer step `step`: encode (unless `latent_space` is None: the batch
+    holds latents), noise at the configured timesteps, flow-matching loss, backward. Returns the loss.
 
-    With frame conditioning configured, a strategy per sample keeps some latent frames clean
-    (drawn after the noise); those frames carry no loss. Otherwise nothing more is drawn.
+    Each sample's caption dropout, timestep, noise and (with frame conditioning) frames kept clean
+    come from (seed, its key, step) (`diffusion/draws.py`); kept frames carry no loss.
     """
     device = engine.device
     x0 = clean_latents(batch, latent_space, device, dtype)
-    text, mask = text_input(batch, prompts, cfg.data.caption_dropout, generator, device, dtype)
-    t = training_timesteps(x0.shape[0], video_tokens(x0.shape, cfg), generator, cfg.diffusion)
-    noise = torch.randn(x0.shape, generator=generator)
-    frame_mask = None  # (B, f) bool: latent frames kept clean
-    if cfg.diffusion.conditions_frames():
-        frame_mask = draw_frame_mask(x0.shape[0], x0.shape[2], cfg.diffusion, generator).to(device)
+    draws = draw_for_samples(
+        batch["key"], step, cfg.seed, x0.shape, video_tokens(x0.shape, cfg), cfg.data.caption_dropout,
+        cfg.diffusion,
+    )  # fmt: skip
+    text, mask = text_input(batch, prompts, draws.dropped, device, dtype)
+    frame_mask = None if draws.frame_mask is None else draws.frame_mask.to(device)  # (B, f) bool
     # t and the noise stay float32: near t = 1 a bf16 t moves in steps of 1/256 (about 4 in diffusers'
     # 1000·t), and x_t = (1 - t)·x0 + t·noise is formed in float32 before it is cast for the model
     loss = flow_loss(
-        lambda x_t, t_: engine(x_t, t_, text, mask, frame_mask), x0, noise.to(device), t.to(device),
-        frame_mask, cfg.diffusion.loss_weighting,
+        lambda x_t, t_: engine(x_t, t_, text, mask, frame_mask), x0, draws.noise.to(device),
+        draws.t.to(device), frame_mask, cfg.diffusion.loss_weighting,
     )  # fmt: skip
     engine.backward(loss)
     return loss.item()
@@ -74,21 +73,19 @@ class StepOutcome:
 
 @dataclass
 class Stepper:
-    """Everything a step touches: the engine, the EMA and guards, the encoders, this data-parallel
-    rank's random stream (shared by its sequence-parallel group), and the compute dtype."""
+    """Everything a step touches: the engine, the EMA and guards, the encoders and the compute dtype."""
 
     engine: object  # deepspeed.DeepSpeedEngine
     ema: EMA
     guards: TrainingGuards
     prompts: PromptEncoder
     encoder: LatentSpace | None  # None: the batches hold precomputed latents
-    generator: torch.Generator
     cfg: TrainConfig
     dtype: torch.dtype
     accumulation: int
 
-    def train_step(self, batches: Iterator[Batch]) -> StepOutcome:
-        """Accumulate `accumulation` micro-batches, step (the engine clips and skips non-finite
+    def train_step(self, batches: Iterator[Batch], step: int) -> StepOutcome:
+        """Optimizer step `step`: accumulate `accumulation` micro-batches, step (the engine clips and skips non-finite
         steps), update the EMA when the step was applied, and let the guards judge it (collective)."""
         started, data_wait, losses, keys, tokens, flops = time.perf_counter(), 0.0, [], [], 0, 0.0
         patch = tuple(self.cfg.model.patch_size)
@@ -97,7 +94,7 @@ class Stepper:
             batch = next(batches)
             data_wait += time.perf_counter() - fetch
             losses.append(forward_backward(
-                self.engine, batch, self.prompts, self.encoder, self.generator, self.cfg, self.dtype
+                self.engine, batch, self.prompts, self.encoder, step, self.cfg, self.dtype
             ))  # fmt: skip
             self.engine.step()  # DeepSpeed counts micro-batches; the last one of a step updates the weights
             keys.extend(batch["key"])
