@@ -48,12 +48,18 @@ def _filesystem(url: str):
 
 
 def resolve_shards(source: str, allow_pipe: bool = False) -> list[str]:
-    """Expand a shard source into a sorted list of shard URLs; raises ShardError if there are none."""
-    if source.startswith(PIPE):
+    """Expand a shard source into a sorted list of shard URLs; raises ShardError if there are none.
+
+    A `pipe:` URL only ever comes from the source string itself, and only with `allow_pipe`: a
+    file listed from a directory is named by its path inside it (`./pipe:x.tar`, never `pipe:x.tar`).
+    """
+    paths = list(braceexpand.braceexpand(source)) if "{" in source else [source]
+    if any(path.startswith(PIPE) for path in paths):
         if not allow_pipe:
             raise ShardError(f"{source}: pipe: sources run a shell; set data.allow_pipe=true to accept them")
-        return list(braceexpand.braceexpand(source))
-    paths = list(braceexpand.braceexpand(source)) if "{" in source else [source]
+        if not all(path.startswith(PIPE) for path in paths):
+            raise ShardError(f"{source}: a source is either all pipe: commands or none")
+        return paths
     if is_remote(source):
         return _resolve_remote(source, paths)
     paths = [_local(p) for p in paths]
@@ -63,8 +69,8 @@ def resolve_shards(source: str, allow_pipe: bool = False) -> list[str]:
             raise ShardError(
                 f"{source}: {len(missing)} of {len(paths)} shards are missing, e.g. {missing[0]}"
             )
-    elif Path(paths[0]).is_dir():
-        paths = [str(p) for p in Path(paths[0]).glob("*.tar")]
+    elif Path(paths[0]).is_dir():  # os.path.join keeps "./": a listed name never reads as a URL
+        paths = [os.path.join(paths[0], p.name) for p in Path(paths[0]).glob("*.tar")]
     elif not Path(paths[0]).is_file():
         raise ShardError(f"{source}: no such file or directory")
     if not paths:

@@ -1,0 +1,69 @@
+"""Shard sources: `pipe:` commands only ever come from the config string, and only when allowed;
+a directory of hostile file names is read as files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sora_train.data.index import build_index
+from sora_train.data.storage import PIPE, ShardError, resolve_shards
+
+# File names a directory may hold that would run a shell if they were ever read as pipe: URLs.
+HOSTILE_NAMES = [
+    "pipe:touch PWNED;.tar",
+    "pipe:touch PWNED.tar",
+    "pipe:echo {a,b} > PWNED;.tar",
+    "pipe: touch PWNED .tar",
+]
+
+
+@pytest.fixture
+def hostile_dir(tmp_path: Path, corpus: Path) -> Path:
+    """One real shard and a few hostile names (empty files) in one directory."""
+    directory = tmp_path / "shards"
+    directory.mkdir()
+    shutil.copy(resolve_shards(str(corpus / "train"))[0], directory / "good.tar")
+    for name in HOSTILE_NAMES:
+        (directory / name).write_bytes(b"not a tar")
+    return directory
+
+
+@pytest.mark.parametrize("allow_pipe", [False, True])
+def test_a_directory_listing_never_becomes_a_pipe_url(hostile_dir, tmp_path, monkeypatch, allow_pipe):
+    for source in (str(hostile_dir), "."):  # "." lists bare names: the listing keeps the "./"
+        monkeypatch.chdir(hostile_dir)
+        urls = resolve_shards(source, allow_pipe=allow_pipe)
+        assert len(urls) == len(HOSTILE_NAMES) + 1
+        assert not any(url.startswith(PIPE) for url in urls)
+        index = build_index(urls, cache_dir=tmp_path / f"cache-{source != '.'}")
+        assert index.corrupt_shards == len(HOSTILE_NAMES)  # read as (broken) files, counted
+        assert len(index) == 8  # the good shard's samples
+        assert not (hostile_dir / "PWNED").exists() and not (tmp_path / "PWNED").exists()
+        assert not any(p.name.startswith("PWNED") for p in Path(os.getcwd()).iterdir())
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "pipe:cat a.tar",
+        "{pipe:cat a.tar,pipe:cat b.tar}",
+        "pipe:cat shard-{0..1}.tar",
+        "{x.tar,pipe:cat a.tar}",
+    ],
+)
+def test_pipe_commands_in_the_config_string_need_allow_pipe(source):
+    with pytest.raises(ShardError, match=r"data\.allow_pipe=true"):
+        resolve_shards(source)
+
+
+def test_allowed_pipe_sources_are_all_commands_or_none():
+    assert resolve_shards("pipe:cat shard-{0..1}.tar", allow_pipe=True) == [
+        "pipe:cat shard-0.tar",
+        "pipe:cat shard-1.tar",
+    ]
+    with pytest.raises(ShardError, match="all pipe: commands or none"):
+        resolve_shards("{x.tar,pipe:cat a.tar}", allow_pipe=True)
