@@ -3,12 +3,14 @@ a directory of hostile file names is read as files."""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 from pathlib import Path
 
 import pytest
 
+from sora_train.data import index
 from sora_train.data.index import build_index
 from sora_train.data.storage import PIPE, ShardError, resolve_shards
 
@@ -67,3 +69,38 @@ def test_allowed_pipe_sources_are_all_commands_or_none():
     ]
     with pytest.raises(ShardError, match="all pipe: commands or none"):
         resolve_shards("{x.tar,pipe:cat a.tar}", allow_pipe=True)
+
+
+class FlakyFile(io.BytesIO):
+    """A shard whose first `failures` opened copies fail their reads after 1 KiB, as a throttled
+    object store or a network file system in trouble would."""
+
+    failures = 0
+
+    def read(self, size: int = -1) -> bytes:
+        if FlakyFile.failures > 0 and self.tell() > 1024:
+            FlakyFile.failures -= 1
+            raise OSError(5, "Input/output error")
+        return super().read(size)
+
+
+@pytest.mark.parametrize("failures, readable", [(3, True), (4, False)])
+def test_a_failed_read_is_retried_and_never_cached_as_a_truncated_shard(
+    corpus, tmp_path, monkeypatch, failures, readable
+):
+    shard = resolve_shards(str(corpus / "train"))[0]
+    clean = index.scan_shard(shard)
+    monkeypatch.setattr(index, "open_shard", lambda location: FlakyFile(Path(location).read_bytes()))
+    monkeypatch.setattr(index, "RETRY_WAIT", 0.0)
+    monkeypatch.setattr(index.time, "sleep", lambda seconds: None)
+    FlakyFile.failures = failures
+    cache = tmp_path / "cache"
+    if readable:  # three failed attempts, then the fourth reads it whole
+        assert index.cached_scan(shard, cache) == (shard, clean) and clean["corrupt"] is None
+        assert FlakyFile.failures == 0
+    else:
+        with pytest.raises(ShardError, match=f"{Path(shard).name}: unreadable after 4 attempts"):
+            index.cached_scan(shard, cache)
+    assert [p for p in (cache / "index").glob("*.json")] == (
+        [index.scan_cache_path(shard, shard, cache)] if readable else []
+    )

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import tarfile
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from webdataset.tariterators import base_plus_ext
 
 from .decode import SkipSample
 from .shards import read_captioned
-from .storage import PIPE, materialize_pipe, open_shard, shard_signature
+from .storage import PIPE, ShardError, materialize_pipe, open_shard, shard_signature
 
 INDEX_VERSION = 2
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov", "avi")
@@ -147,10 +148,29 @@ def scan_shard(location: str) -> dict:
                     data = tar.extractfile(info).read() if extension.lower() in METADATA_MEMBERS else None
                     current["members"][extension.lower()] = (info.offset_data, info.size, data)
                     current["end"] = min(end, size)
-        except (tarfile.TarError, OSError, EOFError) as error:
+        except (tarfile.TarError, EOFError) as error:  # damage; a failed read (OSError) is not
             corrupt, current = str(error) or type(error).__name__, None  # the sample in progress may be torn
         finish()
     return {"version": INDEX_VERSION, "samples": samples, "corrupt": corrupt}
+
+
+READ_ATTEMPTS = 4  # scans of a shard whose reads fail before it counts as unreadable
+RETRY_WAIT = 0.5  # seconds before the second attempt, doubling after each
+
+
+def scan_with_retries(location: str, attempts: int = READ_ATTEMPTS, wait: float = RETRY_WAIT) -> dict:
+    """`scan_shard`, again after a failed read (an object store's throttle, a network file system's
+    hiccup), with exponential backoff. A shard still unreadable after `attempts` raises ShardError
+    naming it: a read error is never taken for damage, so it is never cached as a truncated shard."""
+    for attempt in range(attempts - 1):
+        try:
+            return scan_shard(location)
+        except OSError:
+            time.sleep(wait * 2**attempt)
+    try:
+        return scan_shard(location)
+    except OSError as error:
+        raise ShardError(f"{location}: unreadable after {attempts} attempts: {error}") from error
 
 
 def scan_cache_path(url: str, location: str, cache_dir: Path) -> Path:
@@ -170,7 +190,7 @@ def cached_scan(url: str, cache_dir: Path) -> tuple[str, dict]:
                 return location, scan
         except (OSError, ValueError):
             pass  # an unreadable cache entry is rebuilt
-    scan = scan_shard(location)
+    scan = scan_with_retries(location)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     partial.write_text(json.dumps(scan), encoding="utf-8")
