@@ -1,15 +1,21 @@
-"""Throughput of the training loader against a bare read of the same shards: video clips and latents.
+"""Throughput of the training loader against a bare read of the same shards: video clips and latents,
+and the decoders (`data.decoder`) against each other.
 
-Two comparisons, each at equal process counts, printed side by side from one run:
+Three comparisons, each at equal process counts, printed side by side from one run:
 
-* **video**: clips/s of `VideoLoader` (read the sample's byte range, split its tar members,
-  parse the json, decode with decord, resize + centre crop to the bucket, stack the uint8 batch)
-  against a bare decord loop over the same tars (`tarfile` in file order, `.read()` of each
-  sample's mp4, `decord.VideoReader(io.BytesIO(data), num_threads=1)`, `get_batch` of the same
-  frames, same stride, centred window, then `del reader`; no resize, no float conversion, no
-  batching). The loader with `num_workers=0` (decoding in this process) is compared with the
-  loop in this process; the loader with `num_workers=N` with the loop split over N spawned
-  processes (each takes every N-th sample). Target: loader / bare >= 0.8.
+* **video**, once per decoder (`--decoders`, default every one installed): clips/s of
+  `VideoLoader` (read the sample's byte range, split its tar members, parse the json, decode with
+  that decoder, resize + centre crop to the bucket, stack the uint8 batch) against a bare loop of
+  the same decoding library over the same tars (`tarfile` in file order, `.read()` of each
+  sample's mp4, then the library's own calls for the same frames, same stride, centred window:
+  decord `VideoReader(io.BytesIO(data), num_threads=1)` + `get_batch` + `del reader`; torchcodec
+  `VideoDecoder(data, seek_mode="exact", num_ffmpeg_threads=1)` + `get_frames_at`; PyAV
+  `av.open` + decoding on one thread from the start to the last wanted frame + `to_ndarray`; no
+  resize, no float conversion, no batching). The loader with `num_workers=0` (decoding in this process)
+  is compared with the loop in this process; the loader with `num_workers=N` with the loop split
+  over N spawned processes (each takes every N-th sample). Target: loader / bare >= 0.8.
+* **decoders**: the video runs above, each decoder's loader clips/s (and CPU per clip) over the
+  first decoder's from the same repeat, so the decoders are compared side by side, interleaved.
 * **latent**: samples/s of `VideoLoader` on latent shards (`KEY.latent.npy` float16 (C, f, h, w)
   and `KEY.json` with a caption and the bucket name) against a raw sequential read of the same
   tars (`tarfile`, `.read()` of every member). Target: loader / raw >= 0.9.
@@ -21,14 +27,15 @@ clips of 54-96 pixels, 16-20 frames). Building the loader's shard index is timed
 (first build into an empty cache, then a cached build) and left out of the throughput. Each side
 runs a short warm-up (worker start-up, imports, the first reader) before its clock starts, and
 both sides of a comparison measure the same number of samples. Comparisons are interleaved and
-repeated (`--repeats`); every figure is the median, every ratio the median of the paired runs.
+repeated (`--repeats`, default 5); every figure is the median, every ratio the median of the paired
+runs.
 Wall times count what else the machine did (other processes; on a VM the CPU time the
 hypervisor takes, "steal", which is printed). CPU times do not: user + system seconds of every
 process doing the work (this one with all its threads, the loader's workers read from /proc,
 the bare processes' own), per sample. Their ratio, bare / loader, is the throughput ratio the
 two sides would have on otherwise idle cores, and is the steadier figure on a shared machine.
-A per-sample CPU breakdown of the loader's own stages (in this process, median over the samples)
-shows where the difference goes, the resize + crop among them. Linux only (/proc).
+A per-sample CPU breakdown of the loader's own stages (in this process, median over the samples,
+once per decoder) shows where the difference goes, the resize + crop among them. Linux only (/proc).
 
 Torch runs with `--torch-threads` intra-op threads in this process (default 1, so the in-process
 pair compares one core with one core); the loader's decode workers run one thread each.
@@ -36,12 +43,13 @@ pair compares one core with one core); the loader's decode workers run one threa
     python bench/loader_throughput.py [--size 256] [--source-frames 33] [--videos 48]
         [--frames 17] [--stride 2] [--bucket-side 224] [--batch 4] [--video-samples 48]
         [--latents 1024] [--latent-batch 16] [--latent-samples 2048] [--workers 0 2]
-        [--repeats 3] [--workdir DIR] [--keep]
+        [--decoders decord torchcodec pyav] [--repeats 5] [--workdir DIR] [--keep]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import io
 import itertools
 import json
@@ -56,14 +64,21 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import decord
+import av
 import machine  # bench/machine.py and bench/scratch.py: the script's own directory is on sys.path
 import numpy as np
 import torch
 from scratch import scratch_dir
 
 from sora_train.data.buckets import Bucket, BucketTable
-from sora_train.data.decode import ClipSpec, decode_frames, fit_frames
+from sora_train.data.decode import (
+    AUTO_ORDER,
+    ClipSpec,
+    decode_frames,
+    fit_frames,
+    installed_decoders,
+    resolve_decoder,
+)
 from sora_train.data.index import LATENT_MEMBER, ShardSetIndex, build_index
 from sora_train.data.loader import LoaderSettings, VideoLoader
 from sora_train.data.samples import all_finite, split_members
@@ -107,6 +122,11 @@ class Case:
     warmup_batches: int
     samples: int
     processes: int  # of the bare side; the loader decodes in settings.num_workers processes (0: here)
+
+    @property
+    def key(self) -> tuple[str, int, str]:
+        """(path, loader workers, decoder): where its runs are filed; latents decode nothing ("-")."""
+        return self.path, self.settings.num_workers, self.settings.decoder if self.path == "video" else "-"
 
 
 def tree_cpu() -> float:
@@ -222,24 +242,68 @@ def centred_indices(num_frames: int, frames: int, stride: int) -> list[int]:
     return list(range(start, start + span, stride))
 
 
-def bare_item(path: str, frames: int, stride: int, sample: dict[str, bytes]) -> None:
-    """The bare side's work on one read sample: decord decode for videos, nothing more for latents."""
+def bare_decord(data: bytes, frames: int, stride: int) -> np.ndarray:
+    """decord's own calls for the centred frames."""
+    import decord
+
+    reader = decord.VideoReader(io.BytesIO(data), num_threads=1)
+    pixels = reader.get_batch(centred_indices(len(reader), frames, stride)).asnumpy()
+    del reader
+    return pixels
+
+
+def bare_torchcodec(data: bytes, frames: int, stride: int) -> np.ndarray:
+    """torchcodec's own calls for the centred frames (exact seeks, one FFmpeg thread, on the CPU)."""
+    from torchcodec.decoders import VideoDecoder
+
+    decoder = VideoDecoder(
+        data, seek_mode="exact", dimension_order="NHWC", num_ffmpeg_threads=1, device="cpu"
+    )
+    return decoder.get_frames_at(centred_indices(decoder.metadata.num_frames, frames, stride)).data.numpy()
+
+
+def bare_pyav(data: bytes, frames: int, stride: int) -> np.ndarray:
+    """PyAV's own calls for the centred frames: decode from the start to the last one, on one thread."""
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        stream.thread_count = 1
+        wanted = centred_indices(stream.frames, frames, stride)
+        kept = []
+        for index, frame in enumerate(container.decode(stream)):
+            if index in wanted:
+                kept.append(frame.to_ndarray(format="rgb24"))
+            if index == wanted[-1]:
+                break
+    return np.stack(kept)
+
+
+BARE_DECODE = {"decord": bare_decord, "torchcodec": bare_torchcodec, "pyav": bare_pyav}
+
+
+def bare_item(path: str, decoder: str, frames: int, stride: int, sample: dict[str, bytes]) -> None:
+    """The bare side's work on one read sample: the decoder's own decode for videos, nothing for latents."""
     if path == "video":
-        reader = decord.VideoReader(io.BytesIO(sample["mp4"]), num_threads=1)
-        reader.get_batch(centred_indices(len(reader), frames, stride)).asnumpy()
-        del reader
+        BARE_DECODE[decoder](sample["mp4"], frames, stride)
 
 
 def bare_share(
-    path: str, shards: list[str], frames: int, stride: int, warmup: int, count: int, part: int, parts: int
+    path: str,
+    decoder: str,
+    shards: list[str],
+    frames: int,
+    stride: int,
+    warmup: int,
+    count: int,
+    part: int,
+    parts: int,
 ) -> Iterator[None]:
     """Warm up on `warmup` samples, yield once, then process `count` samples (this part's share)."""
     stream = raw_samples(shards, part, parts)
     for _ in range(warmup):
-        bare_item(path, frames, stride, next(stream))
+        bare_item(path, decoder, frames, stride, next(stream))
     yield
     for _ in range(count):
-        bare_item(path, frames, stride, next(stream))
+        bare_item(path, decoder, frames, stride, next(stream))
 
 
 def _bare_process(args: tuple, barrier: Any, done: Any) -> None:
@@ -255,9 +319,9 @@ def _bare_process(args: tuple, barrier: Any, done: Any) -> None:
 
 def run_bare(case: Case, frames: int, stride: int, warmup: int) -> Run:
     """The bare side of a case: in this process, or split over `case.processes` spawned processes."""
-    path, shards, parts = case.path, case.shards, case.processes
+    path, decoder, shards, parts = case.path, case.settings.decoder, case.shards, case.processes
     if parts == 1:
-        steps = bare_share(path, shards, frames, stride, warmup, case.samples, 0, 1)
+        steps = bare_share(path, decoder, shards, frames, stride, warmup, case.samples, 0, 1)
         next(steps)
         wall, cpu = time.perf_counter(), time.process_time()
         for _ in steps:
@@ -269,7 +333,7 @@ def run_bare(case: Case, frames: int, stride: int, warmup: int) -> Run:
     processes = [
         context.Process(
             target=_bare_process,
-            args=((path, shards, frames, stride, warmup, shares[part], part, parts), barrier, done),
+            args=((path, decoder, shards, frames, stride, warmup, shares[part], part, parts), barrier, done),
         )
         for part in range(parts)
     ]
@@ -325,7 +389,7 @@ def index_build(shards: list[str], settings: LoaderSettings) -> tuple[float, flo
 
 VIDEO_STAGES = (
     "read byte range, split tar members, parse json",
-    "decode (decord, centred window)",
+    "decode (centred window)",
     "resize + crop to the bucket (fit_frames)",
     "collate: stack uint8 frames",
 )
@@ -362,7 +426,7 @@ def video_breakdown(shards: list[str], settings: LoaderSettings) -> dict[str, fl
         meta, members = sample_members(index, sample)
         clock.append(time.process_time())
         rng = np.random.default_rng(0)  # unused: the window is centred
-        frames = decode_frames(members["mp4"], spec, rng, None, int(meta["num_frames"]))
+        frames = decode_frames(members["mp4"], spec, rng, None, int(meta["num_frames"]), settings.decoder)
         clock.append(time.process_time())
         clip = fit_frames(frames, bucket.height, bucket.width).numpy()
         clock.append(time.process_time())
@@ -405,11 +469,13 @@ def print_breakdown(title: str, breakdown: dict[str, float]) -> None:
 # Report
 
 
-def environment() -> str:
+def environment(decoders: list[str]) -> str:
     """One line: machine and library versions."""
+    modules = {"decord": "decord", "torchcodec": "torchcodec", "pyav": "av"}
+    versions = ", ".join(f"{name} {importlib.import_module(modules[name]).__version__}" for name in decoders)
     return machine.environment(
-        f"torch {torch.__version__} ({torch.get_num_threads()} intra-op threads here), "
-        f"decord {decord.__version__}, numpy {np.__version__}"
+        f"torch {torch.__version__} ({torch.get_num_threads()} intra-op threads here), {versions}, "
+        f"numpy {np.__version__}"
     )
 
 
@@ -418,21 +484,45 @@ def shard_mb(shards: list[str]) -> float:
     return sum(Path(s).stat().st_size for s in shards) / 2**20
 
 
-def print_results(results: dict[tuple[str, int], tuple[list[Run], list[Run]]]) -> None:
+Results = dict[tuple[str, int, str], tuple[list[Run], list[Run]]]
+
+
+def print_results(results: Results) -> None:
     """The comparison table, Markdown: medians over the repeats; ratios are medians of paired runs."""
-    print("\n| path | decode processes (loader workers) | samples timed | loader samples/s | bare samples/s "
-          "| ratio (wall) | CPU ms per sample, loader / bare | ratio (CPU) | target | met (wall / CPU) |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for (path, workers), (loader, bare) in results.items():
+    print("\n| path | decoder | decode processes (loader workers) | samples timed | loader samples/s "
+          "| bare samples/s | ratio (wall) | CPU ms per sample, loader / bare | ratio (CPU) | target "
+          "| met (wall / CPU) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for (path, workers, decoder), (loader, bare) in results.items():
         pairs = list(zip(loader, bare, strict=True))
         wall = statistics.median(a.rate / b.rate for a, b in pairs)
         cpu = statistics.median(b.cpu_ms / a.cpu_ms for a, b in pairs)
         met = " / ".join("yes" if ratio >= TARGETS[path] else "**no**" for ratio in (wall, cpu))
         print(
-            f"| {path} | {max(1, workers)} ({workers}) | {loader[0].samples} "
+            f"| {path} | {decoder} | {max(1, workers)} ({workers}) | {loader[0].samples} "
             f"| {statistics.median(r.rate for r in loader):.1f} | {statistics.median(r.rate for r in bare):.1f} "
             f"| **{wall:.2f}** | {statistics.median(r.cpu_ms for r in loader):.2f} / "
             f"{statistics.median(r.cpu_ms for r in bare):.2f} | {cpu:.2f} | {TARGETS[path]} | {met} |"
+        )
+
+
+def print_decoders(results: Results, decoders: list[str]) -> None:
+    """Each decoder's loader runs over the first decoder's from the same repeats, Markdown."""
+    first = decoders[0]
+    print(f"\n| decoder | decode processes (loader workers) | loader clips/s | ratio to {first} (wall) "
+          f"| CPU ms per clip | ratio to {first} (CPU) | bare clips/s | bare ratio to {first} (wall) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for (path, workers, decoder), (loader, bare) in results.items():
+        if path != "video":
+            continue
+        base_loader, base_bare = results[(path, workers, first)]
+        wall = statistics.median(a.rate / b.rate for a, b in zip(loader, base_loader, strict=True))
+        cpu = statistics.median(b.cpu_ms / a.cpu_ms for a, b in zip(loader, base_loader, strict=True))
+        bare_wall = statistics.median(a.rate / b.rate for a, b in zip(bare, base_bare, strict=True))
+        print(
+            f"| {decoder} | {max(1, workers)} ({workers}) | {statistics.median(r.rate for r in loader):.1f} "
+            f"| **{wall:.2f}** | {statistics.median(r.cpu_ms for r in loader):.2f} | {cpu:.2f} "
+            f"| {statistics.median(r.rate for r in bare):.1f} | {bare_wall:.2f} |"
         )
 
 
@@ -455,7 +545,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--per-shard", type=int, default=8, help="video clips per shard (default 8; latents: 16x that)")
     add("--warmup", type=int, default=2, help="warm-up batches of each side (default 2)")
     add("--workers", type=int, nargs="+", default=[0, 2], help="loader worker counts (default 0 2)")
-    add("--repeats", type=int, default=3, help="runs of each comparison; median (default 3)")
+    add("--decoders", nargs="+", choices=AUTO_ORDER, default=None,
+        help="video decoders to compare, the first is the reference (default: every one installed)")  # fmt: skip
+    add("--repeats", type=int, default=5, help="runs of each comparison; median (default 5)")
     add("--torch-threads", type=int, default=1, help="torch intra-op threads in this process (default 1)")
     add("--workdir", type=Path, default=None, help="where shards and caches go (default: temp)")
     add("--keep", action="store_true", help="keep the work folder")
@@ -463,6 +555,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.frames = args.frames or (17 if args.size else 8)
     args.bucket_side = args.bucket_side or (224 if args.size else 64)
     args.latent_shape = tuple(int(n) for n in args.latent_shape.split(","))
+    args.decoders = [resolve_decoder(name, "--decoders") for name in args.decoders or installed_decoders()]
     counts = (args.videos, args.batch, args.video_samples, args.latents, args.latent_batch, args.per_shard)
     if min(counts) < 1 or min(args.workers) < 0 or args.repeats < 1 or len(args.latent_shape) != 4:
         parser.error("counts and sizes must be >= 1, --workers >= 0, --latent-shape four integers")
@@ -470,6 +563,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if span > (args.source_frames if args.size else 16):
         parser.error(f"{args.frames} frames at stride {args.stride} need {span} source frames")
     return args
+
+
+def run_comparisons(cases: list[Case], args: argparse.Namespace) -> tuple[Results, int, int]:
+    """Every case's loader and bare runs, all cases once per repeat (interleaved); the results and
+    the machine's stolen and total CPU ticks meanwhile."""
+    results: Results = {case.key: ([], []) for case in cases}
+    stolen, ticks = machine.steal_jiffies()
+    for repeat in range(args.repeats):
+        for case in cases:
+            batch = case.settings.batch_sizes[0]
+            loader = run_loader(case)
+            bare = run_bare(case, args.frames, args.stride, case.warmup_batches * batch)
+            loader_runs, bare_runs = results[case.key]
+            loader_runs.append(loader)
+            bare_runs.append(bare)
+            print(f"  repeat {repeat + 1}, {case.path}, {case.key[2]}, {case.settings.num_workers} workers: "
+                  f"loader {loader.rate:.1f}/s, bare {bare.rate:.1f}/s, ratio {loader.rate / bare.rate:.2f} "
+                  f"(CPU {bare.cpu_ms / loader.cpu_ms:.2f})", flush=True)  # fmt: skip
+    stolen_now, ticks_now = machine.steal_jiffies()
+    return results, stolen_now - stolen, ticks_now - ticks
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -516,37 +629,27 @@ def main(argv: list[str] | None = None) -> int:
             "latent": (latent_shards, index_build(latent_shards, latent_settings)),
         }
         cases = [
-            Case(path, shards, replace(settings, num_workers=workers), args.warmup, samples, max(1, workers))
-            for path, shards, settings, samples in (
-                ("video", video_shards, video_settings, args.video_samples),
-                ("latent", latent_shards, latent_settings, args.latent_samples),
+            Case(path, shards, replace(settings, num_workers=workers, decoder=decoder), args.warmup, samples,
+                 max(1, workers))
+            for path, shards, settings, samples, decoders in (
+                ("video", video_shards, video_settings, args.video_samples, args.decoders),
+                ("latent", latent_shards, latent_settings, args.latent_samples, args.decoders[:1]),
             )
             for workers in args.workers
+            for decoder in decoders
         ]  # fmt: skip
-        results: dict[tuple[str, int], tuple[list[Run], list[Run]]] = {
-            (c.path, c.settings.num_workers): ([], []) for c in cases
-        }
-        stolen, ticks = machine.steal_jiffies()
-        for repeat in range(args.repeats):
-            for case in cases:
-                batch = case.settings.batch_sizes[0]
-                loader = run_loader(case)
-                bare = run_bare(case, args.frames, args.stride, case.warmup_batches * batch)
-                loader_runs, bare_runs = results[(case.path, case.settings.num_workers)]
-                loader_runs.append(loader)
-                bare_runs.append(bare)
-                print(f"  repeat {repeat + 1}, {case.path}, {case.settings.num_workers} workers: "
-                      f"loader {loader.rate:.1f}/s, bare {bare.rate:.1f}/s, ratio {loader.rate / bare.rate:.2f} "
-                      f"(CPU {bare.cpu_ms / loader.cpu_ms:.2f})", flush=True)  # fmt: skip
-        stolen, ticks = (
-            now - before for now, before in zip(machine.steal_jiffies(), (stolen, ticks), strict=True)
-        )
+        results, stolen, ticks = run_comparisons(cases, args)
         breakdowns = {
-            "loader CPU ms per clip, in this process": video_breakdown(video_shards, video_settings),
-            "loader CPU ms per latent, in this process": latent_breakdown(latent_shards, latent_settings),
+            f"loader CPU ms per clip, in this process, {decoder}": video_breakdown(
+                video_shards, replace(video_settings, decoder=decoder)
+            )
+            for decoder in args.decoders
         }
+        breakdowns["loader CPU ms per latent, in this process"] = latent_breakdown(
+            latent_shards, latent_settings
+        )
 
-        print(f"\nenvironment: {environment()}")
+        print(f"\nenvironment: {environment(args.decoders)}")
         print(f"CPU time the hypervisor took (steal) during the comparisons: {100 * stolen / ticks:.0f} %")
         print(f"videos: {len(video_shards)} shards, {args.videos} clips ({described}), "
               f"{shard_mb(video_shards) / args.videos:.2f} MiB per clip; loaded as bucket "
@@ -555,6 +658,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({shard_mb(latent_shards) / args.latents * 1024:.0f} KiB each), bucket {bucket_name}, "
               f"batch {args.latent_batch}")  # fmt: skip
         print_results(results)
+        print_decoders(results, args.decoders)
         print("\n| shard set | shards | MiB | index build, empty cache (s) | index build, cached (s) |")
         print("|---|---|---|---|---|")
         for path, (shards, (first, cached)) in builds.items():

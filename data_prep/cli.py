@@ -174,6 +174,7 @@ def _run_encode(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         storage_dtype=args.storage_dtype,
+        decoder=args.decoder,
     )
     manifest = encode_shards(options)
     if manifest is not None:
@@ -214,6 +215,12 @@ def _add_encode(subparsers: argparse._SubParsersAction) -> None:
         default="float16",
         choices=["float16", "float32"],
         help="stored arrays (default float16)",
+    )
+    parser.add_argument(
+        "--decoder",
+        default="auto",
+        help="video decoder, as the trainer's data.decoder: auto (decord, else torchcodec, else PyAV), "
+        "decord, torchcodec or pyav",
     )
     parser.set_defaults(handler=_run_encode)
 

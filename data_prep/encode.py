@@ -7,7 +7,8 @@ sample's `frame_window` respected), encoded by the latent space, and written as
 `latent_space`, `source_key`). With a text encoder, `KEY.text.npy` (T, E) and
 `KEY.text_mask.npy` (T,) hold the caption's embedding; without one the caption stays text for
 the trainer's own encoder. Samples that cannot be used are counted by reason in the shard's
-`.index.json`, never written half-way.
+`.index.json`, never written half-way. `decoder` picks the video decoder as the trainer's
+`data.decoder` does; every decoder returns the same frames.
 
 Under `torchrun`, rank r takes input shards r, r + world, ...; a shard whose output and index
 exist is skipped, so rerunning after an interruption finishes the rest. Rank 0 writes
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from sora_train.data.buckets import BucketTable, load_bucket_table
-from sora_train.data.decode import ClipSpec, SkipSample, decode_clip
+from sora_train.data.decode import ClipSpec, DecoderName, SkipSample, decode_clip, resolve_decoder
 from sora_train.data.shard_writer import ShardFile, index_path, write_json_atomic
 from sora_train.data.shards import iter_shard, read_captioned
 from sora_train.data.storage import resolve_shards
@@ -51,6 +52,7 @@ class EncodeOptions:
     device: str = "cpu"
     dtype: str = "float32"  # the encoders' compute dtype: float32 | bfloat16
     storage_dtype: str = "float16"
+    decoder: DecoderName = "auto"  # as the trainer's data.decoder: auto | decord | torchcodec | pyav
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -99,9 +101,8 @@ def encode_sample(
     if bucket is None:
         raise SkipSample("no_bucket", f"{frames} frames at {width}x{height}")
     spec = ClipSpec(bucket.frames, table.stride, bucket.height, bucket.width, window="center")
-    pixels = decode_clip(
-        sample["mp4"], spec, np.random.default_rng(0), meta.get("frame_window"), meta.get("num_frames")
-    )
+    window, known = meta.get("frame_window"), meta.get("num_frames")
+    pixels = decode_clip(sample["mp4"], spec, np.random.default_rng(0), window, known, options.decoder)
     with torch.no_grad():
         latent = encoders.latent_space.encode(pixels[None].to(encoders.device))[0]  # (C, f, h, w)
     storage = STORAGE_DTYPES[options.storage_dtype]
@@ -168,6 +169,7 @@ def encode_shards(options: EncodeOptions) -> dict | None:
     """Encode this rank's shards (skipping done ones); rank 0 returns the manifest once all ranks finish."""
     inputs = resolve_shards(options.src)
     table = load_bucket_table(options.buckets)
+    resolve_decoder(options.decoder, option="--decoder")  # one clear error now, not a skip per sample
     rank, world = _rank_world()
     options.out.mkdir(parents=True, exist_ok=True)
     names = [Path(path).name for path in inputs]

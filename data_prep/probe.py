@@ -2,10 +2,12 @@
 
 `prepare_source` runs in a worker process (see `workers.py`): it hashes the file, reads its
 metadata with PyAV (frames, fps, size, duration, codec, rotation) in one pass over the packets
-that also decodes the first frame to prove the stream decodes, applies the filters, and plans the clips. A clip keeps the original
-bytes (plus a frame window when the input named one) unless it must be re-encoded: when a long
-video is split into clips, when the video carries a rotation, or when `max_side` asks for a
-smaller copy. Re-encodes are H.264 at `crf`, upright, with even sides.
+that also decodes the first frame to prove the stream decodes, applies the filters, and plans the
+clips. The frame count leaves out frames an edit list drops, as every decoder of the loader does,
+so the `num_frames` a shard records is what decord, torchcodec and PyAV each return. A clip keeps
+the original bytes (plus a frame window when the input named one) unless it must be re-encoded:
+when a long video is split into clips, when the video carries a rotation, or when `max_side` asks
+for a smaller copy. Re-encodes are H.264 at `crf`, upright, with even sides.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 import av
 import numpy as np
 
-from sora_train.video_io import Mp4Encoder
+from sora_train.video_io import Mp4Encoder, counts_as_frame
 
 from .sources import SourceItem
 
@@ -105,7 +107,7 @@ def probe_video(path: str) -> VideoProbe | Rejected:
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             num_frames, first = 0, None
             for packet in container.demux(stream):  # count every frame; decode until the first one emerges
-                num_frames += 1 if packet.size else 0
+                num_frames += counts_as_frame(packet)  # the loader's decoders count the same frames
                 if first is None:
                     first = next(iter(packet.decode()), None)  # the last, empty packet flushes the decoder
             if num_frames == 0:

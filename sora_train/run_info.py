@@ -24,6 +24,7 @@ PACKAGES = (
     "deepspeed",
     "webdataset",
     "decord",
+    "torchcodec",
     "av",
     "hydra-core",
     "wandb",

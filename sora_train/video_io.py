@@ -1,14 +1,19 @@
-"""Write and read mp4 files: PyAV encodes (H.264), decord decodes.
+"""Write and read mp4 files: PyAV encodes (H.264); reading goes through the decoders of `data/decode.py`.
 
-Frames are uint8 arrays shaped (F, H, W, 3), RGB.
+Frames are uint8 arrays shaped (F, H, W, 3), RGB. This module imports no torch (`sora-prep`'s
+probe workers use it and start without it).
 """
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .data.decode import DecoderName
 
 
 class Mp4Encoder:
@@ -53,6 +58,12 @@ class Mp4Encoder:
         return self._buffer.getvalue()
 
 
+def counts_as_frame(packet: Any) -> bool:
+    """Whether a demuxed PyAV packet is a frame a player shows: not empty (the flush packet) and not
+    dropped by an edit list. The data preparation's probe and every decoder of the loader count this way."""
+    return bool(packet.size) and not packet.is_discard
+
+
 def encode_mp4(frames: np.ndarray, fps: float = 8.0, crf: int = 18) -> bytes:
     """Encode (F, H, W, 3) uint8 RGB frames as H.264 mp4 bytes (yuv420p, so H and W must be even)."""
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
@@ -73,25 +84,17 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: float = 8.0) -> Path:
     return path
 
 
-def read_video(source: str | Path | bytes) -> tuple[np.ndarray, float]:
+def read_video(source: str | Path | bytes, decoder: DecoderName = "auto") -> tuple[np.ndarray, float]:
     """Decode every frame of an mp4 (path or bytes): ((F, H, W, 3) uint8, fps).
 
-    decord decodes; PyAV takes over for the files decord cannot read (some frame widths, such as
-    16, 24, 48 and 72 pixels, make decord fail).
+    `decoder` as `data.decoder` (auto: decord where installed, else torchcodec, else PyAV); PyAV
+    takes over for the files decord cannot read (some frame widths, such as 16, 24, 48 and 72
+    pixels, make decord fail). Raises ValueError for a file no decoder can read.
     """
+    from .data.decode import SkipSample, decode_video  # imports torch, which the probe does without
+
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     try:
-        import decord
-
-        reader = decord.VideoReader(io.BytesIO(data), num_threads=1)
-        frames = reader.get_batch(list(range(len(reader)))).asnumpy()
-        fps = float(reader.get_avg_fps())
-        del reader  # decord leaks if readers are kept around
-        return frames, fps
-    except Exception:
-        import av
-
-        with av.open(io.BytesIO(data)) as container:
-            stream = container.streams.video[0]
-            frames = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(stream)])
-            return frames, float(stream.average_rate or 0.0)
+        return decode_video(data, decoder)
+    except SkipSample as skip:
+        raise ValueError(f"not a decodable video ({skip})") from skip

@@ -3,9 +3,10 @@
 At start each rank indexes its shard sets (cached; metadata only), places every sample in a
 bucket, and builds the plan of `plan.py`: the global sequence of batches is a pure function of
 the seed, and this rank takes its share of it. Iterating reads the planned samples by byte range
-and decodes them in supervised worker processes (a decode that hangs costs `decode_timeout` and
+and decodes them in supervised worker processes, with the decoder `data.decoder` names (resolved
+once at start, where an unusable one is an error). A decode that hangs costs `decode_timeout` and
 a counted `timeout` skip, one that crashes a counted `decoder_crash`; workers are recycled every
-`worker_max_tasks` samples so native decoder leaks stay bounded). A sample that cannot be used
+`worker_max_tasks` samples so native decoder leaks stay bounded. A sample that cannot be used
 is counted by reason and its batch is smaller; a batch with no usable sample is passed over.
 
 `state_dict()` is this rank's cursor. At the same number of ranks, `load_state_dict()` continues
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 
 from .buckets import BucketTable
-from .decode import clip_stride
+from .decode import DecoderName, clip_stride, resolve_decoder
 from .index import ShardSetIndex, build_index
 from .plan import EpochPlanner, Mixture, PlannedBatch, RankCursor, merge_cursors
 from .samples import Example, SampleSettings, SampleTask, load_example, single_threaded
@@ -53,6 +54,7 @@ class LoaderSettings:
     seed: int = 0
     shuffle_window: int = 1000  # samples shuffled together, after a seeded shard order
     window: str = "random"  # where a clip is cut from its video: random | center
+    decoder: DecoderName = "auto"  # auto: decord where installed, else torchcodec, else PyAV
     target_fps: float | None = None  # None: the table's frame stride for every video
     max_upscale: float = math.inf  # a bucket needing more enlargement than this is not a candidate
     latent_shapes: tuple[tuple[int, int, int, int], ...] | None = None  # per bucket: latent shards
@@ -116,6 +118,10 @@ class VideoLoader:
         if len(settings.batch_sizes) != len(settings.table.buckets) or min(settings.batch_sizes) < 1:
             raise ValueError("need one batch size >= 1 per bucket")
         self.settings, self.rank, self.world = settings, rank, world
+        # resolved at start, so a decoder that cannot load is one clear error, not a skip per sample;
+        # latent shards decode nothing
+        latents = settings.latent_shapes is not None
+        self.decoder = settings.decoder if latents else resolve_decoder(settings.decoder)
         self.indexes = [build_index(urls, settings.cache_dir) for urls in sources]
         self.rejected: Counter = Counter()  # unusable from metadata, over the whole corpus
         self.bucket_counts: Counter = Counter()
@@ -198,7 +204,7 @@ class VideoLoader:
     def __iter__(self) -> Iterator[Batch]:
         settings = self.settings
         sample_settings = SampleSettings(
-            settings.seed, settings.table.stride, settings.target_fps, settings.window
+            settings.seed, settings.table.stride, settings.target_fps, settings.window, self.decoder
         )
         work = partial(load_example, sample_settings)
         plan_order: deque = deque()

@@ -53,6 +53,7 @@ def build_loader(
         else None,
         image_ratio=data.image_ratio,
         num_workers=data.num_workers,
+        decoder=data.decoder,
         decode_timeout=data.decode_timeout,
         worker_max_tasks=data.worker_max_tasks,
         cache_dir=Path(data.cache_dir) if data.cache_dir else None,

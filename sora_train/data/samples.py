@@ -46,6 +46,7 @@ class SampleSettings:
     stride: int
     target_fps: float | None = None
     window: str = "random"  # random | center
+    decoder: str = "auto"  # the loader resolves `data.decoder` once, so every worker decodes alike
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,8 @@ def video_clip(
     stride = clip_stride(float(meta.get("fps") or 0.0), settings.target_fps, settings.stride)
     spec = ClipSpec(task.frames, stride, task.height, task.width, settings.window)
     known = meta.get("num_frames")
-    frames = decode_frames(data, spec, rng, meta.get("frame_window"), int(known) if known else None)
+    window = meta.get("frame_window")
+    frames = decode_frames(data, spec, rng, window, int(known) if known else None, settings.decoder)
     return fit_frames(frames, task.height, task.width).numpy()
 
 
