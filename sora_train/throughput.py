@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from .config import TrainConfig, data_parallel_size
-from .data.loader import Batch
 from .flops import sample_flops
+from .models.attention import drop_caption_padding
 from .models.patch import grid_size
 from .models.vae import LatentSpace
 from .parallel.dist import DistInfo
@@ -28,11 +28,13 @@ def batch_tokens(shape: torch.Size, latent_space: LatentSpace | None, patch: tup
     return shape[0] * math.prod(grid_size(tuple(grid), patch))
 
 
-def caption_tokens(batch: Batch, learned_encoder: bool, cfg: TrainConfig) -> int:
-    """T: text tokens per sample (captions are padded to a fixed length)."""
-    if "text" in batch and not learned_encoder:
-        return int(batch["text"].shape[1])  # precomputed embeddings (B, T, E)
-    return cfg.model.text_max_length
+def attended_text_tokens(text_mask: torch.Tensor, variant: str) -> int:
+    """T: text tokens per sample the DiT attends to for a micro-batch's (B, T) caption mask: Wan's
+    whole padded captions; the other variants' captions up to the last token any of them keeps
+    (`models/attention.drop_caption_padding`)."""
+    if variant == "wan":
+        return int(text_mask.shape[1])
+    return int(drop_caption_padding(text_mask, text_mask)[1].shape[1])
 
 
 def batch_flops(cfg: TrainConfig, video_tokens: int, batch_size: int, text_tokens: int) -> float:

@@ -39,6 +39,7 @@ from .models.frozen import frozen_encoders
 from .models.lora import LoraTargetError, apply_lora, lora_spec
 from .models.prompts import PromptEncoder
 from .models.vae import LatentSpace, build_latent_space
+from .parallel.attention_backend import apply_attention_backend
 from .parallel.checkpointing import apply_activation_checkpointing
 from .parallel.compile import apply_block_compile
 from .parallel.dist import DistInfo, all_gather_objects, barrier, init_distributed, shutdown_distributed
@@ -203,8 +204,8 @@ def prepare_resume(cfg: TrainConfig, dist_info: DistInfo) -> ResumePoint:
 
 def build_model(cfg: TrainConfig, dist_info: DistInfo, resume: ResumePoint) -> tuple[VideoDenoiser, int]:
     """The denoiser, with released weights from `model.init_from` and LoRA adapters when configured,
-    then sequence parallelism, activation checkpointing and compile applied, checked against the
-    checkpoint it resumes from; and its parameter count.
+    then sequence parallelism, the attention kernels, activation checkpointing and compile applied,
+    checked against the checkpoint it resumes from; and its parameter count.
 
     Under ZeRO-3 a model with `init_from` is built partitioned and its weights are streamed in one
     tensor at a time from rank 0, so no rank ever holds the whole model.
@@ -219,6 +220,10 @@ def build_model(cfg: TrainConfig, dist_info: DistInfo, resume: ResumePoint) -> t
     if cfg.model.lora.enabled:
         add_lora(model, cfg)
     apply_sequence_parallel(model, dist_info.sequence_group)
+    try:  # before compile
+        apply_attention_backend(model, cfg.train.attention_backend, dist_info.device)
+    except ValueError as error:  # a kernel this device does not have
+        raise ConfigError(str(error)) from error
     if resume.trainer_state is not None:
         check_model_fits(resume.selection.directory, model, resume.trainer_state["config"], cfg)
     apply_activation_checkpointing(

@@ -82,9 +82,12 @@ def test_a_bf16_step_keeps_timesteps_float32_and_forms_x_t_before_casting_it():
     torch.manual_seed(0)
     engine = RecordingEngine(build_denoiser(model_cfg).to(torch.bfloat16))
     batch = {"x": torch.rand(3, 3, 2, 8, 8) * 2 - 1, "caption": ["a", "b", "c"], "key": ["a", "b", "c"]}
-    loss = forward_backward(engine, batch, PromptEncoder(model_cfg), None, 7, cfg, torch.bfloat16)
+    loss, text_tokens = forward_backward(
+        engine, batch, PromptEncoder(model_cfg), None, 7, cfg, torch.bfloat16
+    )
     x_t, t = engine.calls[0][:2]
     assert x_t.dtype == torch.bfloat16 and t.dtype == torch.float32 and loss == loss
+    assert text_tokens == 2  # the one-letter captions, their padding dropped (BOS + one word)
     tokens = video_tokens(batch["x"].shape, cfg)
     drawn = draw_for_samples(batch["key"], 7, cfg.seed, batch["x"].shape, tokens, 0.0, cfg.diffusion)
     assert torch.equal(t, drawn.t) and len(set(t.tolist())) == 3  # not rounded to bf16's 8 bits

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import io
-from pathlib import Path
-
-import decord
 import pytest
+import torch
+
+from sora_train.video_io import read_video
 
 from .conftest import FAST, assert_ok, run_module, run_train
 
@@ -44,7 +43,7 @@ def error_line(result) -> str:
             ["diffusion.timesteps=cosine"],
             "diffusion.timesteps must be logit_normal, uniform or mode, got 'cosine'",
         ),
-        (["model=huge"], "unknown model 'huge'; choose one of: 14B, 1B, 3B, 7B, B, L, S, XL, tiny"),
+        (["model=huge"], "unknown model 'huge'; choose one of: 14B, 1B, 2B, 3B, 7B, B, L, S, XL, tiny"),
         (["optim.learning_rate=1"], "unknown config key 'optim.learning_rate'"),
         (["resume=/nonexistent/ckpt"], "resume=/nonexistent/ckpt: no such checkpoint"),
         (["data.buckets=nope"], "data.buckets: unknown bucket table 'nope'"),
@@ -63,6 +62,13 @@ def test_empty_dataset_never_trains(tmp_path):
     (tmp_path / "empty").mkdir()
     result = run_train(f"run_dir={tmp_path / 'run'}", f"data.train={tmp_path / 'empty'}", *FAST, timeout=120)
     assert "no .tar shards found" in error_line(result)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the efficient kernel exists on CUDA")
+def test_an_attention_kernel_the_device_lacks_is_one_line(tmp_path, corpus):
+    data = (f"data.train={corpus / 'train'}", "data.val=null")
+    result = run_train(f"run_dir={tmp_path / 'run'}", *data, *FAST, "train.attention_backend=efficient")
+    assert "train.attention_backend=efficient has no kernel on cpu" in error_line(result)
 
 
 def test_export_and_sample_write_decodable_mp4(tmp_path, corpus):
@@ -91,9 +97,8 @@ def test_export_and_sample_write_decodable_mp4(tmp_path, corpus):
         "01_a-green-circle-moving-up-on-a-black-background.mp4",
     ]
     for path in files:
-        reader = decord.VideoReader(io.BytesIO(Path(path).read_bytes()))
-        assert len(reader) == 6
-        assert reader[0].shape == (32, 40, 3)
+        frames, _ = read_video(path)
+        assert frames.shape == (6, 32, 40, 3)
     # a checkpoint (not only an export) samples directly, and a bad size is refused clearly
     assert_ok(
         run_module("sora_train.sample", "--model", str(run_dir), "--out", str(out / "ckpt"), "--prompt", "x")

@@ -239,7 +239,7 @@ def test_a_short_conditioned_training_run():
 
     def step(number: int) -> float:
         optimizer.zero_grad()
-        return forward_backward(engine, batch, prompts, None, number, cfg, torch.float32)
+        return forward_backward(engine, batch, prompts, None, number, cfg, torch.float32).loss
 
     before = step(99)  # the same draws before and after training
     for number in range(1, 21):

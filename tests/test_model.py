@@ -147,7 +147,7 @@ def composed_preset(name: str) -> ModelConfig:
 
 
 WAN_PRESETS = ["wan21_t2v_1.3B", "wan21_t2v_14B", "wan22_ti2v_5B", "wan22_t2v_A14B"]
-PRESETS = ["tiny", "S", "B", "L", "XL", "1B", "3B", "7B", "14B", *WAN_PRESETS]
+PRESETS = ["tiny", "S", "B", "L", "XL", "1B", "2B", "3B", "7B", "14B", *WAN_PRESETS]
 VAE_CHANNELS = {"wan22_ti2v_5B": 48}  # the Wan 2.2 VAE's latents; the other Wan presets use Wan 2.1's (16)
 
 

@@ -48,6 +48,7 @@ from sora_train.planning.memory import (
 )
 from sora_train.planning.plan import plan_run, required_sequence_parallel
 from sora_train.recipes import config_dir
+from sora_train.throughput import attended_text_tokens
 
 from .conftest import assert_ok, run_module
 
@@ -124,7 +125,7 @@ def test_flops_match_torch_flop_counter(name, changes, batch, clip):
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         denoiser(x, t, text, mask).square().mean().backward()
     measured = counter.get_total_flops()
-    s, text_tokens = tokens_of(model, clip), model.text_max_length
+    s, text_tokens = tokens_of(model, clip), attended_text_tokens(mask, model.variant)  # padding cut
     predicted = batch * sample_flops(model, s, text_tokens)
     assert abs(predicted / measured - 1) < 0.02, (predicted, measured)
     attention = batch * 12 * model.depth * model.hidden_size * (s * s + s * text_tokens)

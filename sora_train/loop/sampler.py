@@ -59,7 +59,7 @@ class Sampler:
         if not (every and step % every == 0 and step < self.cfg.train.max_steps):
             return
         averaged = ema_model(
-            self.ema, self.cfg.model, self.dist_info, self.dtype, everywhere=False
+            self.ema, self.cfg, self.dist_info, self.dtype, everywhere=False
         )  # ZeRO-3: collective
         if self.logger:
             paths = write_samples(averaged, self.cfg, step)
@@ -70,9 +70,7 @@ class Sampler:
         """The final samples (a `samples` event) and, with `eval.synthetic`, the `eval_synthetic` scores."""
         cfg = self.cfg
         # every rank evaluates a share of the synthetic prompts; otherwise only rank 0 samples
-        final_model = ema_model(
-            self.ema, cfg.model, self.dist_info, self.dtype, everywhere=cfg.eval.synthetic
-        )
+        final_model = ema_model(self.ema, cfg, self.dist_info, self.dtype, everywhere=cfg.eval.synthetic)
         if self.logger:
             paths = write_samples(final_model, cfg, step)
             self.logger.log_videos(step, paths, cfg.train.sample_prompts)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -19,15 +20,23 @@ from ..guards import StepVerdict, TrainingGuards
 from ..models.prompts import PromptEncoder
 from ..models.vae import LatentSpace
 from ..parallel.dist import all_reduce_mean
-from ..throughput import batch_flops, batch_tokens, caption_tokens
+from ..throughput import attended_text_tokens, batch_flops, batch_tokens
+
+
+class MicroBatch(NamedTuple):
+    """What one micro-batch's forward and backward report."""
+
+    loss: float
+    text_tokens: int  # per sample, as the DiT attended to them (`throughput.attended_text_tokens`)
 
 
 def forward_backward(
     engine, batch: Batch, prompts: PromptEncoder, latent_space: LatentSpace | None, step: int,
     cfg: TrainConfig, dtype: torch.dtype,
-) -> float:  # fmt: skip
+) -> MicroBatch:  # fmt: skip
     """One micro-batch of optimizer step `step`: encode (unless `latent_space` is None: the batch
-    holds latents), noise at the configured timesteps, flow-matching loss, backward. Returns the loss.
+    holds latents), noise at the configured timesteps, flow-matching loss, backward. Returns the
+    loss and the text tokens per sample the DiT attended to.
 
     Each sample's caption dropout, timestep, noise and (with frame conditioning) frames kept clean
     come from (seed, its key, step) (`diffusion/draws.py`); kept frames carry no loss.
@@ -47,7 +56,7 @@ def forward_backward(
         draws.t.to(device), frame_mask, cfg.diffusion.loss_weighting,
     )  # fmt: skip
     engine.backward(loss)
-    return loss.item()
+    return MicroBatch(loss.item(), attended_text_tokens(mask, cfg.model.variant))
 
 
 def video_tokens(shape: torch.Size, cfg: TrainConfig) -> int:
@@ -93,15 +102,15 @@ class Stepper:
             fetch = time.perf_counter()
             batch = next(batches)
             data_wait += time.perf_counter() - fetch
-            losses.append(forward_backward(
+            micro = forward_backward(
                 self.engine, batch, self.prompts, self.encoder, step, self.cfg, self.dtype
-            ))  # fmt: skip
+            )
             self.engine.step()  # DeepSpeed counts micro-batches; the last one of a step updates the weights
+            losses.append(micro.loss)
             keys.extend(batch["key"])
             micro_tokens = batch_tokens(batch["x"].shape, self.encoder, patch)
             tokens += micro_tokens
-            text_tokens = caption_tokens(batch, self.prompts.learned, self.cfg)
-            flops += batch_flops(self.cfg, micro_tokens, len(batch["key"]), text_tokens)
+            flops += batch_flops(self.cfg, micro_tokens, len(batch["key"]), micro.text_tokens)
         applied = self.engine.was_step_applied()
         if applied:
             self.ema.update(self.engine.module)

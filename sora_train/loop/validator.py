@@ -52,7 +52,7 @@ class Validator:
         held_out = build_loader(
             cfg, info.data_rank, info.data_world, self.latent_space, self.micro_batch, split="val"
         )
-        averaged = ema_model(self.ema, cfg.model, info, self.dtype)
+        averaged = ema_model(self.ema, cfg, info, self.dtype)
         apply_sequence_parallel(averaged, info.sequence_group)
         encoder = None if cfg.data.precomputed else self.latent_space
         sums = loss_sums(

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import nn
 
+from .attention import drop_caption_padding
 from .dit import DiT, DiTShape, VideoTransformer
 from .mmdit import MMDiT
 from .text import HashTokenizer, TinyTextEncoder
@@ -57,7 +58,10 @@ class VideoDenoiser(nn.Module):
     """(x_t, t, text input, text mask[, frame mask]) -> flow velocity, all shapes as in `DiT.forward`.
 
     The text input is token ids (B, T) for the learned encoder, or frozen T5 embeddings
-    (B, T, E_in) for a projection; see `models/prompts.py`.
+    (B, T, E_in) for a projection; see `models/prompts.py`. For the cross-attention DiT and MM-DiT
+    the captions first lose the padding none of them needs, and the DiT gets no mask when every
+    caption keeps all the rest (`drop_caption_padding`), so its text attention runs unmasked; Wan
+    gets its captions whole, since it attends to their zeroed padding as diffusers' Wan does.
     """
 
     def __init__(self, dit: VideoTransformer | WanTransformer, text_encoder: TextEncoder):
@@ -73,8 +77,12 @@ class VideoDenoiser(nn.Module):
         text_mask: torch.Tensor,
         frame_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        dit_mask: torch.Tensor | None = text_mask
+        if isinstance(self.dit, VideoTransformer):
+            text_input, text_mask, unpadded = drop_caption_padding(text_input, text_mask)  # T -> T'
+            dit_mask = None if unpadded else text_mask
         text = self.text_encoder(text_input, text_mask)  # (B, T, E)
-        return self.dit(x, t, text, text_mask, frame_mask)
+        return self.dit(x, t, text, dit_mask, frame_mask)
 
 
 def dit_shape(cfg: ModelConfig) -> DiTShape | WanShape:

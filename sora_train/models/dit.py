@@ -23,9 +23,9 @@ import torch
 from einops import rearrange, repeat
 from torch import nn
 
-from .attention import TokenLayout, attention
+from .attention import TokenLayout
 from .patch import grid_size, patchify, unpatchify
-from .rope import apply_rope, grid_positions, rope_angles, sincos_embedding
+from .rope import RopeTable, TableCache, apply_rope, grid_positions, rope_angles, rope_table, sincos_embedding
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,15 @@ class DiTShape:
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: x (B, L, D) scaled and shifted per sample by (B, D) vectors."""
-    return x * (1 + scale[:, None]) + shift[:, None]
+    """adaLN: x (B, L, D) scaled and shifted per sample by (B, D) vectors, x·(1 + scale) + shift
+    as one multiply-add (one kernel in eager mode; fused with the norm before it when compiled)."""
+    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """adaLN-Zero's residual: x + gate·update for x, update (B, L, D) and a per-sample gate (B, D),
+    as one multiply-add (one kernel in eager mode; fused with its neighbours when compiled)."""
+    return torch.addcmul(x, gate[:, None], update)
 
 
 class TimestepEmbedder(nn.Module):
@@ -104,9 +111,9 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(
-        self, x: torch.Tensor, angles: torch.Tensor, layout: TokenLayout, key_mask: torch.Tensor | None
+        self, x: torch.Tensor, angles: RopeTable, layout: TokenLayout, key_mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """x (B, L, D) this process' tokens, angles (L, K/2) their RoPE angles -> (B, L, D)."""
+        """x (B, L, D) this process' tokens, angles their (L, K) RoPE table -> (B, L, D)."""
         q, k, v = rearrange(self.qkv(x), "b l (three n k) -> three b n l k", three=3, n=self.num_heads)
         q, k = apply_rope(self.q_norm(q), angles), apply_rope(self.k_norm(k), angles)
         out = layout.self_attention(q, k, v, key_mask)  # (B, N, L, K)
@@ -114,7 +121,8 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Video tokens (queries) attend to text tokens (keys/values), masked by the text mask."""
+    """Video tokens (queries) attend to text tokens (keys/values), masked by the text mask (None:
+    unmasked), through the token layout (which runs the chosen attention kernel)."""
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool):
         super().__init__()
@@ -125,10 +133,13 @@ class CrossAttention(nn.Module):
         self.k_norm = qk_norm_layer(dim // num_heads, qk_norm)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None, layout: TokenLayout
+    ) -> torch.Tensor:
+        """x (B, L, D) this process' tokens, text (B, T, D), text_mask (B, T) or None -> (B, L, D)."""
         q = rearrange(self.q(x), "b l (n k) -> b n l k", n=self.num_heads)
         k, v = rearrange(self.kv(text), "b t (two n k) -> two b n t k", two=2, n=self.num_heads)
-        out = attention(self.q_norm(q), self.k_norm(k), v, key_mask=text_mask)  # (B, N, L, K)
+        out = layout.cross_attention(self.q_norm(q), self.k_norm(k), v, text_mask)  # (B, N, L, K)
         return self.proj(rearrange(out, "b n l k -> b l (n k)"))
 
 
@@ -161,17 +172,18 @@ class DiTBlock(nn.Module):
         cond: torch.Tensor,
         text: torch.Tensor,
         text_mask: torch.Tensor,
-        angles: torch.Tensor,
+        angles: RopeTable,
         layout: TokenLayout,
         key_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """`cond`: (B, D) the condition, or (B, 6·D) the shared modulation with `shared_modulation`."""
+        """`cond`: (B, D) the condition, or (B, 6·D) the shared modulation with `shared_modulation`;
+        `angles`: the (L, K) RoPE table of this process' tokens."""
         modulation = cond + self.modulation_offset if self.shared_modulation else self.modulation(cond)
         shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunk(6, dim=-1)  # six (B, D)
         attended = self.self_attn(modulate(self.norm1(x), shift1, scale1), angles, layout, key_mask)
-        x = x + gate1[:, None] * attended
-        x = x + self.cross_attn(self.norm2(x), text, text_mask)
-        return x + gate2[:, None] * self.mlp(modulate(self.norm3(x), shift2, scale2))
+        x = gated_residual(x, gate1, attended)
+        x = x + self.cross_attn(self.norm2(x), text, text_mask, layout)
+        return gated_residual(x, gate2, self.mlp(modulate(self.norm3(x), shift2, scale2)))
 
 
 class FinalLayer(nn.Module):
@@ -192,7 +204,7 @@ class VideoTokens(NamedTuple):
     """A batch of videos as this process' tokens, and what the blocks need to place them."""
 
     tokens: torch.Tensor  # (B, L_local, D)
-    angles: torch.Tensor  # (L_local, K/2) RoPE angles of those tokens
+    angles: RopeTable  # (L_local, K) the rotation of those tokens by their RoPE angles
     key_mask: torch.Tensor | None  # (1, L_pad) False on padding; None without padding
     grid: tuple[int, int, int]  # (f, h, w)
     length: int  # L, the whole sample's tokens
@@ -224,6 +236,7 @@ class VideoTransformer(nn.Module):
         )  # fmt: skip
         self.text_pool = nn.Linear(shape.text_dim, shape.hidden_size)  # pooled caption -> adaLN condition
         self.layout = TokenLayout()
+        self.rope_cache: TableCache[RopeTable] = TableCache()  # not a buffer: never in a state dict
 
     def embed_video(self, x: torch.Tensor, frame_mask: torch.Tensor | None) -> VideoTokens:
         """x (B, C, F, H, W) -> this process' tokens; `frame_mask` (B, F) True on clean
@@ -238,20 +251,36 @@ class VideoTransformer(nn.Module):
         elif frame_mask is not None:
             raise ValueError("this model was not built with frame_conditioning; it takes no frame_mask")
         grid = grid_size(tuple(x.shape[2:]), patch)
-        positions = grid_positions(grid, x.device)  # (L, 3)
-        length = positions.shape[0]
-        angles = rope_angles(positions, self.shape.head_dim, self.shape.rope_theta, self.shape.rope_axis_dims)
+        length = math.prod(grid)
         tokens = self.patch_embed(layout.split(patchify(x, patch), dim=1))  # (B, L_local, D)
         if self.shape.absolute_positions:
+            positions = grid_positions(grid, x.device)  # (L, 3)
             embedding = sincos_embedding(positions, self.shape.hidden_size).to(tokens.dtype)  # (L, D)
             tokens = tokens + layout.split(embedding, dim=0)
-        angles = layout.split(angles, dim=0)  # (L_local, K/2)
-        return VideoTokens(tokens, angles, layout.padding_mask(length, x.device), grid, length)
+        rope = self.rope(grid, x.device)  # (L_local, K) each
+        return VideoTokens(tokens, rope, layout.padding_mask(length, x.device), grid, length)
 
-    def condition(self, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        """(B, D): the timestep embedding plus the projected mean of the caption's token embeddings."""
-        weights = text_mask.to(text.dtype)[..., None]  # (B, T, 1)
-        pooled = (text * weights).sum(1) / weights.sum(1)  # (B, E)
+    def rope(self, grid: tuple[int, int, int], device: torch.device) -> RopeTable:
+        """The RoPE table of this process' tokens of a (f, h, w) grid, (L_local, K) each: built once
+        per grid, device and layout (which decides the split), then taken from `rope_cache`."""
+        shape, layout = self.shape, self.layout
+
+        def build() -> RopeTable:
+            positions = grid_positions(grid, device)  # (L, 3)
+            angles = rope_angles(positions, shape.head_dim, shape.rope_theta, shape.rope_axis_dims)
+            return rope_table(layout.split(angles, dim=0))  # from (L_local, K/2) angles
+
+        key = (grid, shape.head_dim, shape.rope_theta, shape.rope_axis_dims, device, layout)
+        return self.rope_cache.get(key, build)
+
+    def condition(self, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, D): the timestep embedding plus the projected mean of the caption's token embeddings
+        (text_mask (B, T), or None: every token counts)."""
+        if text_mask is None:
+            pooled = text.mean(1)  # (B, E)
+        else:
+            weights = text_mask.to(text.dtype)[..., None]  # (B, T, 1)
+            pooled = (text * weights).sum(1) / weights.sum(1)  # (B, E)
         return self.time_embed(t) + self.text_pool(pooled)
 
     def forward(
@@ -259,21 +288,24 @@ class VideoTransformer(nn.Module):
         x: torch.Tensor,
         t: torch.Tensor,
         text: torch.Tensor,
-        text_mask: torch.Tensor,
+        text_mask: torch.Tensor | None,
         frame_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, C, F, H, W), t (B,) in [0, 1], text (B, T, text_dim), text_mask (B, T) bool,
-        frame_mask (B, F) bool (with `frame_conditioning`) -> the velocity (B, C, F, H, W)."""
+        """x (B, C, F, H, W), t (B,) in [0, 1], text (B, T, text_dim), text_mask (B, T) bool or None,
+        frame_mask (B, F) bool (with `frame_conditioning`) -> the velocity (B, C, F, H, W).
+
+        text_mask None: every text token may be attended, and attention to the text runs unmasked
+        (`VideoDenoiser` passes None when every caption of the batch keeps all its tokens)."""
         video = self.embed_video(x, frame_mask)
         cond = self.condition(t, text, text_mask)  # (B, D)
         tokens = self.run_blocks(video, cond, self.text_proj(text), text_mask)
         return self.output(tokens, cond, video)
 
     def run_blocks(
-        self, video: VideoTokens, cond: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
+        self, video: VideoTokens, cond: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """The variant's blocks: this process' video tokens and the projected text (B, T, D) ->
-        the final video tokens (B, L_local, D)."""
+        """The variant's blocks: this process' video tokens and the projected text (B, T, D) with its
+        mask (B, T), None when every text token may be attended -> the final video tokens (B, L_local, D)."""
         raise NotImplementedError
 
     def output(self, tokens: torch.Tensor, cond: torch.Tensor, video: VideoTokens) -> torch.Tensor:
@@ -297,7 +329,7 @@ class DiT(VideoTransformer):
         initialize_weights(self)
 
     def run_blocks(
-        self, video: VideoTokens, cond: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
+        self, video: VideoTokens, cond: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None
     ) -> torch.Tensor:
         block_cond = (
             self.shared_modulation(cond) if self.shape.shared_modulation else cond

@@ -5,11 +5,13 @@ D hidden size, N heads, K head dim, M MLP hidden size.
 
 Double-stream blocks keep a video stream and a text stream, each with its own adaLN-Zero
 modulation, qkv projection, QK RMSNorm, output projection and MLP. Their queries, keys and values
-meet in one attention over the concatenated [text, video] tokens: text keys are masked by the
-caption mask, and RoPE rotates the video tokens only. Optional single-stream blocks follow
-(`single_stream_blocks`): one set of weights for both kinds of token, attention and MLP in
-parallel from one input projection. When no single-stream block follows, the last double-stream
-block's text stream only supplies keys and values, since nothing reads its text output.
+meet in one attention over the concatenated [text, video] tokens: padded text keys are masked by
+the caption mask (which is None, and the attention unmasked, when every caption of the batch keeps
+all its tokens: `VideoTransformer.forward` drops the padding none needs), and RoPE rotates the
+video tokens only. Optional single-stream blocks follow (`single_stream_blocks`): one set of
+weights for both kinds of token, attention and MLP in parallel from one input projection. When
+no single-stream block follows, the last double-stream block's text stream only supplies keys and
+values, since nothing reads its text output.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from .dit import (
     modulate,
     qk_norm_layer,
 )
-from .rope import apply_rope
+from .rope import RopeTable, apply_rope
 
 
 class Stream(nn.Module):
@@ -84,13 +86,14 @@ class DoubleStreamBlock(nn.Module):
         video: torch.Tensor,
         text: torch.Tensor,
         cond: torch.Tensor,
-        text_mask: torch.Tensor,
-        angles: torch.Tensor,
+        text_mask: torch.Tensor | None,
+        angles: RopeTable,
         layout: TokenLayout,
         key_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """video (B, L, D) this process' tokens, text (B, T, D), cond (B, D), angles (L, K/2)
-        -> the updated video tokens and text tokens (None when this block gives no text output)."""
+        """video (B, L, D) this process' tokens, text (B, T, D), cond (B, D), text_mask (B, T) or None
+        (every text key attended), angles (a RoPE table) -> the updated video tokens and text tokens (None
+        when this block gives no text output)."""
         video_mod = self.video_stream.modulation(cond).chunk(6, dim=-1)  # six (B, D)
         text_mod = self.text_stream.modulation(cond).chunk(2 if self.text_stream.keys_only else 6, dim=-1)
         q, k, v = self.video_stream.attention_inputs(video, video_mod)
@@ -135,8 +138,8 @@ class SingleStreamBlock(nn.Module):
         video: torch.Tensor,
         text: torch.Tensor,
         cond: torch.Tensor,
-        text_mask: torch.Tensor,
-        angles: torch.Tensor,
+        text_mask: torch.Tensor | None,
+        angles: RopeTable,
         layout: TokenLayout,
         key_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,7 +169,7 @@ class MMDiT(VideoTransformer):
         initialize_weights(self)
 
     def run_blocks(
-        self, video: VideoTokens, cond: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
+        self, video: VideoTokens, cond: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None
     ) -> torch.Tensor:
         tokens = video.tokens
         for block in self.blocks:

@@ -3,13 +3,25 @@
 The head dimension K is split into three even parts, one per axis (time, height, width);
 each part rotates by its own axis' integer position. Positions are plain integers, so any
 grid size works, including grids larger than those seen in training.
+
+The cos and sin of the angles are computed once per grid into a `RopeTable` and kept in a
+`TableCache` on the model (a plain attribute, never a buffer: state dicts do not change); every
+block's queries and keys are then rotated from the table in float32 by `apply_rope`: four
+elementwise kernels in eager mode for float32 inputs (the same arithmetic as the pairwise form,
+bit for bit), fused with the q/k norm into one kernel under torch.compile.
 Shape legend: B batch, N heads, L = f·h·w tokens, K head dim.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Generic, NamedTuple, TypeVar
+
 import torch
-from einops import rearrange
+from einops import rearrange, repeat
+
+Table = TypeVar("Table")
 
 
 def axis_dims(head_dim: int) -> tuple[int, int, int]:
@@ -62,10 +74,61 @@ def sincos_embedding(positions: torch.Tensor, dim: int, theta: float = 10000.0) 
     return torch.cat(parts, dim=-1)
 
 
-def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, N, L, K) queries or keys by (L, K/2) angles (pairs of adjacent channels)."""
-    pairs = rearrange(x.float(), "b n l (k two) -> b n l k two", two=2)
-    cos, sin = angles.cos(), angles.sin()  # (L, K/2)
-    real, imag = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
-    return rearrange(rotated, "b n l k two -> b n l (k two)").type_as(x)
+class RopeTable(NamedTuple):
+    """The rotation of every token, ready to apply: two (L, K) float32 tables.
+
+    Channel pair i = (2i, 2i+1) turns by angle i: `cos` holds cos(angle i) in both channels,
+    `sin` holds -sin(angle i) in channel 2i and +sin(angle i) in channel 2i+1, so that the
+    rotated pair is `x * cos + (x with each pair swapped) * sin`.
+    """
+
+    cos: torch.Tensor  # (L, K)
+    sin: torch.Tensor  # (L, K)
+
+
+def rope_table(angles: torch.Tensor) -> RopeTable:
+    """The `RopeTable` of (L, K/2) angles (float32)."""
+    cos, sin = angles.cos(), angles.sin()  # (L, K/2) each
+    signed_sin = rearrange(torch.stack((-sin, sin), dim=-1), "l k two -> l (k two)")
+    return RopeTable(repeat(cos, "l k -> l (k two)", two=2), signed_sin)
+
+
+def apply_rope(x: torch.Tensor, table: RopeTable | torch.Tensor) -> torch.Tensor:
+    """Rotate (B, N, L, K) queries or keys by a (L, K) `RopeTable`, or by (L, K/2) angles (turned
+    into a table first); adjacent channels (2i, 2i+1) are a pair turned by angle i.
+
+    Computed in float32 and returned in x's dtype. In float32 it equals, bit for bit, the pairwise
+    form (real·cos − imag·sin, real·sin + imag·cos)."""
+    if not isinstance(table, RopeTable):
+        table = rope_table(table)
+    x32 = x.float()
+    pairs = rearrange(x32, "b n l (k two) -> b n l k two", two=2)
+    swapped = rearrange(pairs.flip(-1), "b n l k two -> b n l (k two)")  # (imag, real) in each pair
+    return (x32 * table.cos + swapped * table.sin).type_as(x)
+
+
+class TableCache(Generic[Table]):
+    """The `capacity` most recently used tables, by key: a model keeps its RoPE tables here
+    (a plain attribute, not a buffer, so it never enters a state dict).
+
+    A key must name everything the table depends on (grid, head dim, theta, device, and the
+    token layout when the table is split for sequence parallelism). Tables are built outside
+    inference mode, so a table first built while sampling still serves training.
+    """
+
+    def __init__(self, capacity: int = 4):
+        self.capacity = capacity
+        self.tables: OrderedDict[Hashable, Table] = OrderedDict()
+
+    @torch.compiler.disable
+    def get(self, key: Hashable, build: Callable[[], Table]) -> Table:
+        """The table under `key`, built by `build()` and kept when it is not there yet."""
+        if key in self.tables:
+            self.tables.move_to_end(key)
+            return self.tables[key]
+        with torch.inference_mode(False):
+            table = build()
+        self.tables[key] = table
+        if len(self.tables) > self.capacity:
+            self.tables.popitem(last=False)  # the least recently used
+        return table

@@ -29,9 +29,10 @@ What differs is the interface, shared with `models/dit.py`'s variants: t in [0, 
 timestep is 1000·t); a text mask (the embeddings past each caption are zeroed, as `WanPipeline`
 pads them, and all T text tokens are attended); image features as their own argument instead of
 concatenated before 512 text tokens; and frame conditioning as Wan 2.2 TI2V does it, by giving the
-tokens of clean frames timestep 0 (diffusers' 2-D `timestep`). RoPE tables are computed per call
-(angles in float64, as diffusers computes its buffer) rather than kept in a buffer, so the
-state dict holds exactly diffusers' keys and a cast model keeps float32 tables.
+tokens of clean frames timestep 0 (diffusers' 2-D `timestep`). RoPE tables are computed once per
+grid (angles in float64, as diffusers computes its buffer) and kept in a cache on the model rather
+than in a buffer, so the state dict holds exactly diffusers' keys and a cast model keeps float32
+tables.
 
 Initialisation is Wan's (and diffusers') own, done where each parameter is created so a model built
 partitioned (DeepSpeed ZeRO-3's `zero.Init`) needs no pass over whole tensors afterwards: torch's
@@ -57,9 +58,9 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
-from .attention import TokenLayout, attention
+from .attention import TokenLayout
 from .patch import grid_size, unpatchify
-from .rope import axis_dims
+from .rope import TableCache, axis_dims
 
 TIMESTEP_SCALE = 1000.0  # diffusers' timestep for our t in [0, 1]
 
@@ -278,14 +279,17 @@ class WanCrossAttention(WanAttention):
             self.add_v_proj = nn.Linear(image_kv_dim, dim)
             self.norm_added_k = nn.RMSNorm(dim, eps=eps)
 
-    def forward(self, x: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None, layout: TokenLayout
+    ) -> torch.Tensor:
         """x (B, L_local, D), text (B, T, D), image (B, I, D) or None -> (B, L_local, D)."""
         q, k, v = self.queries_keys_values(x, text)
-        out = rearrange(attention(q, k, v), "b n l k -> b l (n k)").type_as(q)
+        out = rearrange(layout.cross_attention(q, k, v), "b n l k -> b l (n k)").type_as(q)
         if image is not None:
             k_image = self.heads(self.norm_added_k(self.add_k_proj(image)))
             v_image = self.heads(self.add_v_proj(image))
-            out = out + rearrange(attention(q, k_image, v_image), "b n l k -> b l (n k)").type_as(q)
+            image_out = layout.cross_attention(q, k_image, v_image)  # (B, N, L_local, K)
+            out = out + rearrange(image_out, "b n l k -> b l (n k)").type_as(q)
         return self.to_out[0](out)
 
 
@@ -321,11 +325,11 @@ class WanBlock(nn.Module):
         """x (B, L_local, D) -> (B, L_local, D); text (B, T, D), image (B, I, D) or None."""
         table = self.scale_shift_table.unsqueeze(0) + modulation.float()  # (B, L_local or 1, 6, D)
         shift1, scale1, gate1, shift2, scale2, gate2 = table.unbind(dim=2)  # six (B, L_local or 1, D)
-        normed = (self.norm1(x.float()) * (1 + scale1) + shift1).type_as(x)
+        normed = torch.addcmul(shift1, self.norm1(x.float()), 1 + scale1).type_as(x)  # fp32 adaLN
         x = (x.float() + self.attn1(normed, cos, sin, layout, key_mask) * gate1).type_as(x)
-        x = x + self.attn2(self.norm2(x.float()).type_as(x), text, image)
-        normed = (self.norm3(x.float()) * (1 + scale2) + shift2).type_as(x)
-        return (x.float() + self.ffn(normed).float() * gate2).type_as(x)
+        x = x + self.attn2(self.norm2(x.float()).type_as(x), text, image, layout)
+        normed = torch.addcmul(shift2, self.norm3(x.float()), 1 + scale2).type_as(x)
+        return torch.addcmul(x.float(), self.ffn(normed).float(), gate2).type_as(x)  # fp32 gated residual
 
 
 class WanImageEmbedder(nn.Module):
@@ -412,6 +416,7 @@ class WanTransformer(nn.Module):
         self.proj_out = nn.Linear(dim, shape.out_channels * math.prod(patch))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) * dim**-0.5)  # N(0, 1/D)
         self.layout = TokenLayout()
+        self.rope_cache: TableCache[tuple[torch.Tensor, torch.Tensor]] = TableCache()  # not a buffer
 
     def forward(
         self,
@@ -429,7 +434,7 @@ class WanTransformer(nn.Module):
         length = math.prod(grid)
         tokens = rearrange(self.patch_embedding(x), "b d f h w -> b (f h w) d")
         tokens = self.layout.split(tokens, dim=1)  # (B, L_local, D)
-        cos, sin = (self.layout.split(table, dim=0) for table in self.rope(grid, x.device))
+        cos, sin = self.rope(grid, x.device)  # (L_local, K/2) each
         key_mask = self.layout.padding_mask(length, x.device)
         text = text.masked_fill(~text_mask[..., None], 0)  # as WanPipeline pads each caption
         cond = self.condition_embedder(self.timesteps(t, frame_mask, grid), text, image)
@@ -447,8 +452,16 @@ class WanTransformer(nn.Module):
         return grid
 
     def rope(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin (L, K/2) of every token's RoPE angles."""
-        return rope_tables(grid, self.shape.head_dim, self.shape.rope_theta, device)
+        """cos and sin (L_local, K/2) of this process' tokens' RoPE angles: built once per grid, device
+        and layout (which decides the split), then taken from `rope_cache`."""
+        shape, layout = self.shape, self.layout
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
+            cos, sin = rope_tables(grid, shape.head_dim, shape.rope_theta, device)  # (L, K/2) each
+            return layout.split(cos, dim=0), layout.split(sin, dim=0)
+
+        key = (grid, shape.head_dim, shape.rope_theta, device, layout)
+        return self.rope_cache.get(key, build)
 
     def timesteps(
         self, t: torch.Tensor, frame_mask: torch.Tensor | None, grid: tuple[int, int, int]

@@ -2,11 +2,13 @@
 
 Every rank of a group gets the same samples (data is split by data-parallel rank only). The DiT
 patchifies the whole video, keeps this rank's contiguous slice of the tokens (the sequence is
-padded to a multiple of the degree; padded keys are masked out of self-attention), and runs its
-blocks on that slice. Self-attention swaps the split: an all-to-all turns (all heads, my tokens)
-into (my heads, all tokens), attention runs, and a second all-to-all swaps back. Everything else
-in a block acts token by token. The output patches are gathered, so every rank computes the same
-loss on the whole video.
+padded to a multiple of the degree), and runs its blocks on that slice. Self-attention swaps the
+split: an all-to-all turns (all heads, my tokens) into (my heads, all tokens), attention runs, and a
+second all-to-all swaps back. After the first exchange every rank holds all L_pad tokens of its
+heads, so the padded keys and values are sliced off (no mask, which would rule out the flash and
+cuDNN kernels); the padded queries still get an output (attention over the true keys), which the
+final gather cuts. Everything else in a block acts token by token. The output patches are
+gathered, so every rank computes the same loss on the whole video.
 
 MM-DiT's joint attention does the same for the video tokens. The text tokens are few and every
 rank keeps all of them (the text stream is computed on every rank): each rank takes its heads'
@@ -31,7 +33,7 @@ import torch
 import torch.distributed as dist
 from einops import rearrange
 
-from ..models.attention import QKV, TokenLayout, attention, joint_attention
+from ..models.attention import QKV, Backends, TokenLayout, attention, joint_attention
 from ..models.denoiser import VideoDenoiser
 
 
@@ -91,14 +93,24 @@ def _pad_tokens(x: torch.Tensor, degree: int, dim: int) -> torch.Tensor:
 
 
 class UlyssesLayout(TokenLayout):
-    """A sample's tokens split into `degree` contiguous slices over the ranks of `group`."""
+    """A sample's tokens split into `degree` contiguous slices over the ranks of `group`.
 
-    def __init__(self, group: dist.ProcessGroup):
+    `length` is the true token count of the sequence last split (None before any split: taken as
+    unpadded); attention slices the keys of the padded sequence to it. A forward splits its tokens
+    before any block runs, and the recompute of a checkpointed block during backward reads the same
+    value (a forward of another sequence in between changes the keys' shapes, which `_true_length`
+    or torch's check of the recomputed tensors reports).
+    """
+
+    def __init__(self, group: dist.ProcessGroup, backends: Backends | None = None):
+        super().__init__(backends)
         self.group = group
         self.degree = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        self.length: int | None = None
 
     def split(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        self.length = x.shape[dim]
         padded = _pad_tokens(x, self.degree, dim)
         return padded.chunk(self.degree, dim=dim)[self.rank]
 
@@ -107,11 +119,26 @@ class UlyssesLayout(TokenLayout):
             raise ValueError(f"tokens are gathered along dim 1, not {dim}")
         return _Gather.apply(x, 1, length, self.group)
 
-    def padding_mask(self, length: int, device: torch.device) -> torch.Tensor | None:
-        padded = math.ceil(length / self.degree) * self.degree
-        if padded == length:
-            return None
-        return (torch.arange(padded, device=device) < length)[None]  # (1, L_pad)
+    def _true_length(self, padded: int) -> int:
+        """The true token count of a padded sequence of `padded` tokens (the last split's)."""
+        if self.length is None:
+            return padded
+        if math.ceil(self.length / self.degree) * self.degree != padded:
+            raise RuntimeError(
+                f"attention over {padded} padded tokens, but the last split sequence had {self.length} "
+                f"tokens (padded to a multiple of {self.degree}): split a sequence before attending to it"
+            )
+        return self.length
+
+    def _drop_padding(
+        self, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Keys and values (B, n, L_pad, K) -> (B, n, L, K) without the padded tokens; a key mask
+        over the padded keys (1, L_pad) cut the same way."""
+        length = self._true_length(k.shape[2])
+        if key_mask is not None:
+            key_mask = key_mask[:, :length]
+        return k[:, :, :length], v[:, :, :length], key_mask
 
     def _heads_to_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(..., B, N, l, K) all heads, this rank's tokens -> (..., B, n, L_pad, K) this rank's heads,
@@ -136,14 +163,19 @@ class UlyssesLayout(TokenLayout):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None
     ) -> torch.Tensor:
         q, k, v = self._heads_to_tokens(torch.stack((q, k, v)))  # three (B, n, L_pad, K)
-        return self._tokens_to_heads(attention(q, k, v, key_mask))  # (B, N, l, K)
+        k, v, key_mask = self._drop_padding(k, v, key_mask)  # (B, n, L, K)
+        out = attention(q, k, v, key_mask, self.backends)  # (B, n, L_pad, K)
+        return self._tokens_to_heads(out)  # (B, N, l, K)
 
     def joint_attention(
-        self, video: QKV, text: QKV, text_mask: torch.Tensor, key_mask: torch.Tensor | None
+        self, video: QKV, text: QKV, text_mask: torch.Tensor | None, key_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        video = tuple(self._heads_to_tokens(torch.stack(video)))  # three (B, n, L_pad, K)
+        q_video, k_video, v_video = self._heads_to_tokens(torch.stack(video))  # three (B, n, L_pad, K)
+        k_video, v_video, key_mask = self._drop_padding(k_video, v_video, key_mask)  # (B, n, L, K)
         text = tuple(self._my_heads(x) for x in text)  # (B, n, T, K) each, or None
-        out_video, out_text = joint_attention(video, text, text_mask, key_mask)
+        out_video, out_text = joint_attention(
+            (q_video, k_video, v_video), text, text_mask, key_mask, self.backends
+        )  # (B, n, L_pad, K), (B, n, T, K) or None
         if out_text is not None:  # (B, n, T, K) -> (B, N, T, K): every head's text output
             out_text = _Gather.apply(out_text, 1, out_text.shape[1] * self.degree, self.group)
         return self._tokens_to_heads(out_video), out_text
@@ -167,6 +199,7 @@ def sequence_groups(degree: int) -> dist.ProcessGroup | None:
 
 
 def apply_sequence_parallel(model: VideoDenoiser, group: dist.ProcessGroup | None) -> None:
-    """Make `model`'s DiT compute its share of each sample's tokens over `group` (no-op for None)."""
+    """Make `model`'s DiT compute its share of each sample's tokens over `group` (no-op for None);
+    the attention kernels chosen for its layout (`parallel/attention_backend.py`) carry over."""
     if group is not None:
-        model.dit.layout = UlyssesLayout(group)
+        model.dit.layout = UlyssesLayout(group, model.dit.layout.backends)

@@ -88,7 +88,8 @@ def measure_saved_bytes(
         def hook(module: torch.nn.Module, args: tuple) -> None:
             current[0] = index
             inputs.clear()
-            inputs.update(a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor))
+            leaves = tree_leaves(args)  # tensors in tuples too (the RoPE table)
+            inputs.update(a.untyped_storage().data_ptr() for a in leaves if isinstance(a, torch.Tensor))
 
         return hook
 
@@ -161,7 +162,8 @@ def measure_activation_bytes(
     generator = torch.Generator().manual_seed(0)
     x0 = torch.randn(batch, planned_latent_channels(model), *clip, generator=generator).to(dtype)
     if model.text_encoder == "learned":
-        text, mask = build_tokenizer(model)(["a red square moving left"] * batch)
+        filling = " ".join(["word"] * model.text_max_length)  # the planner counts text_max_length tokens
+        text, mask = build_tokenizer(model)([filling] * batch)
     else:
         text = torch.randn(batch, model.text_max_length, frozen_text_width(model)).to(dtype)
         mask = torch.ones(batch, model.text_max_length, dtype=torch.bool)

@@ -209,8 +209,10 @@ def _sample(n: int) -> Saved:
     return Saved(sample=n)
 
 
-def _rope(w: _Widths) -> Term:
-    return Term(Saved(position=8 * w.k), RECOMPUTED)  # cos and sin (fp32, K/2 each) for q and for k
+def _rope_table(w: _Widths) -> Saved:
+    """The RoPE table every block reads (models/rope.py `RopeTable`): fp32 cos and sin, K each per
+    position, kept once in the model's cache; a block saves nothing of its own for RoPE."""
+    return Saved(position=8 * w.k)
 
 
 def _cross_attention_terms(model: ModelConfig, w: _Widths, kernels: Kernels) -> dict[str, Term]:
@@ -232,10 +234,10 @@ def _cross_attention_terms(model: ModelConfig, w: _Widths, kernels: Kernels) -> 
         "qkv output (v, q/k norm inputs)": Term(_token(3 * d * e), KEPT),
         "q/k RMSNorm": Term(_token(2 * w.rms), RECOMPUTED),
         "rotated q, k": Term(_token(2 * d * e), RECOMPUTED),
-        "RoPE cos/sin": _rope(w),
         "self-attention output, logsumexp": Term(_token(d * e + 4 * n), KEPT),
-        # RoPE's q is (B, N, L, K) contiguous, and so is the attention output on CPU: a copy
-        "self-attention proj input": Term(_token(d * e if copied else 0), RECOMPUTED),
+        # after q-norm, the rotated q is (B, N, L, K) contiguous, and so is the attention output on
+        # CPU: a copy; without q-norm RoPE keeps the projection's token-major layout
+        "self-attention proj input": Term(_token(d * e if copied and qk else 0), RECOMPUTED),
         "self-attention proj output (gate)": Term(_token(d * e), KEPT),
         "norm2 input, mean/rstd": Term(_token(d * e + w.stats), RECOMPUTED),
         "cross-attention q input": Term(_token(d * e), RECOMPUTED),
@@ -473,11 +475,11 @@ def block_terms(
     if kind in (DOUBLE, DOUBLE_KEYS_ONLY):
         video = _stream_terms(w, "video", _token, keys_only=False)
         text = _stream_terms(w, "text", _text, keys_only=kind == DOUBLE_KEYS_ONLY)
-        return {**video, "video RoPE cos/sin": _rope(w), **text}
+        return {**video, **text}
     video = _single_stream_terms(w, "video", _token, output_used=True)
     text = _single_stream_terms(w, "text", _text, output_used=kind == SINGLE)
     return {
-        **video, "video RoPE cos/sin": _rope(w), **text,
+        **video, **text,
         "modulation input (SiLU output), 1 + scale twice": Term(_sample(3 * w.d * e), RECOMPUTED),
         "modulation output (gate)": Term(_sample(3 * w.d * e), KEPT),
     }  # fmt: skip
@@ -519,7 +521,7 @@ class ActivationModel:
 
     blocks: tuple[BlockSaves, ...]  # in order
     shared: Saved  # read by every block, kept once: the adaLN condition (cross-attention: the text)
-    checkpoint_shared: Saved  # other inputs checkpointed blocks share, kept once: RoPE angles, text mask
+    checkpoint_shared: Saved  # other inputs checkpointed blocks share, kept once: the text mask
     outside: Saved  # patch embedding, final layer, text encoder or projection, pooling, timestep embedder
     outside_per_full_token: int  # the loss, over the whole (gathered) video, per sample
     transient_per_token: int  # gradients in flight during one block's backward (an estimate)
@@ -548,9 +550,9 @@ def activation_model(
     outside_sample = TIME_FREQ_DIM + 4 * d + model.text_dim + 1 + (d if shared else 0)
     return ActivationModel(
         blocks=blocks,
-        shared=Saved(text=d * e if cross_attention else 0, sample=d * e),
-        # fp32 RoPE angles, the bool text mask, the shared modulation
-        checkpoint_shared=Saved(position=2 * w.k, text=1, sample=6 * d * e if shared else 0),
+        shared=Saved(text=d * e if cross_attention else 0, sample=d * e) + _rope_table(w),
+        # the bool text mask, the shared modulation
+        checkpoint_shared=Saved(text=1, sample=6 * d * e if shared else 0),
         outside=Saved(
             token=patch_values * e + 3 * d * e + w.stats,
             text=encoder + model.text_dim * e + 2 * d * e + e,
