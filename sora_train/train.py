@@ -256,7 +256,21 @@ def build_loaders(
             build_loader(cfg, rank, world, latent_space, micro_batch, split="val")
     except ValueError as error:
         raise ConfigError(str(error)) from error
+    check_same_data(loader)
     return loader
+
+
+def check_same_data(loader: VideoLoader) -> None:
+    """Every rank planned from the same index (collective): the same shards, samples, byte ranges and
+    buckets. A rank that read a shard differently (changed while the ranks scanned it, or a stale
+    cache) would otherwise train on other samples than its plan says (raises ConfigError)."""
+    seen = all_gather_objects((loader.plan_id, loader.index_digest))
+    differing = [rank for rank, described in enumerate(seen) if described != seen[0]]
+    if differing:
+        raise ConfigError(
+            f"the ranks indexed the corpus differently (rank 0: plan {seen[0][0]}, index {seen[0][1]}; "
+            f"ranks {differing} differ): a shard changed or was read differently while they scanned it"
+        )
 
 
 def restore(state: TrainState, resume: ResumePoint, cfg: TrainConfig, dist_info: DistInfo) -> Resumed:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,35 @@ def test_a_failed_read_is_retried_and_never_cached_as_a_truncated_shard(
     assert [p for p in (cache / "index").glob("*.json")] == (
         [index.scan_cache_path(shard, shard, cache)] if readable else []
     )
+
+
+def test_ranks_that_indexed_the_corpus_differently_stop_before_training(corpus, tmp_path, monkeypatch):
+    """The same shard names and sample counts, one shard rewritten with its samples at other byte
+    offsets: the plan id cannot tell them apart, the index digest does, and the ranks' check stops."""
+    from sora_train import train
+    from sora_train.config import ConfigError
+    from sora_train.data.loader import LoaderSettings, VideoLoader
+
+    from .test_loader import TABLE
+
+    copy = tmp_path / "copy"
+    shutil.copytree(corpus / "train", copy)
+    first = sorted(copy.glob("*.tar"))[0]
+    with tarfile.open(first) as source:
+        members = [(info, source.extractfile(info).read()) for info in source.getmembers()]
+    with tarfile.open(first, "w") as rewritten:  # a leading note shifts every sample's bytes
+        note = tarfile.TarInfo("README.txt")
+        note.size = 4
+        rewritten.addfile(note, io.BytesIO(b"note"))
+        for info, data in members:
+            rewritten.addfile(info, io.BytesIO(data))
+    settings = LoaderSettings(TABLE, (3,), seed=7, shuffle_window=8, cache_dir=tmp_path / "cache")
+    loaders = [VideoLoader([resolve_shards(str(path))], settings) for path in (corpus / "train", copy)]
+    assert loaders[0].plan_id == loaders[1].plan_id
+    assert loaders[0].index_digest != loaders[1].index_digest
+    seen = [(loader.plan_id, loader.index_digest) for loader in loaders]
+    monkeypatch.setattr(train, "all_gather_objects", lambda mine: seen)
+    with pytest.raises(ConfigError, match=r"ranks \[1\] differ"):
+        train.check_same_data(loaders[0])
+    monkeypatch.setattr(train, "all_gather_objects", lambda mine: [seen[0], seen[0]])
+    train.check_same_data(loaders[0])  # the same index everywhere: no error

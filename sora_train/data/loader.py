@@ -125,13 +125,16 @@ class VideoLoader:
         self.indexes = [build_index(urls, settings.cache_dir) for urls in sources]
         self.rejected: Counter = Counter()  # unusable from metadata, over the whole corpus
         self.bucket_counts: Counter = Counter()
-        planners = [self._planner(position, index) for position, index in enumerate(self.indexes)]
+        digest = hashlib.sha1()
+        planners = [self._planner(position, index, digest) for position, index in enumerate(self.indexes)]
+        # every sample's shard, bytes and bucket: ranks compare it (`train.check_same_data`)
+        self.index_digest = digest.hexdigest()[:16]
         self.mixture = Mixture(planners, settings.image_ratio if len(sources) == 2 else 0.0)
         self.cursor = RankCursor(world=world, rank=rank)
         self.skipped: Counter = Counter()  # decode-time skips on this rank
         self.plan_id = self._plan_id()
 
-    def _planner(self, position: int, index: ShardSetIndex) -> EpochPlanner:
+    def _planner(self, position: int, index: ShardSetIndex, digest: hashlib._Hash) -> EpochPlanner:
         settings, table = self.settings, self.settings.table
         buckets = np.full(len(index), -1, np.int16)
         for sample, record in enumerate(index.records):
@@ -159,6 +162,8 @@ class VideoLoader:
                 f"no usable sample in {len(index.urls)} shards (e.g. {index.urls[0]}); "
                 f"rejected by reason: {dict(self.rejected)}"
             )
+        for array in (index.shard, index.start, index.length, buckets):
+            digest.update(array.tobytes())
         weights = tuple(bucket.weight for bucket in table.buckets)
         return EpochPlanner(
             position,
