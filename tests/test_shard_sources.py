@@ -4,6 +4,7 @@ a directory of hostile file names is read as files."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import tarfile
@@ -137,3 +138,72 @@ def test_ranks_that_indexed_the_corpus_differently_stop_before_training(corpus, 
         train.check_same_data(loaders[0])
     monkeypatch.setattr(train, "all_gather_objects", lambda mine: [seen[0], seen[0]])
     train.check_same_data(loaders[0])  # the same index everywhere: no error
+
+
+# (field, value, is it bad?): values of the wrong type, not finite, negative, fractional, huge,
+# nested, or absent (absent size fields are probed from the container instead: good).
+METADATA_FUZZ = [
+    *[(f, v, True) for f in ("width", "height") for v in ("x", -5, 0, 1e400, float("nan"), 10**12, True, 3.5, [1], {"a": 1})],
+    *[("num_frames", v, True) for v in ("x", float("nan"), -1, 0, 1e400, 2.5, [18])],
+    *[("fps", v, True) for v in (float("nan"), -1, "8", 1e400, float("-inf"), [8])],
+    *[("frame_window", v, True) for v in (["a", 3], [3, 1], [0], "0,3", [0, 1e400], [-1, 3], [0.5, 3], {"0": 3})],
+    ("width", None, False), ("num_frames", None, False), ("fps", None, False),
+    ("extra", {"deep": [[[{"x": None}]]]}, False), ("frame_window", [0, 12], False),
+]  # fmt: skip
+
+
+def rewrite_metadata(shard: Path, changes: dict[str, tuple[str, object]], raw: dict[str, bytes]) -> None:
+    """Rewrite `shard` with the json of sample `key` changed: `changes[key]` = (field, value), a value
+    of None removing the field; `raw[key]` replaces the whole json member."""
+    with tarfile.open(shard) as source:
+        members = [(info, source.extractfile(info).read()) for info in source.getmembers()]
+    with tarfile.open(shard, "w") as rewritten:
+        for info, data in members:
+            key = info.name.rsplit(".", 1)[0]
+            if info.name.endswith(".json") and (key in changes or key in raw):
+                meta = json.loads(data)
+                if key in changes:
+                    field, value = changes[key]
+                    meta.pop(field, None)
+                    if value is not None:
+                        meta[field] = value
+                data = (
+                    raw.get(key) or json.dumps(meta).encode()
+                )  # json.dumps writes NaN / Infinity as JSON5 does
+                info.size = len(data)
+            rewritten.addfile(info, io.BytesIO(data))
+
+
+def test_fuzzed_metadata_is_a_counted_bad_metadata_skip_and_the_rest_trains(corpus, tmp_path):
+    from sora_train.data.loader import LoaderSettings, VideoLoader
+    from sora_train.data.samples import SampleSettings, SampleTask, load_example
+
+    from .test_loader import TABLE, rest_of_epoch
+
+    shards = tmp_path / "shards"
+    shutil.copytree(corpus / "train", shards)
+    keys = [f"train{i:07d}" for i in range(len(METADATA_FUZZ) + 3)]  # the corpus' first samples
+    changes = {
+        key: (field, value)
+        for key, (field, value, _) in zip(keys[: len(METADATA_FUZZ)], METADATA_FUZZ, strict=True)
+    }
+    raw = {keys[-3]: b"[1, 2]", keys[-2]: b"[" * 100_000, keys[-1]: b'{"width": 1e999999, "caption": "x"}'}
+    for shard in sorted(shards.glob("*.tar")):
+        rewrite_metadata(shard, changes, raw)
+    bad = {
+        key for key, (_, _, is_bad) in zip(keys[: len(METADATA_FUZZ)], METADATA_FUZZ, strict=True) if is_bad
+    } | set(raw)
+    settings = LoaderSettings(TABLE, (3,), seed=7, shuffle_window=8, cache_dir=tmp_path / "cache")
+    loader = VideoLoader([resolve_shards(str(shards))], settings)
+    assert loader.rejected["bad_metadata"] == len(bad)
+    trained = set(rest_of_epoch(loader))
+    assert not trained & bad and len(trained) >= 64 - len(bad) - 3  # a batch may be left over
+    assert loader.skipped == {}  # nothing failed at decode time either
+    # at decode time too (a shard rewritten after it was indexed): a skip naming the field
+    for shard in sorted(shards.glob("*.tar")):
+        for record in index.scan_shard(str(shard))["samples"]:
+            if record["key"] in changes and record["key"] in bad:
+                task = SampleTask(str(shard), record["start"], record["length"], 4, 16, 16, None, 0)
+                skipped = load_example(SampleSettings(seed=7, stride=2), task)
+                assert skipped.reason == "bad_metadata", (record["key"], skipped)
+                assert changes[record["key"]][0] in skipped.detail, (record["key"], skipped)

@@ -24,6 +24,7 @@ import numpy as np
 from webdataset.tariterators import base_plus_ext
 
 from .decode import SkipSample
+from .metadata import video_fields
 from .shards import read_captioned
 from .storage import PIPE, ShardError, materialize_pipe, open_shard, shard_signature
 
@@ -70,21 +71,21 @@ def describe(key: str, members: dict[str, bytes | None], media: bytes | None = N
             return {**record, "reason": "bad_metadata"}
         return {**record, "bucket": meta["bucket"]}
     try:
-        width, height = int(meta["width"]), int(meta["height"])
-        frames = 1 if kind == "image" else int(meta["num_frames"])
-        fps = float(meta.get("fps") or 0.0)
-    except (KeyError, TypeError, ValueError):
+        fields = video_fields(meta)
+    except SkipSample as skip:
+        return {**record, "reason": skip.reason}
+    frames = 1 if kind == "image" else fields.num_frames
+    width, height, fps = fields.width, fields.height, fields.fps
+    if width is None or height is None or frames is None:
         if media is None:
             return {**record, "reason": "needs_probe"}
         try:
             width, height, frames, fps = probe_media(kind, media)
         except Exception:
             return {**record, "reason": "unreadable"}
-    window = meta.get("frame_window")
-    if window is not None:
-        if not (isinstance(window, list) and len(window) == 2 and 0 <= int(window[0]) < int(window[1])):
-            return {**record, "reason": "bad_metadata"}
-        frames = min(frames, int(window[1])) - int(window[0])
+    if fields.window is not None:
+        first, last = fields.window
+        frames = min(frames, last) - first
     if width <= 0 or height <= 0 or frames <= 0:
         return {**record, "reason": "bad_metadata"}
     return {**record, "width": width, "height": height, "frames": frames, "fps": fps}

@@ -20,6 +20,7 @@ from webdataset.tariterators import base_plus_ext
 
 from .decode import ClipSpec, SkipSample, clip_stride, decode_frames, fit_frames
 from .index import IMAGE_EXTENSIONS, LATENT_MEMBER, VIDEO_EXTENSIONS
+from .metadata import video_fields
 from .shards import load_npy, read_captioned
 from .storage import read_range
 
@@ -169,11 +170,10 @@ def video_clip(
     data: bytes, meta: dict, settings: SampleSettings, task: SampleTask, rng: np.random.Generator
 ) -> np.ndarray:
     """(3, F, H, W) uint8 clip of the bucket's shape from a video's bytes."""
-    stride = clip_stride(float(meta.get("fps") or 0.0), settings.target_fps, settings.stride)
+    fields = video_fields(meta)  # checked as at index time: bad values are a bad_metadata skip
+    stride = clip_stride(fields.fps, settings.target_fps, settings.stride)
     spec = ClipSpec(task.frames, stride, task.height, task.width, settings.window)
-    known = meta.get("num_frames")
-    window = meta.get("frame_window")
-    frames = decode_frames(data, spec, rng, window, int(known) if known else None, settings.decoder)
+    frames = decode_frames(data, spec, rng, fields.window, fields.num_frames, settings.decoder)
     return fit_frames(frames, task.height, task.width).numpy()
 
 

@@ -78,7 +78,7 @@ def read_captioned(sample: dict) -> tuple[dict, str]:
     if "json" in sample:
         try:
             meta = read_metadata(sample)
-        except (ValueError, UnicodeDecodeError) as error:
+        except (ValueError, UnicodeDecodeError, RecursionError) as error:
             raise SkipSample("bad_metadata", str(error)) from error
     caption = meta.get("caption")
     if not (isinstance(caption, str) and caption.strip()):
