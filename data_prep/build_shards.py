@@ -193,7 +193,8 @@ def _sample(
     meta = {
         "caption": item.caption,
         "fps": probe.fps,
-        "num_frames": clip.num_frames,
+        # frames in the mp4: with a frame window the whole source's, the clip being the window's
+        "num_frames": clip.num_frames if clip.frame_window is None else probe.num_frames,
         "width": clip.width,
         "height": clip.height,
         "duration": round(clip.num_frames / probe.fps, 6),

@@ -29,6 +29,7 @@ import torch
 
 from sora_train.data.buckets import BucketTable, load_bucket_table
 from sora_train.data.decode import ClipSpec, DecoderName, SkipSample, decode_clip, resolve_decoder
+from sora_train.data.metadata import video_fields
 from sora_train.data.shard_writer import ShardFile, index_path, write_json_atomic
 from sora_train.data.shards import iter_shard, read_captioned
 from sora_train.data.storage import resolve_shards
@@ -93,16 +94,17 @@ def encode_sample(
     meta, caption = read_captioned(sample)
     if "mp4" not in sample:
         raise SkipSample("missing_video")
-    try:
-        width, height, frames = int(meta["width"]), int(meta["height"]), int(meta["num_frames"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise SkipSample("bad_metadata", f"width/height/num_frames: {error}") from error
+    fields = video_fields(meta)  # raises SkipSample("bad_metadata") for a malformed field
+    width, height, frames = fields.width, fields.height, fields.clip_frames
+    if width is None or height is None or frames is None:
+        raise SkipSample("bad_metadata", "the json lacks width, height or num_frames")
     bucket = table.assign(width, height, frames)
     if bucket is None:
         raise SkipSample("no_bucket", f"{frames} frames at {width}x{height}")
     spec = ClipSpec(bucket.frames, table.stride, bucket.height, bucket.width, window="center")
-    window, known = meta.get("frame_window"), meta.get("num_frames")
-    pixels = decode_clip(sample["mp4"], spec, np.random.default_rng(0), window, known, options.decoder)
+    pixels = decode_clip(
+        sample["mp4"], spec, np.random.default_rng(0), fields.window, fields.num_frames, options.decoder
+    )
     with torch.no_grad():
         latent = encoders.latent_space.encode(pixels[None].to(encoders.device))[0]  # (C, f, h, w)
     storage = STORAGE_DTYPES[options.storage_dtype]
@@ -123,6 +125,7 @@ def encode_sample(
         "source_key": sample["__key__"],
     }
     meta.pop("frame_window", None)  # the latent holds exactly the clip
+    meta["num_frames"] = frames
     out["json"] = json.dumps(meta, sort_keys=True).encode("utf-8")
     return out, bucket.name
 

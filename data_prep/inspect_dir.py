@@ -11,6 +11,8 @@ from collections import Counter
 from pathlib import Path
 
 from sora_train.data.buckets import load_bucket_table
+from sora_train.data.decode import SkipSample
+from sora_train.data.metadata import video_fields
 from sora_train.data.shards import iter_shard, read_metadata
 
 from .stats import CorpusStats
@@ -24,11 +26,9 @@ def _scan(directory: Path, buckets: str | None) -> dict:
     for shard in shards:
         for sample in iter_shard(str(shard)):
             try:
-                meta = read_metadata(sample)
-                stats.add(
-                    [int(meta["width"]), int(meta["height"]), int(meta["num_frames"]), float(meta["fps"])]
-                )
-            except (KeyError, TypeError, ValueError, ZeroDivisionError):
+                fields = video_fields(read_metadata(sample))
+                stats.add([fields.width, fields.height, fields.clip_frames, fields.fps])
+            except (SkipSample, TypeError, ValueError, ZeroDivisionError):  # malformed or absent fields
                 unreadable += 1
     return {"shards": len(shards), "stats": stats.to_dict(), "no_metadata": unreadable}
 

@@ -14,9 +14,13 @@ import numpy as np
 import pytest
 from sora_train.data_prep.build_shards import split_of
 from sora_train.data_prep.cli import main as prep_main
+from sora_train.data_prep.encode import EncodeOptions, encode_shards
 
+from sora_train.data.buckets import load_bucket_table
 from sora_train.data.decode import ClipSpec, choose_indices
+from sora_train.data.loader import LoaderSettings, VideoLoader
 from sora_train.data.shards import iter_shard
+from sora_train.data.storage import resolve_shards
 from sora_train.data.supervised import WorkerFailure, supervised_map
 from sora_train.video_io import read_video
 
@@ -224,11 +228,25 @@ def test_list_source_windows_and_split(tmp_path):
             meta = json.loads(sample["json"])
             assert split_of(meta["source"], 0.5) == split
             if meta["source"] == "videos/long.mp4":
-                assert meta["frame_window"] == [16, 40] and meta["num_frames"] == 24
+                # the window of the original bytes, and the frames those bytes hold (the whole source's)
+                assert meta["frame_window"] == [16, 40] and meta["num_frames"] == 64
                 window = ClipSpec(num_frames=4, stride=2, height=16, width=16, window="center")
                 indices = choose_indices(64, window, np.random.default_rng(0), meta["frame_window"])
                 assert indices.tolist() == [24, 26, 28, 30]  # the centre of frames 16..39
     assert manifest["splits"]["train"]["num_samples"] + manifest["splits"]["val"]["num_samples"] == 7
+    # the loader and encode read the window's 24 frames the same way: a 9-frame bucket fits it (and the
+    # 16-frame videos); counting the window from the wrong origin left it 8 frames, too short
+    buckets = tmp_path / "buckets.yaml"
+    buckets.write_text("stride: 1\nbuckets:\n  - {frames: 9, height: 32, width: 32}\n")
+    table = load_bucket_table(buckets)
+    for split in ("train", "val"):
+        settings = LoaderSettings(table, (1,), seed=0, shuffle_window=1, cache_dir=tmp_path / "cache")
+        loader = VideoLoader([resolve_shards(str(out / split))], settings)
+        assert loader.rejected == {} and sum(loader.bucket_counts.values()) == len(read_split(out, split))
+        latents = encode_shards(
+            EncodeOptions(src=str(out / split), out=tmp_path / f"latents-{split}", buckets=str(buckets))
+        )
+        assert latents["skipped"] == {} and latents["num_samples"] == len(read_split(out, split))
 
 
 def test_nodes_split_the_input_and_together_give_the_single_node_samples(tmp_path):

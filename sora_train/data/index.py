@@ -17,7 +17,7 @@ import os
 import tarfile
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -74,18 +74,16 @@ def describe(key: str, members: dict[str, bytes | None], media: bytes | None = N
         fields = video_fields(meta)
     except SkipSample as skip:
         return {**record, "reason": skip.reason}
-    frames = 1 if kind == "image" else fields.num_frames
+    frames = 1 if kind == "image" else fields.clip_frames
     width, height, fps = fields.width, fields.height, fields.fps
     if width is None or height is None or frames is None:
         if media is None:
             return {**record, "reason": "needs_probe"}
         try:
-            width, height, frames, fps = probe_media(kind, media)
+            width, height, source_frames, fps = probe_media(kind, media)
         except Exception:
             return {**record, "reason": "unreadable"}
-    if fields.window is not None:
-        first, last = fields.window
-        frames = min(frames, last) - first
+        frames = replace(fields, num_frames=source_frames).clip_frames
     if width <= 0 or height <= 0 or frames <= 0:
         return {**record, "reason": "bad_metadata"}
     return {**record, "width": width, "height": height, "frames": frames, "fps": fps}

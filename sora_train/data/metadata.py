@@ -65,9 +65,17 @@ class VideoFields:
 
     width: int | None
     height: int | None
-    num_frames: int | None
+    num_frames: int | None  # frames in the media bytes (with a window: the whole source's)
     fps: float
-    window: tuple[int, int] | None
+    window: tuple[int, int] | None  # [first, last) frames of the media the sample is cut from
+
+    @property
+    def clip_frames(self) -> int | None:
+        """Frames the sample offers: its window's (cut to the media's end), else all; None: not said."""
+        if self.window is None:
+            return self.num_frames
+        first, last = self.window
+        return (last if self.num_frames is None else min(self.num_frames, last)) - first
 
 
 def video_fields(meta: object) -> VideoFields:
