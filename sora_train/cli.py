@@ -28,13 +28,14 @@ from .data.storage import ShardError
 from .guards import TrainingDiverged
 from .metrics import final_validation_loss
 from .parallel.replicas import ReplicasDiverged
+from .parallel.sequence import GroupBatchesDiffer
 from .preemption import EXIT_PREEMPTED, was_preempted
 from .recipes import config_dir
 
 EXIT_CODES: tuple[tuple[tuple[type[BaseException], ...], int], ...] = (
     ((ConfigError, ShardError, CheckpointInvalid, UnsafeCheckpoint), 2),  # fix the input and run again
     ((TrainingDiverged, ReplicasDiverged), 3),  # the run itself went wrong
-    ((CheckpointSaveFailed,), 1),
+    ((CheckpointSaveFailed, GroupBatchesDiffer), 1),  # a rerun resumes
 )
 KNOWN_ERRORS = tuple(kind for kinds, _ in EXIT_CODES for kind in kinds)
 

@@ -154,7 +154,17 @@ def build_run(cfg: TrainConfig, dist_info: DistInfo) -> Run:
     if logger and (frozen := frozen_encoders(latent_space, prompts)):
         logger.log_event("frozen_encoders", resumed.step, frozen)
     encoder = None if cfg.data.precomputed else latent_space
-    stepper = Stepper(engine, ema, guards, prompts, encoder, cfg, dtype, resume.layout.accumulation)
+    stepper = Stepper(
+        engine,
+        ema,
+        guards,
+        prompts,
+        encoder,
+        cfg,
+        dtype,
+        resume.layout.accumulation,
+        dist_info.sequence_group,
+    )
     batches = iter(loader)
     return Run(
         cfg=cfg, start_step=resumed.step, batches=batches, stepper=stepper, logger=logger,

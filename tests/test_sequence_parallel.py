@@ -93,3 +93,16 @@ def test_minute_recipe_scaled_down_trains_with_sp2_as_with_sp1(corpus, tmp_path)
     assert (layout["data_parallel"], layout["sequence_parallel"], layout["zero_stage"]) == (1, 2, 3)
     config = json.loads((split / "run_info.json").read_text())["config"]
     assert config["parallel"]["zero_stage"] == 3 and config["train"]["activation_checkpointing"] == "full"
+
+
+def test_the_ranks_of_a_group_that_loaded_different_batches_stop(tmp_path):
+    out = tmp_path / "report"
+    assert_ok(run_torchrun(2, SCRIPTS / "group_batch_check.py", str(out)))
+    reports = [json.loads(Path(f"{out}.{rank}.json").read_text()) for rank in (0, 1)]
+    for rank, report in enumerate(reports):
+        assert report["same"] == "same"
+        for case in ("other_sample", "fewer"):  # every rank of the group stops, naming the other
+            assert f"ranks [{1 - rank}] of this rank's group loaded another batch" in report[case], (
+                rank,
+                case,
+            )

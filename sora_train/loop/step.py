@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 
 from ..batch_inputs import clean_latents, text_input
 from ..config import TrainConfig
@@ -20,6 +21,7 @@ from ..guards import StepVerdict, TrainingGuards
 from ..models.prompts import PromptEncoder
 from ..models.vae import LatentSpace
 from ..parallel.dist import all_reduce_mean
+from ..parallel.sequence import check_group_batch
 from ..throughput import attended_text_tokens, batch_flops, batch_tokens
 
 
@@ -92,6 +94,7 @@ class Stepper:
     cfg: TrainConfig
     dtype: torch.dtype
     accumulation: int
+    sequence_group: dist.ProcessGroup | None = None  # its ranks must load the same batches
 
     def train_step(self, batches: Iterator[Batch], step: int) -> StepOutcome:
         """Optimizer step `step`: accumulate `accumulation` micro-batches, step (the engine clips and skips non-finite
@@ -102,6 +105,7 @@ class Stepper:
             fetch = time.perf_counter()
             batch = next(batches)
             data_wait += time.perf_counter() - fetch
+            check_group_batch(batch["key"], self.sequence_group, self.engine.device)
             micro = forward_backward(
                 self.engine, batch, self.prompts, self.encoder, step, self.cfg, self.dtype
             )

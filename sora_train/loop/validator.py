@@ -3,9 +3,12 @@ at the configured timesteps inside the trained range (a Wan 2.2 expert's, or `di
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 import torch
 
 from ..config import TrainConfig
+from ..data.loader import Batch
 from ..data.recipe import build_loader
 from ..diffusion.timesteps import timestep_range
 from ..ema import EMA
@@ -14,7 +17,7 @@ from ..metrics import MetricsLogger
 from ..models.prompts import PromptEncoder
 from ..models.vae import LatentSpace
 from ..parallel.dist import DistInfo
-from ..parallel.sequence import apply_sequence_parallel
+from ..parallel.sequence import apply_sequence_parallel, check_group_batch
 from .averaged import ema_model
 from .reporting import data_reports
 
@@ -55,12 +58,21 @@ class Validator:
         averaged = ema_model(self.ema, cfg, info, self.dtype)
         apply_sequence_parallel(averaged, info.sequence_group)
         encoder = None if cfg.data.precomputed else self.latent_space
+        batches = group_checked(one_pass(held_out, cfg.eval.val_batches), info)
         sums = loss_sums(
-            averaged, one_pass(held_out, cfg.eval.val_batches), self.prompts, encoder, cfg.eval.val_timesteps,
-            cfg.seed, self.dtype, t_range=timestep_range(cfg.diffusion),
+            averaged, batches, self.prompts, encoder, cfg.eval.val_timesteps, cfg.seed, self.dtype,
+            t_range=timestep_range(cfg.diffusion),
         )  # fmt: skip
         means = merge_sums(data_reports(info, sums))
         if self.logger:
             self.logger.log_event(
                 "validation", step, {"val_loss": means.get("all"), "val_loss_by_bucket": means}
             )
+
+
+def group_checked(batches: Iterable[Batch], info: DistInfo) -> Iterator[Batch]:
+    """`batches`, each checked to be the one every rank of this rank's sequence-parallel group holds
+    (`parallel.sequence.check_group_batch`; collective within the group)."""
+    for batch in batches:
+        check_group_batch(batch["key"], info.sequence_group, info.device)
+        yield batch

@@ -28,6 +28,7 @@ rank), T text tokens, K head dim, P degree.
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -203,3 +204,30 @@ def apply_sequence_parallel(model: VideoDenoiser, group: dist.ProcessGroup | Non
     the attention kernels chosen for its layout (`parallel/attention_backend.py`) carry over."""
     if group is not None:
         model.dit.layout = UlyssesLayout(group, model.dit.layout.backends)
+
+
+class GroupBatchesDiffer(RuntimeError):
+    """The ranks of a sequence-parallel group loaded different batches (the run stops; a rerun resumes)."""
+
+
+def check_group_batch(keys: list[str], group: dist.ProcessGroup | None, device: torch.device) -> None:
+    """Stop when the ranks of the sequence-parallel `group` do not all hold the batch `keys` names
+    (collective within the group; nothing without one).
+
+    Every rank of a group loads the group's batches itself; a skip that depends on timing (a decode
+    that timed out or crashed on one rank only) would hand them different samples, whose tokens the
+    all-to-alls would then mix, or whose different sizes would hang them. A fingerprint of the keys
+    is compared at every micro-batch, so that never trains. Raises GroupBatchesDiffer.
+    """
+    if group is None:
+        return
+    mine = torch.tensor([zlib.crc32("\x00".join(keys).encode()), len(keys)], dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    differing = [rank for rank, theirs in enumerate(every) if not torch.equal(theirs, mine)]
+    if differing:
+        raise GroupBatchesDiffer(
+            f"the sequence-parallel ranks {differing} of this rank's group loaded another batch than its "
+            f"{len(keys)} samples (first {keys[0] if keys else None!r}): a sample was skipped on some of "
+            "them only (a decode timeout or crash); rerun to resume from the last checkpoint"
+        )
