@@ -98,9 +98,13 @@ def assert_throughput_report(run_dir: Path, rows: list[dict]) -> None:
         clip_tokens = row["tokens_per_s"] / row["samples_per_s"]
         if clip_tokens in (32.0, 48.0):  # every clip of the step from one bucket shape
             clips = round(192 / clip_tokens)
-            expected = clips * sample_flops(model, int(clip_tokens), model.text_max_length)
-            elapsed = clips / row["samples_per_s"]
-            assert row["tflops_per_device"] * 1e12 * 2 * elapsed == pytest.approx(expected, rel=1e-6)
+            # the text tokens counted are those the DiT attended to: the micro batch's longest kept
+            # caption (synthetic captions are shorter than text_max_length), at least the BOS token
+            fewest, most = (
+                clips * sample_flops(model, int(clip_tokens), t) for t in (1, model.text_max_length)
+            )
+            measured = row["tflops_per_device"] * 1e12 * 2 * clips / row["samples_per_s"]
+            assert fewest * (1 - 1e-6) <= measured < most, (fewest, measured, most)
             uniform += 1
         assert row["peak_memory_gb"] > 0 and row["eta_s"] >= 0 and "mfu" not in row  # no peak on a CPU
     assert uniform > 0
