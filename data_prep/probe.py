@@ -105,11 +105,17 @@ def probe_video(path: str) -> VideoProbe | Rejected:
                 return Rejected("no_video_stream")
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-            num_frames, first = 0, None
+            num_frames, stored, torn, first = 0, 0, False, None
             for packet in container.demux(stream):  # count every frame; decode until the first one emerges
                 num_frames += counts_as_frame(packet)  # the loader's decoders count the same frames
+                stored += packet.size > 0  # the last, empty packet only flushes the decoder
+                torn = torn or packet.is_corrupt  # a packet the file ends inside
                 if first is None:
-                    first = next(iter(packet.decode()), None)  # the last, empty packet flushes the decoder
+                    first = next(iter(packet.decode()), None)
+            if torn or 0 < stored < stream.frames:  # the container lists frames the file does not hold
+                return Rejected(
+                    "truncated", f"the container lists {stream.frames} frames, the file holds {stored}"
+                )
             if num_frames == 0:
                 return Rejected("zero_frames")
             if not rate or float(rate) <= 0:

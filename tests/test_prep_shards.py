@@ -28,7 +28,8 @@ from .video_files import write_audio_only, write_video
 
 GOOD = {"good_a.mp4", "good_b.mp4", "sub/good_c.mkv", "rotated.mp4", "with_audio.mp4"}
 EXPECTED_REJECTS = {
-    "unreadable": 4,  # truncated, zero bytes, random bytes, a text file named .mp4
+    "unreadable": 4,  # cut in half (its frame index at the end is lost), zero bytes, random bytes, text
+    "truncated": 1,  # the frame index first, lists frames the file does not hold
     "no_video_stream": 1,
     "zero_frames": 1,
     "too_short": 1,  # one frame
@@ -57,6 +58,10 @@ def make_mixed_folder(root: Path) -> Path:
     _caption(write_video(root / "with_audio.mp4", 20, 64, 64, fps=8, seed=5, audio=True), "with sound")
     whole = (root / "good_a.mp4").read_bytes()
     _caption(root / "truncated.mp4", "cut short").write_bytes(whole[: len(whole) // 2])
+    indexed_first = write_video(root / "fast.mp4", 24, 48, 64, seed=10, faststart=True).read_bytes()
+    _caption(root / "fast.mp4", "cut short after its index").write_bytes(
+        indexed_first[: len(indexed_first) * 9 // 10]
+    )
     _caption(root / "zero_bytes.mp4", "empty").write_bytes(b"")
     _caption(root / "random.mp4", "noise").write_bytes(np.random.default_rng(0).bytes(5000))
     _caption(root / "text.mp4", "not a video").write_text("this is not a video\n" * 20)

@@ -41,10 +41,13 @@ def write_video(
     rotation: int | None = None,
     audio: bool = False,
     container_format: str = "mp4",
+    faststart: bool = False,
 ) -> Path:
-    """Write an H.264 video (optionally with a display rotation and an AAC track); 0 frames allowed."""
+    """Write an H.264 video (optionally with a display rotation and an AAC track; `faststart`: the
+    frame index before the frames, as streaming sites serve mp4); 0 frames allowed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w", format=container_format) as container:
+    options = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), mode="w", format=container_format, options=options) as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"x264-params": "mbtree=0"}
