@@ -35,6 +35,58 @@ class PlannedBatch:
     epoch: int
 
 
+@dataclass(frozen=True)
+class EpochPlan:
+    """The batches of one epoch as three arrays, not one object per batch: batch i holds
+    `samples[starts[i]:starts[i + 1]]`, all of bucket `buckets[i]`: 8 bytes per sample and 10 per
+    batch."""
+
+    source: int
+    epoch: int
+    samples: np.ndarray  # (kept samples,) int64 indices into the shard set's index, batch after batch
+    starts: np.ndarray  # (batches + 1,) int64
+    buckets: np.ndarray  # (batches,) int16
+
+    def __len__(self) -> int:
+        return len(self.buckets)
+
+    def __getitem__(self, i: int) -> PlannedBatch:
+        samples = self.samples[self.starts[i] : self.starts[i + 1]]
+        return PlannedBatch(self.source, int(self.buckets[i]), samples, self.epoch)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+def batch_order(
+    buckets: np.ndarray, batch_sizes: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Deal positions 0..N-1 of an epoch's order, whose buckets are `buckets` (N,), into batches.
+
+    Each bucket fills batches of its size in order; a batch is emitted when it fills (at the
+    position of its last sample), each bucket's last partial batch at the end, ordered by bucket.
+    Returns (positions (N,) batch after batch, starts (batches + 1,), bucket of each batch)."""
+    buckets = buckets.astype(np.int64)
+    sizes = np.asarray(batch_sizes, np.int64)[buckets]  # (N,) the batch size of each position's bucket
+    rank_in_bucket = np.zeros(len(buckets), np.int64)  # (N,) how many earlier positions share the bucket
+    for bucket in np.unique(buckets):
+        where = np.flatnonzero(buckets == bucket)
+        rank_in_bucket[where] = np.arange(len(where))
+    chunk = rank_in_bucket // sizes  # (N,) which of its bucket's batches a position is in
+    counts = np.bincount(buckets, minlength=len(batch_sizes))  # per bucket
+    full = (chunk + 1) * sizes <= counts[buckets]  # in a batch that fills
+    last = full & ((rank_in_bucket + 1) % sizes == 0) | ~full & (rank_in_bucket + 1 == counts[buckets])
+    done_at = np.where(full, np.arange(len(buckets)), len(buckets) + buckets)  # when its batch is emitted
+    ends = np.flatnonzero(last)  # one position per batch: its last sample
+    ends = ends[np.lexsort((buckets[ends], done_at[ends]))]  # in emission order: by time, then bucket
+    batch_id = buckets * (len(buckets) + 1) + chunk  # (N,) names each position's batch
+    by_id = np.argsort(batch_id[ends])
+    emission = by_id[np.searchsorted(batch_id[ends], batch_id, sorter=by_id)]  # (N,) its batch's turn
+    positions = np.lexsort((np.arange(len(buckets)), emission))  # batch after batch, in order within
+    starts = np.concatenate([[0], np.cumsum(np.bincount(emission, minlength=len(ends)))])
+    return positions, starts, buckets[ends].astype(np.int16)
+
+
 @dataclass
 class EpochPlanner:
     """The epochs of one shard set. `bucket_of` is (N,) bucket per sample, -1 for rejected."""
@@ -46,7 +98,7 @@ class EpochPlanner:
     weights: tuple[float, ...]
     seed: int
     window: int
-    _plans: dict[int, list[PlannedBatch]] = field(default_factory=dict, repr=False)
+    _plans: dict[int, EpochPlan] = field(default_factory=dict, repr=False)
     _epoch_starts: list[int] = field(default_factory=lambda: [0], repr=False)
     _lock: threading.RLock = field(
         default_factory=threading.RLock, repr=False
@@ -58,7 +110,7 @@ class EpochPlanner:
         num_shards = int(self.shard_of.max()) + 1 if len(self.shard_of) else 0
         self._shard_bounds = np.searchsorted(self.shard_of, np.arange(num_shards + 1))
 
-    def epoch(self, epoch: int) -> list[PlannedBatch]:
+    def epoch(self, epoch: int) -> EpochPlan:
         """The batches of one epoch, in order (cached for the two most recent epochs)."""
         with self._lock:
             if epoch not in self._plans:
@@ -67,7 +119,7 @@ class EpochPlanner:
                     del self._plans[old]
             return self._plans[epoch]
 
-    def _plan(self, epoch: int) -> list[PlannedBatch]:
+    def _plan(self, epoch: int) -> EpochPlan:
         rng = np.random.default_rng([self.seed, self.source, epoch])
         bounds = self._shard_bounds
         shards = rng.permutation(len(bounds) - 1)
@@ -81,16 +133,8 @@ class EpochPlanner:
         for first in range(0, len(order), self.window):
             block = order[first : first + self.window]
             order[first : first + self.window] = block[rng.permutation(len(block))]
-        buckets = self.bucket_of[order]
-        pending: list[tuple[int, int, PlannedBatch]] = []  # (completed at, bucket, batch)
-        for bucket, size in enumerate(self.batch_sizes):
-            positions = np.flatnonzero(buckets == bucket)
-            for first in range(0, len(positions), size):
-                chunk = positions[first : first + size]
-                done_at = int(chunk[-1]) if len(chunk) == size else len(order) + bucket
-                pending.append((done_at, bucket, PlannedBatch(self.source, bucket, order[chunk], epoch)))
-        pending.sort(key=lambda item: (item[0], item[1]))
-        return [batch for _, _, batch in pending]
+        positions, starts, batch_buckets = batch_order(self.bucket_of[order], self.batch_sizes)
+        return EpochPlan(self.source, epoch, order[positions].astype(np.int64), starts, batch_buckets)
 
     def batch(self, position: int) -> PlannedBatch:
         """The `position`-th batch of this set's endless sequence of epochs."""
