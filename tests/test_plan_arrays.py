@@ -44,3 +44,18 @@ def test_an_epoch_of_a_million_samples_at_batch_size_one_is_18_bytes_per_sample(
     assert len(plan) == n and len(plan[n - 1].samples) == 1
     assert plan.samples.nbytes + plan.starts.nbytes + plan.buckets.nbytes == 8 * n + 8 * (n + 1) + 2 * n
     assert sorted(plan.samples.tolist()) == list(range(n))  # every sample once
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0), (1.0, 0.5, 0.25)])
+def test_epochs_are_counted_without_planning_them_and_a_late_batch_plans_only_its_epoch(weights):
+    rng = np.random.default_rng(3)
+    buckets = rng.integers(-1, 3, size=500).astype(np.int16)  # -1: rejected
+    planner = EpochPlanner(0, np.repeat(np.arange(20), 25), buckets, (2, 3, 5), weights, 11, 16)
+    reference = EpochPlanner(0, np.repeat(np.arange(20), 25), buckets, (2, 3, 5), weights, 11, 16)
+    lengths = [len(reference.epoch(e)) for e in range(6)]
+    assert [planner.epoch_length(e) for e in range(6)] == lengths
+    position = sum(lengths[:5]) + 7  # the 8th batch of epoch 5
+    late = planner.batch(position)
+    assert sorted(planner._plans) == [5]  # epochs 0-4 were counted, not planned
+    expected = reference.epoch(5)[7]
+    assert (late.epoch, late.bucket, late.samples.tolist()) == (5, expected.bucket, expected.samples.tolist())

@@ -242,7 +242,7 @@ class VideoLoader:
                     yield collate(examples, planned, settings.table.buckets[planned.bucket].name)
                     continue
                 empty_run += 1
-                if empty_run >= len(self.mixture.planners[planned.source].epoch(planned.epoch)):
+                if empty_run >= self.mixture.planners[planned.source].epoch_length(planned.epoch):
                     raise ShardError(
                         f"rank {self.rank}: an epoch's worth of batches without one usable sample "
                         f"(skipped by reason: {dict(self.skipped)})"

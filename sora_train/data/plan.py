@@ -119,7 +119,8 @@ class EpochPlanner:
                     del self._plans[old]
             return self._plans[epoch]
 
-    def _plan(self, epoch: int) -> EpochPlan:
+    def _kept(self, epoch: int) -> tuple[np.ndarray, np.random.Generator]:
+        """The epoch's kept samples in shard order (shards permuted), and the generator after it."""
         rng = np.random.default_rng([self.seed, self.source, epoch])
         bounds = self._shard_bounds
         shards = rng.permutation(len(bounds) - 1)
@@ -129,7 +130,22 @@ class EpochPlanner:
         draws = rng.random(len(order))
         usable = buckets >= 0
         keep = usable & (draws < keep_probability[np.where(usable, buckets, 0)])
-        order = order[keep]
+        return order[keep], rng
+
+    def epoch_length(self, epoch: int) -> int:
+        """Batches in `epoch`, without planning it: the same for every epoch when every bucket keeps
+        all its samples, else counted from the epoch's keep draws (a fraction of planning it)."""
+        if epoch in self._plans:
+            return len(self._plans[epoch])
+        if min(self.weights) == max(self.weights):
+            kept = self.bucket_of[self.bucket_of >= 0]
+        else:
+            kept = self.bucket_of[self._kept(epoch)[0]]
+        counts = np.bincount(kept, minlength=len(self.batch_sizes))
+        return int(sum(-(-int(n) // size) for n, size in zip(counts, self.batch_sizes, strict=True)))
+
+    def _plan(self, epoch: int) -> EpochPlan:
+        order, rng = self._kept(epoch)
         for first in range(0, len(order), self.window):
             block = order[first : first + self.window]
             order[first : first + self.window] = block[rng.permutation(len(block))]
@@ -139,9 +155,9 @@ class EpochPlanner:
     def batch(self, position: int) -> PlannedBatch:
         """The `position`-th batch of this set's endless sequence of epochs."""
         with self._lock:
-            while position >= self._epoch_starts[-1]:
+            while position >= self._epoch_starts[-1]:  # earlier epochs are counted, not planned
                 epoch = len(self._epoch_starts) - 1
-                self._epoch_starts.append(self._epoch_starts[-1] + len(self.epoch(epoch)))
+                self._epoch_starts.append(self._epoch_starts[-1] + self.epoch_length(epoch))
             epoch = bisect.bisect_right(self._epoch_starts, position) - 1
             return self.epoch(epoch)[position - self._epoch_starts[epoch]]
 
