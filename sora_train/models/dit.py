@@ -171,7 +171,7 @@ class DiTBlock(nn.Module):
         x: torch.Tensor,
         cond: torch.Tensor,
         text: torch.Tensor,
-        text_mask: torch.Tensor,
+        text_mask: torch.Tensor | None,
         angles: RopeTable,
         layout: TokenLayout,
         key_mask: torch.Tensor | None,
