@@ -26,11 +26,13 @@ def _bad(field: str, value: object, expected: str) -> SkipSample:
 def whole_number(meta: dict, field: str, low: int, high: int) -> int | None:
     """`meta[field]` as an int in [low, high]; None when absent (or null)."""
     value = meta.get(field)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _bad(field, value, f"a whole number in [{low}, {high}]")
-    if not math.isfinite(value) or value != int(value) or not low <= value <= high:
+    return None if value is None else _whole(field, value, low, high)
+
+
+def _whole(field: str, value: object, low: int, high: int) -> int:
+    """`value` (of `field`) as an int in [low, high] (raises SkipSample("bad_metadata"))."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and value == int(value) and low <= value <= high):
         raise _bad(field, value, f"a whole number in [{low}, {high}]")
     return int(value)
 
@@ -53,8 +55,8 @@ def frame_window(meta: dict) -> tuple[int, int] | None:
         return None
     if not isinstance(value, list) or len(value) != 2:
         raise _bad("frame_window", value, "[first, last]")
-    first, last = (whole_number({"frame_window": v}, "frame_window", 0, MAX_FRAMES) for v in value)
-    if first is None or last is None or first >= last:
+    first, last = (_whole("frame_window", v, 0, MAX_FRAMES) for v in value)
+    if first >= last:
         raise _bad("frame_window", value, "[first, last] with 0 <= first < last")
     return first, last
 
