@@ -151,11 +151,11 @@ def test_joint_attention_without_caption_padding_equals_the_masked_reference(len
     kept = kept_mask.shape[1]
     assert (kept, unpadded) == (max(lengths), len(set(lengths)) == 1)
     cut_text = [None if x is None else x[:, :, :kept] for x in text]
-    out_video, out_text = joint_attention(video, cut_text, None if unpadded else kept_mask, None)
+    out_video, out_text = joint_attention(video, cut_text, None if unpadded else kept_mask)
     upcast = [
         [None if x is None else x.detach().float().requires_grad_() for x in part] for part in (video, text)
     ]
-    reference_video, reference_text = joint_attention(*upcast, mask, None)  # masked over all 16
+    reference_video, reference_text = joint_attention(*upcast, mask)  # masked over all 16
     weights = torch.randn(2, 2, 12 + kept, 8, generator=torch.Generator().manual_seed(1))
     weights[:, :, 12:] *= kept_mask[:, None, :, None]  # padded text queries: no output to compare
     ours, reference = [out_video], [reference_video]

@@ -92,7 +92,7 @@ def patterns(device: torch.device) -> dict[str, Callable[[tuple | None], object]
     return {
         "self_attention": lambda b: attention(*video, None, b),
         "self_attention_key_padding": lambda b: attention(*video, key_padding, b),
-        "joint_attention_unmasked": lambda b: joint_attention(video, text, None, None, b),
+        "joint_attention_unmasked": lambda b: joint_attention(video, text, None, b),
         "cross_attention_padded_text": lambda b: attention(pair[0], *pair_text[1:], captions, b),
     }
 

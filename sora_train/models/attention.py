@@ -99,28 +99,23 @@ def joint_attention(
     video: QKV,
     text: QKV,
     text_mask: torch.Tensor | None,
-    key_mask: torch.Tensor | None,
     backends: Backends | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of video and text queries over the concatenated [text, video] keys (MM-DiT).
 
     video: (B, N, S, K) each; text: (B, N, T, K) each, its queries None when no text output is
-    needed; text_mask (B, T) bool, or None when every text key may be attended; key_mask (1, S) or
-    None as for self-attention. Without either mask the attention runs unmasked. Returns the video
-    output (B, N, S, K) and the text output (B, N, T, K) or None.
+    needed; text_mask (B, T) bool, or None when every text key may be attended (then the attention
+    runs unmasked). Every video key is attended. Returns the video output (B, N, S, K) and the text
+    output (B, N, T, K) or None.
     """
     q_video, k_video, v_video = video
     q_text, k_text, v_text = text
     queries = q_video if q_text is None else torch.cat([q_text, q_video], dim=2)
     keys, values = torch.cat([k_text, k_video], dim=2), torch.cat([v_text, v_video], dim=2)
     mask = None
-    if text_mask is not None or key_mask is not None:
-        batch, text_length, video_length = k_text.shape[0], k_text.shape[2], k_video.shape[2]
-        if text_mask is None:
-            text_mask = torch.ones(1, text_length, dtype=torch.bool, device=k_text.device)
-        if key_mask is None:
-            key_mask = torch.ones(1, video_length, dtype=torch.bool, device=k_video.device)
-        mask = torch.cat([text_mask.expand(batch, -1), key_mask.expand(batch, -1)], dim=1)  # (B, T + S)
+    if text_mask is not None:
+        video_keys = text_mask.new_ones(text_mask.shape[0], k_video.shape[2])
+        mask = torch.cat([text_mask, video_keys], dim=1)  # (B, T + S)
     out = attention(queries, keys, values, mask, backends)
     if q_text is None:
         return out, None
@@ -168,17 +163,10 @@ class TokenLayout:
         """The whole sequence of `length` tokens back from every process' share (here: `x`)."""
         return x
 
-    def padding_mask(self, length: int, device: torch.device) -> torch.Tensor | None:
-        """(1, S) bool over the keys self-attention sees, False on padding; None without one.
-
-        Always None: a layout that pads the sequence drops the padded keys itself."""
-        return None
-
-    def self_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Attention of this process' queries (B, N, L, K) over the sample's keys and values."""
-        return attention(q, k, v, key_mask, self.backends)
+    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of this process' queries (B, N, L, K) over the sample's keys and values (a
+        layout that pads the sequence drops the padded keys itself)."""
+        return attention(q, k, v, None, self.backends)
 
     def cross_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None
@@ -188,8 +176,8 @@ class TokenLayout:
         return attention(q, k, v, key_mask, self.backends)
 
     def joint_attention(
-        self, video: QKV, text: QKV, text_mask: torch.Tensor | None, key_mask: torch.Tensor | None
+        self, video: QKV, text: QKV, text_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`joint_attention` for this process' video tokens (B, N, L, K) and the whole caption's
         text tokens (B, N, T, K); returns this process' video output and the whole text output."""
-        return joint_attention(video, text, text_mask, key_mask, self.backends)
+        return joint_attention(video, text, text_mask, self.backends)

@@ -110,13 +110,11 @@ class SelfAttention(nn.Module):
         self.k_norm = qk_norm_layer(dim // num_heads, qk_norm)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(
-        self, x: torch.Tensor, angles: RopeTable, layout: TokenLayout, key_mask: torch.Tensor | None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, angles: RopeTable, layout: TokenLayout) -> torch.Tensor:
         """x (B, L, D) this process' tokens, angles their (L, K) RoPE table -> (B, L, D)."""
         q, k, v = rearrange(self.qkv(x), "b l (three n k) -> three b n l k", three=3, n=self.num_heads)
         q, k = apply_rope(self.q_norm(q), angles), apply_rope(self.k_norm(k), angles)
-        out = layout.self_attention(q, k, v, key_mask)  # (B, N, L, K)
+        out = layout.self_attention(q, k, v)  # (B, N, L, K)
         return self.proj(rearrange(out, "b n l k -> b l (n k)"))
 
 
@@ -174,13 +172,12 @@ class DiTBlock(nn.Module):
         text_mask: torch.Tensor | None,
         angles: RopeTable,
         layout: TokenLayout,
-        key_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """`cond`: (B, D) the condition, or (B, 6·D) the shared modulation with `shared_modulation`;
         `angles`: the (L, K) RoPE table of this process' tokens."""
         modulation = cond + self.modulation_offset if self.shared_modulation else self.modulation(cond)
         shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunk(6, dim=-1)  # six (B, D)
-        attended = self.self_attn(modulate(self.norm1(x), shift1, scale1), angles, layout, key_mask)
+        attended = self.self_attn(modulate(self.norm1(x), shift1, scale1), angles, layout)
         x = gated_residual(x, gate1, attended)
         x = x + self.cross_attn(self.norm2(x), text, text_mask, layout)
         return gated_residual(x, gate2, self.mlp(modulate(self.norm3(x), shift2, scale2)))
@@ -205,7 +202,6 @@ class VideoTokens(NamedTuple):
 
     tokens: torch.Tensor  # (B, L_local, D)
     angles: RopeTable  # (L_local, K) the rotation of those tokens by their RoPE angles
-    key_mask: torch.Tensor | None  # (1, L_pad) False on padding; None without padding
     grid: tuple[int, int, int]  # (f, h, w)
     length: int  # L, the whole sample's tokens
 
@@ -258,7 +254,7 @@ class VideoTransformer(nn.Module):
             embedding = sincos_embedding(positions, self.shape.hidden_size).to(tokens.dtype)  # (L, D)
             tokens = tokens + layout.split(embedding, dim=0)
         rope = self.rope(grid, x.device)  # (L_local, K) each
-        return VideoTokens(tokens, rope, layout.padding_mask(length, x.device), grid, length)
+        return VideoTokens(tokens, rope, grid, length)
 
     def rope(self, grid: tuple[int, int, int], device: torch.device) -> RopeTable:
         """The RoPE table of this process' tokens of a (f, h, w) grid, (L_local, K) each: built once
@@ -336,7 +332,7 @@ class DiT(VideoTransformer):
         )  # (B, 6D) or (B, D)
         tokens = video.tokens
         for block in self.blocks:
-            tokens = block(tokens, block_cond, text, text_mask, video.angles, self.layout, video.key_mask)
+            tokens = block(tokens, block_cond, text, text_mask, video.angles, self.layout)
         return tokens
 
 

@@ -89,7 +89,6 @@ class DoubleStreamBlock(nn.Module):
         text_mask: torch.Tensor | None,
         angles: RopeTable,
         layout: TokenLayout,
-        key_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """video (B, L, D) this process' tokens, text (B, T, D), cond (B, D), text_mask (B, T) or None
         (every text key attended), angles (a RoPE table) -> the updated video tokens and text tokens (None
@@ -99,7 +98,7 @@ class DoubleStreamBlock(nn.Module):
         q, k, v = self.video_stream.attention_inputs(video, video_mod)
         video_heads = (apply_rope(q, angles), apply_rope(k, angles), v)
         text_heads = self.text_stream.attention_inputs(text, text_mod)
-        video_out, text_out = layout.joint_attention(video_heads, text_heads, text_mask, key_mask)
+        video_out, text_out = layout.joint_attention(video_heads, text_heads, text_mask)
         video = self.video_stream.finish(video, video_out, video_mod)
         return video, None if text_out is None else self.text_stream.finish(text, text_out, text_mod)
 
@@ -141,14 +140,13 @@ class SingleStreamBlock(nn.Module):
         text_mask: torch.Tensor | None,
         angles: RopeTable,
         layout: TokenLayout,
-        key_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """As `DoubleStreamBlock.forward`; the text output is always given."""
         shift, scale, gate = self.modulation(cond).chunk(3, dim=-1)  # three (B, D)
         (q, k, v), video_hidden = self._project(video, shift, scale)
         text_heads, text_hidden = self._project(text, shift, scale)
         video_heads = (apply_rope(q, angles), apply_rope(k, angles), v)
-        video_out, text_out = layout.joint_attention(video_heads, text_heads, text_mask, key_mask)
+        video_out, text_out = layout.joint_attention(video_heads, text_heads, text_mask)
         return self._merge(video, video_out, video_hidden, gate), self._merge(
             text, text_out, text_hidden, gate
         )
@@ -173,5 +171,5 @@ class MMDiT(VideoTransformer):
     ) -> torch.Tensor:
         tokens = video.tokens
         for block in self.blocks:
-            tokens, text = block(tokens, text, cond, text_mask, video.angles, self.layout, video.key_mask)
+            tokens, text = block(tokens, text, cond, text_mask, video.angles, self.layout)
         return tokens

@@ -260,11 +260,10 @@ class WanSelfAttention(WanAttention):
         cos: torch.Tensor,
         sin: torch.Tensor,
         layout: TokenLayout,
-        key_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """x (B, L_local, D), cos/sin (L_local, K/2) of those tokens -> (B, L_local, D)."""
         q, k, v = self.queries_keys_values(x, x)
-        out = layout.self_attention(apply_wan_rope(q, cos, sin), apply_wan_rope(k, cos, sin), v, key_mask)
+        out = layout.self_attention(apply_wan_rope(q, cos, sin), apply_wan_rope(k, cos, sin), v)
         return self.to_out[0](rearrange(out, "b n l k -> b l (n k)").type_as(q))
 
 
@@ -320,13 +319,12 @@ class WanBlock(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         layout: TokenLayout,
-        key_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """x (B, L_local, D) -> (B, L_local, D); text (B, T, D), image (B, I, D) or None."""
         table = self.scale_shift_table.unsqueeze(0) + modulation.float()  # (B, L_local or 1, 6, D)
         shift1, scale1, gate1, shift2, scale2, gate2 = table.unbind(dim=2)  # six (B, L_local or 1, D)
         normed = torch.addcmul(shift1, self.norm1(x.float()), 1 + scale1).type_as(x)  # fp32 adaLN
-        x = (x.float() + self.attn1(normed, cos, sin, layout, key_mask) * gate1).type_as(x)
+        x = (x.float() + self.attn1(normed, cos, sin, layout) * gate1).type_as(x)
         x = x + self.attn2(self.norm2(x.float()).type_as(x), text, image, layout)
         normed = torch.addcmul(shift2, self.norm3(x.float()), 1 + scale2).type_as(x)
         return torch.addcmul(x.float(), self.ffn(normed).float(), gate2).type_as(x)  # fp32 gated residual
@@ -435,11 +433,10 @@ class WanTransformer(nn.Module):
         tokens = rearrange(self.patch_embedding(x), "b d f h w -> b (f h w) d")
         tokens = self.layout.split(tokens, dim=1)  # (B, L_local, D)
         cos, sin = self.rope(grid, x.device)  # (L_local, K/2) each
-        key_mask = self.layout.padding_mask(length, x.device)
         text = text.masked_fill(~text_mask[..., None], 0)  # as WanPipeline pads each caption
         cond = self.condition_embedder(self.timesteps(t, frame_mask, grid), text, image)
         for block in self.blocks:
-            tokens = block(tokens, cond.text, cond.image, cond.modulation, cos, sin, self.layout, key_mask)
+            tokens = block(tokens, cond.text, cond.image, cond.modulation, cos, sin, self.layout)
         return self.output(tokens, cond.time, grid, length)
 
     def check_input(self, x: torch.Tensor) -> tuple[int, int, int]:

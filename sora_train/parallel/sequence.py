@@ -131,15 +131,10 @@ class UlyssesLayout(TokenLayout):
             )
         return self.length
 
-    def _drop_padding(
-        self, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Keys and values (B, n, L_pad, K) -> (B, n, L, K) without the padded tokens; a key mask
-        over the padded keys (1, L_pad) cut the same way."""
+    def _drop_padding(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, n, L_pad, K) -> (B, n, L, K) without the padded tokens."""
         length = self._true_length(k.shape[2])
-        if key_mask is not None:
-            key_mask = key_mask[:, :length]
-        return k[:, :, :length], v[:, :, :length], key_mask
+        return k[:, :, :length], v[:, :, :length]
 
     def _heads_to_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(..., B, N, l, K) all heads, this rank's tokens -> (..., B, n, L_pad, K) this rank's heads,
@@ -160,22 +155,20 @@ class UlyssesLayout(TokenLayout):
             return None
         return rearrange(x, "b (p n) t k -> p b n t k", p=self.degree)[self.rank]
 
-    def self_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None
-    ) -> torch.Tensor:
+    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         q, k, v = self._heads_to_tokens(torch.stack((q, k, v)))  # three (B, n, L_pad, K)
-        k, v, key_mask = self._drop_padding(k, v, key_mask)  # (B, n, L, K)
-        out = attention(q, k, v, key_mask, self.backends)  # (B, n, L_pad, K)
+        k, v = self._drop_padding(k, v)  # (B, n, L, K)
+        out = attention(q, k, v, None, self.backends)  # (B, n, L_pad, K)
         return self._tokens_to_heads(out)  # (B, N, l, K)
 
     def joint_attention(
-        self, video: QKV, text: QKV, text_mask: torch.Tensor | None, key_mask: torch.Tensor | None
+        self, video: QKV, text: QKV, text_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         q_video, k_video, v_video = self._heads_to_tokens(torch.stack(video))  # three (B, n, L_pad, K)
-        k_video, v_video, key_mask = self._drop_padding(k_video, v_video, key_mask)  # (B, n, L, K)
+        k_video, v_video = self._drop_padding(k_video, v_video)  # (B, n, L, K)
         text = tuple(self._my_heads(x) for x in text)  # (B, n, T, K) each, or None
         out_video, out_text = joint_attention(
-            (q_video, k_video, v_video), text, text_mask, key_mask, self.backends
+            (q_video, k_video, v_video), text, text_mask, self.backends
         )  # (B, n, L_pad, K), (B, n, T, K) or None
         if out_text is not None:  # (B, n, T, K) -> (B, N, T, K): every head's text output
             out_text = _Gather.apply(out_text, 1, out_text.shape[1] * self.degree, self.group)

@@ -85,9 +85,9 @@ def run_attention(kind: str, inputs: dict, layout, text_mask: torch.Tensor | Non
     """The attention output (B, N, L_local, K) (joint: with the text output appended on the tokens)."""
     video = (inputs["video_q"], inputs["video_k"], inputs["video_v"])
     if kind == "self":
-        return layout.self_attention(*video, None)
+        return layout.self_attention(*video)
     text = (inputs["text_q"], inputs["text_k"], inputs["text_v"])
-    out_video, out_text = layout.joint_attention(video, text, text_mask, None)
+    out_video, out_text = layout.joint_attention(video, text, text_mask)
     return torch.cat([out_video, out_text], dim=2)
 
 
@@ -98,7 +98,7 @@ def reference_attention(kind: str, inputs: dict, text_mask: torch.Tensor | None)
     if kind == "self":
         return attention(*video)
     text = (upcast["text_q"], upcast["text_k"], upcast["text_v"])
-    out_video, out_text = joint_attention(video, text, text_mask, None)
+    out_video, out_text = joint_attention(video, text, text_mask)
     return torch.cat([out_video, out_text], dim=2)
 
 
