@@ -27,6 +27,7 @@ from .config import ConfigError, TrainConfig, register_schema, to_train_config, 
 from .data.storage import ShardError
 from .guards import TrainingDiverged
 from .metrics import final_validation_loss
+from .parallel.dist import leave_process
 from .parallel.replicas import ReplicasDiverged
 from .parallel.sequence import GroupBatchesDiffer
 from .preemption import EXIT_PREEMPTED, was_preempted
@@ -108,6 +109,21 @@ def precheck_overrides(overrides: list[str]) -> str | None:
     return None
 
 
+def status_of(stop: SystemExit) -> int:
+    """The exit status `sys.exit` would give for `stop` (a message is printed to stderr, status 1)."""
+    if stop.code is None or isinstance(stop.code, int):
+        return stop.code or 0
+    print(stop.code, file=sys.stderr)
+    return 1
+
+
+def finish_wandb(code: int) -> None:
+    """Close a wandb run an error left open, with the exit status (its exit hook will not run)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.run.finish(exit_code=code)
+
+
 def main() -> None:
     """Entry point of `sora-train`."""
     register_schema()
@@ -117,7 +133,13 @@ def main() -> None:
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             sys.exit(2)
-    _hydra_main()
+    try:
+        _hydra_main()
+        code = 0
+    except SystemExit as stop:
+        code = status_of(stop)
+    finish_wandb(code)
+    leave_process(code)
 
 
 if __name__ == "__main__":

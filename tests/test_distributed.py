@@ -25,7 +25,7 @@ from sora_train.options import dataclass_from_dict
 from sora_train.parallel.dist import free_port
 from sora_train.preemption import EXIT_PREEMPTED
 
-from .conftest import FAST, REPO, assert_ok, run_module, run_torchrun, run_train
+from .conftest import FAST, REPO, assert_ok, run_module, run_python, run_torchrun, run_train
 
 pytestmark = pytest.mark.distributed
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -415,6 +415,33 @@ def test_a_stale_extension_build_lock_is_cleared_and_a_live_one_kept(tmp_path, m
     hour_ago = time.time() - 3600
     os.utime(lock, (hour_ago, hour_ago))
     assert clear_stale_build_lock("some_op") == lock and not lock.exists()
+
+
+LEAVE_SCRIPT = """
+import atexit, logging, sys
+from sora_train.parallel.dist import init_distributed, leave_process, shutdown_distributed
+logging.basicConfig(filename=sys.argv[1], level=logging.INFO)
+atexit.register(print, " finalized")
+if sys.argv[2] == "joined":
+    init_distributed()
+    shutdown_distributed()
+logging.info("logged before leaving")
+print("printed before leaving", end="")
+leave_process(3)
+"""
+
+
+@pytest.mark.parametrize("joined", [True, False])
+def test_a_process_leaves_with_its_code_and_its_output_flushed(tmp_path, joined):
+    """After a process group, `leave_process` skips interpreter finalization (where gloo's surviving
+    worker threads can abort the process) but keeps the exit code and every buffered line."""
+    log = tmp_path / "log.txt"
+    kind = "joined" if joined else "alone"
+    result = run_python("-c", LEAVE_SCRIPT, str(log), kind, env={"PYTHONUNBUFFERED": ""})
+    assert result.returncode == 3, result.stderr[-2000:]
+    expected = "printed before leaving" + ("" if joined else " finalized\n")
+    assert result.stdout.endswith(expected), result.stdout
+    assert "logged before leaving" in log.read_text()
 
 
 def test_data_parallel_ranks_hold_identical_weights(two_process_run):

@@ -6,12 +6,14 @@ so the same code path (DeepSpeed needs a process group) serves 1 and N processes
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -53,6 +55,9 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+_joined_groups: list[str] = []  # the backend of each process group this process joined
 
 
 SHM_OP_NAME = "deepspeed_shm_comm"  # the op DeepSpeed JIT-builds at init_distributed on a CPU-only machine
@@ -102,6 +107,7 @@ def init_distributed(sequence_parallel: int = 1) -> DistInfo:
         clear_stale_build_lock()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    _joined_groups.append(backend)
     return DistInfo(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
@@ -153,3 +159,20 @@ def shutdown_distributed(wait_for_peers: bool = True) -> None:
             dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def leave_process(code: int) -> NoReturn:
+    """Exit with `code`; once this process has joined a process group, without interpreter finalization.
+
+    `destroy_process_group` does not stop the worker threads of a gloo group something still refers
+    to (DeepSpeed's module-level world group, ZeRO-3 parameters, a finished engine): they live on
+    until the interpreter finalizes, and one that calls into Python then aborts the process
+    ("terminate called without an active exception", SIGABRT) after a run that finished. Standard
+    streams and logging are flushed first; call `shutdown_distributed` before this.
+    """
+    if not _joined_groups:
+        sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -25,7 +25,7 @@ from parallel_check import BATCH, config, fresh_model, inputs
 from sora_train.diffusion.flow import flow_loss
 from sora_train.ema import EMA
 from sora_train.loop.engine import batch_layout, training_engine
-from sora_train.parallel.dist import init_distributed, shutdown_distributed
+from sora_train.parallel.dist import init_distributed, leave_process, shutdown_distributed
 
 STEPS = 4
 DECAY = 0.5  # fast enough that every step's weights show in the average
@@ -99,3 +99,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    leave_process(0)

@@ -12,7 +12,7 @@ import sys
 
 import torch.distributed as dist
 
-from sora_train.parallel.dist import init_distributed, shutdown_distributed
+from sora_train.parallel.dist import init_distributed, leave_process, shutdown_distributed
 from sora_train.parallel.sequence import GroupBatchesDiffer, check_group_batch
 
 
@@ -39,3 +39,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    leave_process(0)

@@ -33,7 +33,7 @@ from sora_train.ema import EMA
 from sora_train.loop.engine import batch_layout, training_engine
 from sora_train.models.denoiser import VideoDenoiser, build_denoiser, build_tokenizer
 from sora_train.optim import build_optimizer, warmup_cosine
-from sora_train.parallel.dist import init_distributed, shutdown_distributed
+from sora_train.parallel.dist import init_distributed, leave_process, shutdown_distributed
 from sora_train.parallel.sequence import apply_sequence_parallel
 
 BATCH = 2
@@ -198,3 +198,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    leave_process(0)

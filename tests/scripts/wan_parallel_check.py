@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from sora_train.models.denoiser import FrozenTextEmbeddings, VideoDenoiser
 from sora_train.models.wan import WanShape, WanTransformer
-from sora_train.parallel.dist import shutdown_distributed
+from sora_train.parallel.dist import leave_process, shutdown_distributed
 from sora_train.parallel.sequence import apply_sequence_parallel, sequence_groups
 
 SHAPE = WanShape(hidden_size=32, depth=2, num_heads=4, ffn_dim=48, patch_size=(1, 2, 2), in_channels=4,
@@ -82,3 +82,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    leave_process(0)
