@@ -249,6 +249,31 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run_inspect)
 
 
+def _run_index(args: argparse.Namespace) -> int:
+    """Write the compact sample index beside every shard of a source; print a summary."""
+    from sora_train.data_prep.side_index import index_shards
+
+    start = time.perf_counter()
+    counts = index_shards(args.source, args.force, args.workers or os.cpu_count() or 1)
+    seconds = time.perf_counter() - start
+    print(
+        f"sora-prep index: {counts['written']} shards indexed, {counts['current']} already were; "
+        f"{counts['samples']} usable samples in {seconds:.1f}s"
+    )
+    return 0
+
+
+def _add_index(subparsers: argparse._SubParsersAction) -> None:
+    """Register `sora-prep index`."""
+    parser = subparsers.add_parser("index", help="write the compact sample index beside existing shards")
+    parser.add_argument("source", help="a directory of .tar shards, one .tar, or a brace pattern")
+    parser.add_argument("--force", action="store_true", help="rewrite indexes that are already current")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="processes scanning shards (default: cores)"
+    )
+    parser.set_defaults(handler=_run_index)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `sora-prep` parser with every subcommand registered."""
     parser = _Parser(prog="sora-prep", description="Build training corpora for sora-train.")
@@ -257,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shards(subparsers)
     _add_encode(subparsers)
     _add_inspect(subparsers)
+    _add_index(subparsers)
     return parser
 
 

@@ -240,10 +240,10 @@ def test_bucket_weights_subsample_a_bucket():
     from sora_train.data.plan import EpochPlanner
 
     buckets = np.array([0] * 400 + [1] * 400, np.int16)
-    planner = EpochPlanner(0, np.zeros(800, np.int32), buckets, (4, 4), (1.0, 0.25), seed=0, window=64)
-    kept = [int(s) for batch in planner.epoch(0) for s in batch.samples]
-    assert len(kept) == len(set(kept))
-    assert sum(s < 400 for s in kept) == 400 and 60 < sum(s >= 400 for s in kept) < 140
+    planner = EpochPlanner(0, np.array([0, 800]), buckets, (4, 4), (1.0, 0.25), seed=0, window=64)
+    kept = [int(s) for batch in planner.plan_block(0, 0) for s in batch.samples]
+    assert planner.blocks == 1 and len(kept) == len(set(kept))
+    assert sum(s < 400 for s in kept) == 400 and sum(s >= 400 for s in kept) == 100
 
 
 def test_images_and_videos_mix_at_the_configured_ratio(tmp_path, corpus):
@@ -273,7 +273,7 @@ def test_index_is_cached_and_rebuilt_when_a_shard_changes(tmp_path, corpus):
     shutil.copy(resolve_shards(str(corpus / "train"))[0], shard)
     cache = tmp_path / "cache"
     VideoLoader([[str(shard)]], settings(cache_dir=cache))
-    assert len(list((cache / "index").glob("*.json"))) == 1
+    assert len(list((cache / "index").glob("*.idx"))) == 1
     write_tar(shard, {"a.mp4": encode_mp4(moving_frames(12)), "a.json": video_meta("changed")})
     assert len(VideoLoader([[str(shard)]], settings(cache_dir=cache)).indexes[0]) == 1
 

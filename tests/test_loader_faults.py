@@ -11,9 +11,11 @@ from pathlib import Path
 import av
 import numpy as np
 
+from sora_train.data import index as shard_index
 from sora_train.data.buckets import Bucket, BucketTable
 from sora_train.data.index import scan_cache_path, scan_shard
 from sora_train.data.loader import LoaderSettings, VideoLoader
+from sora_train.data.sample_index import from_scan, write_sample_index
 from sora_train.video_io import encode_mp4
 
 from .test_loader import moving_frames, video_meta, write_tar
@@ -88,7 +90,7 @@ def test_two_hundred_bad_samples_are_counted_exactly_by_reason(tmp_path):
 
     settings = LoaderSettings(TABLE, (8,), seed=3, shuffle_window=64, max_upscale=2.0, num_workers=2)
     loaders = [VideoLoader([urls], settings, rank, 2) for rank in (0, 1)]
-    planned = len(loaders[0].mixture.planners[0].epoch(0))  # batches in epoch 0, over both ranks
+    planned = loaders[0].mixture.planners[0].epoch_length(0)  # batches in epoch 0, over both ranks
     keys: list[str] = []
     steps = []
     for loader in loaders:  # each rank consumes exactly its share of epoch 0
@@ -118,7 +120,7 @@ def test_two_hundred_bad_samples_are_counted_exactly_by_reason(tmp_path):
         iterator.close()
 
 
-def test_a_hanging_read_costs_one_timeout(tmp_path, corpus):
+def test_a_hanging_read_costs_one_timeout(tmp_path, corpus, monkeypatch):
     """A shard whose reads block (a hung network mount, simulated with a FIFO) costs a timeout per sample."""
     real = sorted((corpus / "train").glob("*.tar"))[0]
     fifo = tmp_path / "hung.tar"
@@ -128,12 +130,14 @@ def test_a_hanging_read_costs_one_timeout(tmp_path, corpus):
     cache = tmp_path / "cache"
     path = scan_cache_path(str(fifo), str(fifo), cache)
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps(scan))
+    size = real.stat().st_size  # what the FIFO's index says its shard holds
+    write_sample_index(path, from_scan(scan, size, probe=0))
+    monkeypatch.setattr(shard_index, "shard_bytes", lambda location: size)
     settings = LoaderSettings(
         TABLE, (3,), seed=0, shuffle_window=4, num_workers=2, decode_timeout=3.0, cache_dir=cache
     )
     loader = VideoLoader([[str(real), str(fifo)]], settings)
-    planned = len(loader.mixture.planners[0].epoch(0))
+    planned = loader.mixture.planners[0].epoch_length(0)
     keys = []
     iterator = iter(loader)
     while loader.cursor.position(loader.cursor.taken) < planned:  # exactly epoch 0

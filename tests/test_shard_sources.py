@@ -98,12 +98,17 @@ def test_a_failed_read_is_retried_and_never_cached_as_a_truncated_shard(
     FlakyFile.failures = failures
     cache = tmp_path / "cache"
     if readable:  # three failed attempts, then the fourth reads it whole
-        assert index.cached_scan(shard, cache) == (shard, clean) and clean["corrupt"] is None
+        location, path, scanned = index.cached_scan(shard, cache)
+        assert (location, path, scanned.corrupt, clean["corrupt"]) == (
+            shard, str(index.scan_cache_path(shard, shard, cache)), None, None
+        )  # fmt: skip
+        assert len(scanned) == len(clean["samples"]) and scanned.rejected == {}
+        assert scanned.records["start"].tolist() == [record["start"] for record in clean["samples"]]
         assert FlakyFile.failures == 0
     else:
         with pytest.raises(ShardError, match=f"{Path(shard).name}: unreadable after 4 attempts"):
             index.cached_scan(shard, cache)
-    assert [p for p in (cache / "index").glob("*.json")] == (
+    assert [p for p in (cache / "index").glob("*.idx")] == (
         [index.scan_cache_path(shard, shard, cache)] if readable else []
     )
 

@@ -1,23 +1,28 @@
-"""The sample index of a shard set: where each sample's bytes are and what shape it has.
+"""The sample index of a shard set: where each usable sample's bytes are and what shape it has.
 
-One pass over each tar reads its headers and small metadata members (json, txt), never a video:
-a sample is the run of consecutive members sharing a key, located by its byte range in the
-shard, described by its kind (video, image, latent), size, frame count, fps and frame window.
-A sample that is unusable from its metadata alone is recorded with the reason. Scans are cached
-per shard (keyed by path, size and modification time), so a restart re-reads nothing.
-Videos whose json lacks width/height/num_frames are probed with PyAV (headers only).
+Each shard's samples are described by a compact index (`sample_index.py`): the one sora-prep
+wrote beside the shard when it is sound and describes this version of it, else one built here by
+scanning the tar and cached (keyed by path, size and modification time), so a restart re-reads
+nothing. A scan is one pass over the tar's headers and small metadata members (json, txt), never
+a video: a sample is the run of consecutive members sharing a key, located by its byte range in
+the shard, described by its kind (video, image, latent), size, frame count, fps and frame window.
+A sample unusable from its metadata alone is counted by reason. Videos whose json lacks
+width/height/num_frames are probed with PyAV (headers only).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
-import json
 import os
+import sys
 import tarfile
 import time
+import zlib
 from collections import Counter
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +30,26 @@ from webdataset.tariterators import base_plus_ext
 
 from .decode import SkipSample
 from .metadata import video_fields
+from .sample_index import (
+    SampleIndex,
+    SampleIndexInvalid,
+    from_scan,
+    read_sample_index,
+    side_index_path,
+    write_sample_index,
+)
 from .shards import read_captioned
-from .storage import PIPE, ShardError, materialize_pipe, open_shard, shard_signature
+from .storage import (
+    PIPE,
+    ShardError,
+    filesystem_of,
+    is_remote,
+    materialize_pipe,
+    open_shard,
+    read_range,
+    shard_signature,
+)
 
-INDEX_VERSION = 2
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov", "avi")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 LATENT_MEMBER = "latent.npy"
@@ -150,7 +171,7 @@ def scan_shard(location: str) -> dict:
         except (tarfile.TarError, EOFError) as error:  # damage; a failed read (OSError) is not
             corrupt, current = str(error) or type(error).__name__, None  # the sample in progress may be torn
         finish()
-    return {"version": INDEX_VERSION, "samples": samples, "corrupt": corrupt}
+    return {"samples": samples, "corrupt": corrupt}
 
 
 READ_ATTEMPTS = 4  # scans of a shard whose reads fail before it counts as unreadable
@@ -175,71 +196,168 @@ def scan_with_retries(location: str, attempts: int = READ_ATTEMPTS, wait: float 
 def scan_cache_path(url: str, location: str, cache_dir: Path) -> Path:
     """Where the scan of a shard is cached: named by its URL and its current size and time stamp."""
     name = hashlib.sha1(f"{url}|{shard_signature(location)}".encode()).hexdigest()
-    return cache_dir / "index" / f"{name}.json"
+    return cache_dir / "index" / f"{name}.idx"
 
 
-def cached_scan(url: str, cache_dir: Path) -> tuple[str, dict]:
-    """(readable location, scan) of one shard, from the cache when the shard has not changed."""
+def shard_bytes(location: str) -> int:
+    """The size of a local or object-store shard."""
+    if is_remote(location):
+        return int(filesystem_of(location).info(location)["size"])
+    return os.stat(location.removeprefix("file://")).st_size
+
+
+PROBE_BYTES = tarfile.BLOCKSIZE  # a tar header block
+
+
+def probe_checksum(location: str, starts: np.ndarray) -> int:
+    """CRC-32 of the shard's tar header blocks where its first and its last sample start: an index
+    made for other bytes of the same size finds other headers there."""
+    crc = 0
+    for offset in sorted({int(starts[0]), int(starts[-1])}) if len(starts) else []:
+        crc = zlib.crc32(read_range(location, offset, PROBE_BYTES), crc)
+    return crc
+
+
+def compact_index(location: str, scan: dict, tar_bytes: int) -> SampleIndex:
+    """The compact index of a scanned shard."""
+    starts = np.asarray([record["start"] for record in scan["samples"] if "reason" not in record], np.int64)
+    return from_scan(scan, tar_bytes, probe_checksum(location, starts))
+
+
+def cached_scan(url: str, cache_dir: Path) -> tuple[str, str, SampleIndex]:
+    """(readable location, index file, compact index) of a shard scanned here, from the cache when
+    the shard has not changed."""
     location = materialize_pipe(url, cache_dir) if url.startswith(PIPE) else url
     path = scan_cache_path(url, location, cache_dir)
+    tar_bytes = shard_bytes(location)
     if path.is_file():
         try:
-            scan = json.loads(path.read_text(encoding="utf-8"))
-            if scan.get("version") == INDEX_VERSION:
-                return location, scan
-        except (OSError, ValueError):
+            return location, str(path), read_sample_index(path, tar_bytes)
+        except SampleIndexInvalid:
             pass  # an unreadable cache entry is rebuilt
-    scan = scan_with_retries(location)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    partial.write_text(json.dumps(scan), encoding="utf-8")
-    partial.replace(path)
-    return location, scan
+    write_sample_index(path, compact_index(location, scan_with_retries(location), tar_bytes))
+    return location, str(path), read_sample_index(path, tar_bytes)
+
+
+def side_index(url: str, cache_dir: Path) -> str | None:
+    """The readable path of the compact index sora-prep wrote beside a shard, if there is one (an
+    object store's is copied into the cache once per version of the shard)."""
+    if url.startswith(PIPE):
+        return None
+    side = side_index_path(url)
+    if not is_remote(url):
+        side = side.removeprefix("file://")
+        return side if os.path.isfile(side) else None
+    filesystem = filesystem_of(url)
+    if not filesystem.isfile(side):
+        return None
+    copy = scan_cache_path(side, url, cache_dir).with_suffix(".side.idx")
+    if not copy.is_file():
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        partial = copy.with_name(f"{copy.name}.{os.getpid()}.partial")
+        partial.write_bytes(filesystem.cat_file(side))
+        partial.replace(copy)
+    return str(copy)
+
+
+def shard_index(url: str, cache_dir: Path) -> tuple[str, str, SampleIndex]:
+    """(readable location, index file, compact index) of one shard: the index beside it when it is
+    sound and describes this version of the shard, else a scan (cached)."""
+    side = side_index(url, cache_dir)
+    if side is not None:
+        try:
+            return url, side, verified_side_index(url, side, cache_dir)
+        except SampleIndexInvalid as problem:
+            print(f"warning: scanning the shard instead of using its index: {problem}", file=sys.stderr)
+    return cached_scan(url, cache_dir)
+
+
+def verified_side_index(url: str, side: str, cache_dir: Path) -> SampleIndex:
+    """The index beside a shard once it is sound and its probe matches the shard's bytes (checked
+    once per version of the shard: a marker in the cache remembers it)."""
+    index = read_sample_index(side, shard_bytes(url))
+    marker = scan_cache_path(url, url, cache_dir).with_suffix(".verified")
+    try:
+        if marker.read_text() == str(index.checksum):
+            return index
+    except OSError:
+        pass
+    if probe_checksum(url, index.records["start"]) != index.probe:
+        raise SampleIndexInvalid(f"{side}: its shard's bytes changed since the index was made")
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(index.checksum))
+    return index
+
+
+def write_side_index(shard: Path) -> SampleIndex:
+    """Scan a finished local shard and write its compact index beside it (`NAME.idx`)."""
+    index = compact_index(str(shard), scan_with_retries(str(shard)), shard.stat().st_size)
+    write_sample_index(Path(side_index_path(str(shard))), index)
+    return index
+
+
+@functools.lru_cache(maxsize=16)
+def open_sample_index(path: str, tar_bytes: int) -> SampleIndex:
+    """A shard's compact index, kept open for the next samples of the same shard."""
+    return read_sample_index(path, tar_bytes)
 
 
 @dataclass
 class ShardSetIndex:
-    """Every sample of a shard set, in shard order then file order.
+    """Where every usable sample of a shard set is, in shard order then file order.
 
-    Arrays are (N,) and aligned: `shard` indexes `locations`; `start` / `length` are the
-    sample's bytes in that shard; `records` keep the metadata used to place samples in buckets
-    (the loader drops them once it has, so a large corpus costs ~20 bytes per sample).
-    `rejected` counts samples unusable from their metadata, by reason, and `corrupt_shards`
-    the shards that ended early or were damaged.
+    Shard s holds samples `bounds[s]:bounds[s + 1]`; each shard's records stay in its compact
+    index file, read again (memory-mapped) only for the samples a batch needs. `rejected` counts
+    samples unusable from their metadata, by reason, and `corrupt_shards` the shards that ended
+    early or were damaged.
     """
 
     urls: list[str]
-    locations: list[str]
-    shard: np.ndarray
-    start: np.ndarray
-    length: np.ndarray
-    records: list[dict]
-    rejected: Counter
-    corrupt_shards: int
+    locations: list[str] = field(default_factory=list)
+    index_files: list[str] = field(default_factory=list)
+    tar_bytes: list[int] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+    rejected: Counter = field(default_factory=Counter)
+    corrupt_shards: int = 0
+
+    def add(self, location: str, index_file: str, index: SampleIndex) -> None:
+        """Append the next shard."""
+        self.locations.append(location)
+        self.index_files.append(index_file)
+        self.tar_bytes.append(index.tar_bytes)
+        self.sizes.append(len(index))
+        self.rejected.update(index.rejected)
+        self.corrupt_shards += index.corrupt is not None
+
+    @functools.cached_property
+    def bounds(self) -> np.ndarray:
+        """(shards + 1,) int64: the first sample of each shard, then the number of samples."""
+        return np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
 
     def __len__(self) -> int:
-        return len(self.start)
+        return int(self.bounds[-1])
+
+    def sample_range(self, sample: int) -> tuple[str, int, int]:
+        """(shard location, first byte, length) of a sample."""
+        shard = int(np.searchsorted(self.bounds, sample, "right")) - 1
+        records = open_sample_index(self.index_files[shard], self.tar_bytes[shard]).records
+        if len(records) != self.sizes[shard]:
+            raise ShardError(f"{self.urls[shard]}: its index changed while the run was reading it")
+        row = records[sample - self.bounds[shard]]
+        return self.locations[shard], int(row["start"]), int(row["length"])
+
+
+def shard_indexes(urls: list[str], cache_dir: Path | None = None) -> Iterator[tuple[str, str, SampleIndex]]:
+    """(location, index file, compact index) of every shard of a set, in order (see `shard_index`)."""
+    cache_dir = cache_dir or default_cache_dir()
+    for url in urls:
+        yield shard_index(url, cache_dir)
 
 
 def build_index(urls: list[str], cache_dir: Path | None = None) -> ShardSetIndex:
-    """Scan (or read from cache) every shard of a set; rejected samples are counted, not kept."""
-    cache_dir = cache_dir or default_cache_dir()
-    locations, shards, starts, lengths, records = [], [], [], [], []
-    rejected: Counter = Counter()
-    corrupt = 0
-    for shard_id, url in enumerate(urls):
-        location, scan = cached_scan(url, cache_dir)
-        locations.append(location)
-        corrupt += scan["corrupt"] is not None
-        for record in scan["samples"]:
-            if "reason" in record:
-                rejected["unreadable" if record["reason"] == "needs_probe" else record["reason"]] += 1
-                continue
-            shards.append(shard_id)
-            starts.append(record["start"])
-            lengths.append(record["length"])
-            records.append(record)
-    return ShardSetIndex(
-        urls, locations, np.asarray(shards, np.int32), np.asarray(starts, np.int64),
-        np.asarray(lengths, np.int64), records, rejected, corrupt,
-    )  # fmt: skip
+    """The index of a shard set, from the shards' compact indexes (or scans, cached)."""
+    index = ShardSetIndex(urls)
+    for location, index_file, shard in shard_indexes(urls, cache_dir):
+        index.add(location, index_file, shard)
+    return index

@@ -35,14 +35,17 @@ import torch
 
 from .buckets import BucketTable
 from .decode import DecoderName, clip_stride, resolve_decoder
-from .index import ShardSetIndex, build_index
+from .index import ShardSetIndex, shard_indexes
 from .plan import EpochPlanner, Mixture, PlannedBatch, RankCursor, merge_cursors
+from .sample_index import KINDS, SampleIndex
 from .samples import Example, SampleSettings, SampleTask, load_example, single_threaded
 from .storage import ShardError
 from .supervised import supervised_map
 
 Batch = dict[str, Any]
 STATE_VERSION = 2
+PLAN_VERSION = 2  # the planning rule (plan.py); a state saved under another cannot be continued
+SHAPE_FIELDS = ("kind", "width", "height", "frames", "fps", "latent_bucket")  # what places a sample
 
 
 @dataclass(frozen=True)
@@ -122,62 +125,88 @@ class VideoLoader:
         # latent shards decode nothing
         latents = settings.latent_shapes is not None
         self.decoder = settings.decoder if latents else resolve_decoder(settings.decoder)
-        self.indexes = [build_index(urls, settings.cache_dir) for urls in sources]
         self.rejected: Counter = Counter()  # unusable from metadata, over the whole corpus
         self.bucket_counts: Counter = Counter()
         digest = hashlib.sha1()
-        planners = [self._planner(position, index, digest) for position, index in enumerate(self.indexes)]
-        # every sample's shard, bytes and bucket: ranks compare it (`train.check_same_data`)
+        self.indexes: list[ShardSetIndex] = []
+        planners = [self._index_and_plan(position, urls, digest) for position, urls in enumerate(sources)]
+        # every shard's index and every sample's bucket: ranks compare it (`train.check_same_data`)
         self.index_digest = digest.hexdigest()[:16]
         self.mixture = Mixture(planners, settings.image_ratio if len(sources) == 2 else 0.0)
         self.cursor = RankCursor(world=world, rank=rank)
         self.skipped: Counter = Counter()  # decode-time skips on this rank
         self.plan_id = self._plan_id()
 
-    def _planner(self, position: int, index: ShardSetIndex, digest: hashlib._Hash) -> EpochPlanner:
-        settings, table = self.settings, self.settings.table
-        buckets = np.full(len(index), -1, np.int16)
-        for sample, record in enumerate(index.records):
-            if record["kind"] == "latent":
-                try:
-                    buckets[sample] = table.index(record["bucket"])
-                except KeyError:
-                    self.rejected["wrong_bucket"] += 1
-                continue
-            stride = clip_stride(record["fps"], settings.target_fps, table.stride)
-            placed = table.place(
-                record["width"], record["height"], record["frames"], stride, settings.max_upscale
-            )
-            if isinstance(placed, str):
-                self.rejected[placed] += 1
-            else:
-                buckets[sample] = table.buckets.index(placed)
-        index.records.clear()  # placed: the arrays are all the plan needs
+    def _index_and_plan(self, position: int, urls: list[str], digest: hashlib._Hash) -> EpochPlanner:
+        """Index one shard set, place each sample in a bucket (shard by shard: only the buckets stay
+        in memory), and make its planner."""
+        index, parts, placements = ShardSetIndex(urls), [], {}
+        for location, index_file, shard in shard_indexes(urls, self.settings.cache_dir):
+            index.add(location, index_file, shard)
+            parts.append(self._place(shard, placements))
+            digest.update(f"{Path(location).name}|{shard.tar_bytes}|{len(shard)}|{shard.checksum};".encode())
+        self.indexes.append(index)
+        bucket_of = np.concatenate(parts) if parts else np.zeros(0, np.int16)  # (N,)
+        digest.update(bucket_of.tobytes())
         self.rejected.update(index.rejected)
         if index.corrupt_shards:
             self.rejected["corrupt_shard"] += index.corrupt_shards
-        self.bucket_counts.update(table.buckets[b].name for b in buckets[buckets >= 0])
-        if not (buckets >= 0).any():
+        table = self.settings.table
+        counts = np.bincount(bucket_of[bucket_of >= 0], minlength=len(table.buckets))
+        self.bucket_counts.update(
+            {bucket.name: int(n) for bucket, n in zip(table.buckets, counts, strict=True) if n}
+        )
+        if not counts.any():
             raise ShardError(
-                f"no usable sample in {len(index.urls)} shards (e.g. {index.urls[0]}); "
-                f"rejected by reason: {dict(self.rejected)}"
+                f"no usable sample in {len(urls)} shards (e.g. {urls[0]}); rejected by reason: {dict(self.rejected)}"
             )
-        for array in (index.shard, index.start, index.length, buckets):
-            digest.update(array.tobytes())
         weights = tuple(bucket.weight for bucket in table.buckets)
+        settings = self.settings
         return EpochPlanner(
             position,
-            index.shard,
-            buckets,
+            index.bounds,
+            bucket_of,
             settings.batch_sizes,
             weights,
             settings.seed,
             settings.shuffle_window,
         )
 
+    def _place(self, shard: SampleIndex, placements: dict) -> np.ndarray:
+        """(samples,) int16 bucket of each of a shard's samples, -1 where rejected (counted by
+        reason). Each distinct shape is placed once: `placements` maps it to a bucket or a reason."""
+        if not len(shard):
+            return np.zeros(0, np.int16)
+        shapes, inverse = np.unique(shard.records[list(SHAPE_FIELDS)], return_inverse=True)
+        codes = np.full(len(shapes), -1, np.int16)
+        for u, (shape, count) in enumerate(zip(shapes.tolist(), np.bincount(inverse), strict=True)):
+            kind, latent = shape[0], shape[-1]
+            key = ("latent", shard.latent_buckets[latent]) if KINDS[kind] == "latent" else shape
+            if key not in placements:
+                placements[key] = self._bucket_for(key)
+            if isinstance(placements[key], str):
+                self.rejected[placements[key]] += int(count)
+            else:
+                codes[u] = placements[key]
+        return codes[inverse.reshape(-1)]
+
+    def _bucket_for(self, shape: tuple) -> int | str:
+        """The bucket a sample of this shape goes to, or why it goes nowhere."""
+        settings, table = self.settings, self.settings.table
+        if shape[0] == "latent":
+            try:
+                return table.index(shape[1])
+            except KeyError:
+                return "wrong_bucket"
+        _, width, height, frames, fps, _ = shape
+        stride = clip_stride(fps, settings.target_fps, table.stride)
+        placed = table.place(width, height, frames, stride, settings.max_upscale)
+        return placed if isinstance(placed, str) else table.buckets.index(placed)
+
     def _plan_id(self) -> str:
         settings = self.settings
         described = {
+            "planning": PLAN_VERSION,
             "sources": [[[Path(url).name for url in index.urls], len(index)] for index in self.indexes],
             "table": [[b.name, b.weight] for b in settings.table.buckets] + [settings.table.stride],
             "batch_sizes": settings.batch_sizes,
@@ -201,10 +230,10 @@ class VideoLoader:
             latent = self.settings.latent_shapes[planned.bucket] if self.settings.latent_shapes else None
             plan_order.append((j, planned))
             for sample in planned.samples:
+                location, start, length = index.sample_range(int(sample))
                 yield SampleTask(
-                    index.locations[index.shard[sample]], int(index.start[sample]), int(index.length[sample]),
-                    bucket.frames, bucket.height, bucket.width, latent, planned.epoch,
-                )  # fmt: skip
+                    location, start, length, bucket.frames, bucket.height, bucket.width, latent, planned.epoch
+                )
 
     def __iter__(self) -> Iterator[Batch]:
         settings = self.settings
@@ -273,7 +302,8 @@ class VideoLoader:
         if state["plan"] != self.plan_id:
             raise ValueError(
                 "the data plan changed since this state was saved (shards, bucket table, batch sizes, seed, "
-                "shuffle window, image ratio or frame rate); resume with the same data settings"
+                "shuffle window, image ratio, frame rate, or the planning rule of this version); resume with "
+                "the same data settings"
             )
         cursor = state["cursor"]
         if "rank" not in cursor:  # merged over all ranks of the saving run

@@ -3,10 +3,11 @@
 The loader never decides anything while streaming; it reads this plan.
 
 1. An epoch of one shard set (`EpochPlanner`): shards in a seeded order, samples in file order
-   within each, shuffled inside consecutive windows of `window` samples; a bucket with a lower
-   weight keeps a seeded fraction of its samples. Walking that order, each bucket fills its own
-   batch; a batch is emitted when full, and each bucket's last partial batch at the end of the
-   epoch, so an epoch covers every kept sample exactly once.
+   within each, cut into blocks of about a million positions, each planned on its own: samples
+   shuffled inside consecutive windows of `window` samples; a bucket with a lower weight keeps a
+   seeded fraction of its samples. Walking that order, each bucket fills its own batch; a batch
+   is emitted when full, and each bucket's last partial batch at the end of the block, so an
+   epoch covers every kept sample exactly once.
 2. Shard sets are mixed batch by batch (`Mixture`): with an image ratio rho, global batch g
    comes from the image set when floor((g+1)·rho) > floor(g·rho). Each set runs through its
    own epochs, back to back, for ever.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,10 +38,9 @@ class PlannedBatch:
 
 
 @dataclass(frozen=True)
-class EpochPlan:
-    """The batches of one epoch as three arrays, not one object per batch: batch i holds
-    `samples[starts[i]:starts[i + 1]]`, all of bucket `buckets[i]`: 8 bytes per sample and 10 per
-    batch."""
+class BlockPlan:
+    """The batches of one block of an epoch as three arrays, not one object per batch: batch i
+    holds `samples[starts[i]:starts[i + 1]]`, all of bucket `buckets[i]`."""
 
     source: int
     epoch: int
@@ -61,17 +62,16 @@ class EpochPlan:
 def batch_order(
     buckets: np.ndarray, batch_sizes: tuple[int, ...]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Deal positions 0..N-1 of an epoch's order, whose buckets are `buckets` (N,), into batches.
+    """Deal positions 0..N-1 of a block's order, whose buckets are `buckets` (N,), into batches.
 
     Each bucket fills batches of its size in order; a batch is emitted when it fills (at the
     position of its last sample), each bucket's last partial batch at the end, ordered by bucket.
     Returns (positions (N,) batch after batch, starts (batches + 1,), bucket of each batch)."""
     buckets = buckets.astype(np.int64)
     sizes = np.asarray(batch_sizes, np.int64)[buckets]  # (N,) the batch size of each position's bucket
-    rank_in_bucket = np.zeros(len(buckets), np.int64)  # (N,) how many earlier positions share the bucket
-    for bucket in np.unique(buckets):
-        where = np.flatnonzero(buckets == bucket)
-        rank_in_bucket[where] = np.arange(len(where))
+    rank_in_bucket = rank_within_groups(
+        buckets, np.arange(len(buckets))
+    )  # (N,) earlier positions of its bucket
     chunk = rank_in_bucket // sizes  # (N,) which of its bucket's batches a position is in
     counts = np.bincount(buckets, minlength=len(batch_sizes))  # per bucket
     full = (chunk + 1) * sizes <= counts[buckets]  # in a batch that fills
@@ -87,79 +87,157 @@ def batch_order(
     return positions, starts, buckets[ends].astype(np.int16)
 
 
+def rank_within_groups(groups: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """(N,) how many members of each element's group come before it when ordered by `keys`."""
+    order = np.lexsort((keys, groups))
+    sorted_groups = groups[order]
+    ranks = np.empty(len(groups), np.int64)
+    ranks[order] = np.arange(len(groups)) - np.searchsorted(sorted_groups, sorted_groups, "left")
+    return ranks
+
+
+BLOCK_POSITIONS = 1 << 20  # positions of an epoch's order planned together (rounded to whole windows)
+PLANS_KEPT = 4  # block plans kept: the current one, the next (planned ahead), and two before
+
+
 @dataclass
 class EpochPlanner:
-    """The epochs of one shard set. `bucket_of` is (N,) bucket per sample, -1 for rejected."""
+    """The epochs of one shard set, planned a block at a time.
+
+    An epoch's order: shards in a seeded permutation, samples in file order within each. The order
+    is cut into blocks of `block_positions` positions (whole shuffle windows), and each block is
+    planned on its own: samples shuffled inside windows of `window` positions; a bucket whose
+    weight is below the largest keeps a seeded choice of that fraction of its samples in the block
+    (rounded up or down at random, so the expected fraction is exact); then each bucket fills its
+    own batches, a batch emitted when full and the bucket's last partial batch at the end of the
+    block. An epoch covers every kept sample exactly once.
+
+    How many batches each block holds follows from per-shard bucket counts alone, so any epoch's
+    length, and where any batch of it lies, is found without planning anything: seeking to epoch
+    5 costs what seeking to epoch 0 does. Memory is the (N,) int16 bucket of each sample plus a
+    few arrays of one block; the block after the one in use is planned in a background thread.
+    """
 
     source: int
-    shard_of: np.ndarray
-    bucket_of: np.ndarray
+    shard_bounds: np.ndarray  # (shards + 1,) shard s holds samples shard_bounds[s]:shard_bounds[s + 1]
+    bucket_of: np.ndarray  # (N,) bucket per sample, -1 for rejected
     batch_sizes: tuple[int, ...]
     weights: tuple[float, ...]
     seed: int
     window: int
-    _plans: dict[int, EpochPlan] = field(default_factory=dict, repr=False)
-    _epoch_starts: list[int] = field(default_factory=lambda: [0], repr=False)
-    _lock: threading.RLock = field(
-        default_factory=threading.RLock, repr=False
-    )  # the prefetch thread plans too
+    block_positions: int = BLOCK_POSITIONS
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     def __post_init__(self):
         if not (self.bucket_of >= 0).any():
             raise ValueError("no usable sample: every sample was rejected")
-        num_shards = int(self.shard_of.max()) + 1 if len(self.shard_of) else 0
-        self._shard_bounds = np.searchsorted(self.shard_of, np.arange(num_shards + 1))
+        self.block = self.window * max(1, round(self.block_positions / self.window))
+        self.blocks = max(1, -(-len(self.bucket_of) // self.block))  # per epoch
+        self.keep = np.asarray(self.weights, np.float64) / max(self.weights)  # (B,) fraction kept
+        self._sizes = np.diff(self.shard_bounds)
+        self._shard_counts = np.stack(  # (shards, B) usable samples of each bucket in each shard
+            [
+                self._bucket_counts(lo, hi)
+                for lo, hi in zip(self.shard_bounds[:-1], self.shard_bounds[1:], strict=True)
+            ]
+            or [np.zeros(len(self.batch_sizes), np.int64)]
+        )
+        self._layouts: dict[int, np.ndarray] = {}  # epoch -> (blocks + 1,) first batch of each block
+        self._epoch_starts = [0]
+        self._plans: dict[tuple[int, int], Future] = {}
+        self._planning = ThreadPoolExecutor(1, thread_name_prefix=f"plan-{self.source}")
 
-    def epoch(self, epoch: int) -> EpochPlan:
-        """The batches of one epoch, in order (cached for the two most recent epochs)."""
+    def _bucket_counts(self, first: int, stop: int) -> np.ndarray:
+        """(B,) usable samples of each bucket among samples first..stop-1."""
+        return np.bincount(self.bucket_of[first:stop] + 1, minlength=len(self.batch_sizes) + 1)[1:]
+
+    def _shard_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(the epoch's shard permutation, the order position where each of its shards ends)."""
+        shards = np.random.default_rng([self.seed, self.source, epoch]).permutation(len(self._sizes))
+        return shards, np.cumsum(self._sizes[shards])
+
+    def _pieces(self, epoch: int, block: int) -> list[tuple[int, int, int]]:
+        """(shard, first sample, stop) of each run of samples in one block of the epoch's order."""
+        shards, ends = self._shard_order(epoch)
+        first, stop = block * self.block, min((block + 1) * self.block, len(self.bucket_of))
+        pieces = []
+        for j in range(
+            int(np.searchsorted(ends, first, "right")), int(np.searchsorted(ends, stop, "left")) + 1
+        ):
+            shard = int(shards[j])
+            begins = int(ends[j]) - int(self._sizes[shard])  # the order position of its first sample
+            lo, hi = max(first, begins) - begins, min(stop, int(ends[j])) - begins
+            if lo < hi:
+                pieces.append((shard, int(self.shard_bounds[shard]) + lo, int(self.shard_bounds[shard]) + hi))
+        return pieces
+
+    def _quota(self, epoch: int, block: int) -> tuple[np.ndarray, np.random.Generator]:
+        """(B,) samples each bucket keeps in the block, and the block's generator after drawing it."""
+        counts = np.zeros(len(self.batch_sizes), np.int64)
+        for shard, lo, hi in self._pieces(epoch, block):
+            counts += (
+                self._shard_counts[shard] if hi - lo == self._sizes[shard] else self._bucket_counts(lo, hi)
+            )
+        rng = np.random.default_rng([self.seed, self.source, epoch, block])
+        kept = np.floor(counts * self.keep + rng.random(len(counts))).astype(np.int64)
+        return np.minimum(kept, counts), rng
+
+    def layout(self, epoch: int) -> np.ndarray:
+        """(blocks + 1,) the epoch's first batch of each block, then its number of batches."""
         with self._lock:
-            if epoch not in self._plans:
-                self._plans[epoch] = self._plan(epoch)
-                for old in sorted(self._plans)[:-2]:
-                    del self._plans[old]
-            return self._plans[epoch]
-
-    def _kept(self, epoch: int) -> tuple[np.ndarray, np.random.Generator]:
-        """The epoch's kept samples in shard order (shards permuted), and the generator after it."""
-        rng = np.random.default_rng([self.seed, self.source, epoch])
-        bounds = self._shard_bounds
-        shards = rng.permutation(len(bounds) - 1)
-        order = np.concatenate([np.arange(bounds[s], bounds[s + 1]) for s in shards])  # (N,)
-        buckets = self.bucket_of[order]
-        keep_probability = np.asarray(self.weights) / max(self.weights)
-        draws = rng.random(len(order))
-        usable = buckets >= 0
-        keep = usable & (draws < keep_probability[np.where(usable, buckets, 0)])
-        return order[keep], rng
+            layout = self._layouts.pop(epoch, None)
+            if layout is None:
+                sizes = np.asarray(self.batch_sizes, np.int64)
+                batches = [int((-(-self._quota(epoch, k)[0] // sizes)).sum()) for k in range(self.blocks)]
+                layout = np.concatenate([[0], np.cumsum(batches, dtype=np.int64)])
+            self._layouts[epoch] = layout  # the most recently used last
+            while len(self._layouts) > 2:
+                del self._layouts[next(iter(self._layouts))]
+            return layout
 
     def epoch_length(self, epoch: int) -> int:
-        """Batches in `epoch`, without planning it: the same for every epoch when every bucket keeps
-        all its samples, else counted from the epoch's keep draws (a fraction of planning it)."""
-        if epoch in self._plans:
-            return len(self._plans[epoch])
-        if min(self.weights) == max(self.weights):
-            kept = self.bucket_of[self.bucket_of >= 0]
-        else:
-            kept = self.bucket_of[self._kept(epoch)[0]]
-        counts = np.bincount(kept, minlength=len(self.batch_sizes))
-        return int(sum(-(-int(n) // size) for n, size in zip(counts, self.batch_sizes, strict=True)))
+        """Batches in `epoch`, without planning it."""
+        return int(self.layout(epoch)[-1])
 
-    def _plan(self, epoch: int) -> EpochPlan:
-        order, rng = self._kept(epoch)
-        for first in range(0, len(order), self.window):
-            block = order[first : first + self.window]
-            order[first : first + self.window] = block[rng.permutation(len(block))]
-        positions, starts, batch_buckets = batch_order(self.bucket_of[order], self.batch_sizes)
-        return EpochPlan(self.source, epoch, order[positions].astype(np.int64), starts, batch_buckets)
+    def plan_block(self, epoch: int, block: int) -> BlockPlan:
+        """The batches of one block of an epoch, in order."""
+        kept, rng = self._quota(epoch, block)
+        samples = np.concatenate([np.arange(lo, hi) for _, lo, hi in self._pieces(epoch, block)])  # (P,)
+        buckets = self.bucket_of[samples].astype(np.int64)
+        choice = rank_within_groups(buckets, rng.random(len(samples)))  # (P,) a seeded rank in its bucket
+        keep = (buckets >= 0) & (choice < kept[np.maximum(buckets, 0)])
+        shuffled = np.lexsort((rng.random(len(samples)), np.arange(len(samples)) // self.window))
+        samples = samples[shuffled][keep[shuffled]]  # kept samples, shuffled inside their windows
+        positions, starts, batch_buckets = batch_order(self.bucket_of[samples], self.batch_sizes)
+        return BlockPlan(self.source, epoch, samples[positions].astype(np.int64), starts, batch_buckets)
+
+    def _next_block(self, epoch: int, block: int) -> tuple[int, int]:
+        return (epoch, block + 1) if block + 1 < self.blocks else (epoch + 1, 0)
+
+    def block_plan(self, epoch: int, block: int) -> BlockPlan:
+        """The plan of one block (kept for the next batches), with the block after it planned ahead."""
+        with self._lock:
+            for key in ((epoch, block), self._next_block(epoch, block)):
+                if key not in self._plans:
+                    self._plans[key] = self._planning.submit(self.plan_block, *key)
+            for old in list(self._plans)[:-PLANS_KEPT]:
+                if old != (epoch, block):
+                    del self._plans[old]
+            pending = self._plans[(epoch, block)]
+        return pending.result()
 
     def batch(self, position: int) -> PlannedBatch:
         """The `position`-th batch of this set's endless sequence of epochs."""
         with self._lock:
             while position >= self._epoch_starts[-1]:  # earlier epochs are counted, not planned
-                epoch = len(self._epoch_starts) - 1
-                self._epoch_starts.append(self._epoch_starts[-1] + self.epoch_length(epoch))
+                self._epoch_starts.append(
+                    self._epoch_starts[-1] + self.epoch_length(len(self._epoch_starts) - 1)
+                )
             epoch = bisect.bisect_right(self._epoch_starts, position) - 1
-            return self.epoch(epoch)[position - self._epoch_starts[epoch]]
+            offset = position - self._epoch_starts[epoch]
+            layout = self.layout(epoch)
+        block = int(np.searchsorted(layout, offset, "right")) - 1
+        return self.block_plan(epoch, block)[offset - int(layout[block])]
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Write tar shards and JSON files so that a reader never sees a partial one.
 
-A shard is streamed into `NAME.partial`, flushed to disk, then renamed to `NAME`: a crash leaves at
-most a `.partial` file, which a rerun overwrites. Tar members carry a fixed mtime and owner, so the
+A shard is streamed into `NAME.partial`, flushed to disk, then renamed to `NAME`, and its compact
+sample index (`NAME.idx`, see `sample_index.py`) written beside it: a crash leaves at most a
+`.partial` file, which a rerun overwrites, or a shard without its index, which the loader scans. Tar members carry a fixed mtime and owner, so the
 same samples always give the same bytes. Used by the synthetic corpus (`sora_train.data.synthetic`)
 and by `sora-prep shards` and `sora-prep encode`.
 """
@@ -14,6 +15,9 @@ import os
 import tarfile
 from pathlib import Path
 from typing import Any
+
+from .index import write_side_index
+from .sample_index import side_index_path
 
 TAR_MTIME = 0  # constant member mtime and owner: byte-identical shards for identical samples
 
@@ -62,11 +66,14 @@ class ShardFile:
         self.bytes += sample_bytes(sample)
 
     def commit(self) -> None:
-        """Close, flush to disk and move into place under the final name."""
+        """Close, flush to disk, move into place under the final name, and write the shard's compact
+        sample index beside it (an older index is removed first, so none ever describes other bytes)."""
         self._tar.close()
         with open(self.partial, "rb+") as stream:
             os.fsync(stream.fileno())
+        Path(side_index_path(str(self.path))).unlink(missing_ok=True)
         os.replace(self.partial, self.path)
+        write_side_index(self.path)
 
     def discard(self) -> None:
         """Close and delete the partial file."""

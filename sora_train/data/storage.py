@@ -40,7 +40,8 @@ def _local(url: str) -> str:
     return url.removeprefix("file://")
 
 
-def _filesystem(url: str):
+def filesystem_of(url: str):
+    """The fsspec file system of an object-store URL."""
     import fsspec
 
     filesystem, _ = fsspec.core.url_to_fs(url)
@@ -79,7 +80,7 @@ def resolve_shards(source: str, allow_pipe: bool = False) -> list[str]:
 
 
 def _resolve_remote(source: str, paths: list[str]) -> list[str]:
-    filesystem = _filesystem(source)
+    filesystem = filesystem_of(source)
     protocol = source.split("://", 1)[0]
     if "{" not in source and filesystem.isdir(source):
         found = [p for p in filesystem.ls(source, detail=False) if p.endswith(".tar")]
@@ -95,7 +96,7 @@ def _resolve_remote(source: str, paths: list[str]) -> list[str]:
 def open_shard(url: str) -> BinaryIO:
     """A seekable binary file for a local path or an object-store URL (not for pipe: URLs)."""
     if is_remote(url):
-        return _filesystem(url).open(url, "rb")
+        return filesystem_of(url).open(url, "rb")
     return open(_local(url), "rb")
 
 
@@ -110,7 +111,7 @@ def _open_local(path: str) -> BinaryIO:
 def read_range(url: str, start: int, length: int) -> bytes:
     """`length` bytes of a shard from offset `start` (one ranged request for an object store)."""
     if is_remote(url):
-        return _filesystem(url).cat_file(url, start=start, end=start + length)
+        return filesystem_of(url).cat_file(url, start=start, end=start + length)
     data = os.pread(_open_local(_local(url)).fileno(), length, start)
     if len(data) != length:
         raise OSError(f"{url}: wanted {length} bytes at {start}, the file ends after {len(data)}")
@@ -122,7 +123,7 @@ def shard_signature(url: str) -> str:
     if url.startswith(PIPE):
         return "pipe"
     if is_remote(url):
-        info = _filesystem(url).info(url)
+        info = filesystem_of(url).info(url)
         stamp = (
             info.get("ETag")
             or info.get("etag")
