@@ -10,7 +10,7 @@ from __future__ import annotations
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from sora_train.data.index import write_side_index
+from sora_train.data.index import check_probe, write_side_index
 from sora_train.data.sample_index import SampleIndexInvalid, read_sample_index, side_index_path
 from sora_train.data.storage import ShardError, is_remote, resolve_shards
 
@@ -18,8 +18,11 @@ from sora_train.data.storage import ShardError, is_remote, resolve_shards
 def index_one(shard: str, force: bool = False) -> tuple[bool, int]:
     """(whether an index was written, usable samples) for one local shard."""
     if not force:
+        side = side_index_path(shard)
         try:
-            return False, len(read_sample_index(side_index_path(shard), Path(shard).stat().st_size))
+            index = read_sample_index(side, Path(shard).stat().st_size)
+            check_probe(shard, side, index)
+            return False, len(index)
         except SampleIndexInvalid:
             pass  # missing, damaged or stale: written again
     return True, len(write_side_index(Path(shard)))

@@ -218,6 +218,13 @@ def probe_checksum(location: str, starts: np.ndarray) -> int:
     return crc
 
 
+def check_probe(location: str, side: str, index: SampleIndex) -> None:
+    """Raise SampleIndexInvalid when the shard's bytes where the index says its first and last
+    samples start are not the ones it was made from."""
+    if probe_checksum(location, index.records["start"]) != index.probe:
+        raise SampleIndexInvalid(f"{side}: its shard's bytes changed since the index was made")
+
+
 def compact_index(location: str, scan: dict, tar_bytes: int) -> SampleIndex:
     """The compact index of a scanned shard."""
     starts = np.asarray([record["start"] for record in scan["samples"] if "reason" not in record], np.int64)
@@ -283,8 +290,7 @@ def verified_side_index(url: str, side: str, cache_dir: Path) -> SampleIndex:
             return index
     except OSError:
         pass
-    if probe_checksum(url, index.records["start"]) != index.probe:
-        raise SampleIndexInvalid(f"{side}: its shard's bytes changed since the index was made")
+    check_probe(url, side, index)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(str(index.checksum))
     return index

@@ -81,6 +81,12 @@ class ShardFile:
         self.partial.unlink(missing_ok=True)
 
 
+def remove_shard(path: Path) -> None:
+    """Delete a shard and its compact sample index."""
+    Path(side_index_path(str(path))).unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
+
+
 def write_shard(path: Path, samples: list[dict[str, str | bytes]]) -> None:
     """Write a whole shard atomically."""
     shard = ShardFile(path)

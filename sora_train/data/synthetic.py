@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..video_io import encode_mp4
-from .shard_writer import write_shard
+from .shard_writer import remove_shard, write_shard
 from .synthetic_captions import COLORS, COMBINATIONS, DIRECTIONS, SHAPES, caption_for
 
 # (height, width), all sides even; decord cannot decode widths 16, 24, 48 or 72, so none are used.
@@ -158,7 +158,7 @@ def _write_split(
         job.result()  # re-raises a worker's error
     for stale in sorted(split_dir.glob("shard-*.tar")):
         if stale.relative_to(out).as_posix() not in shards:
-            stale.unlink()
+            remove_shard(stale)
     return {"shards": shards, "num_samples": num_samples, "shard_sizes": sizes}
 
 
