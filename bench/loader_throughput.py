@@ -403,8 +403,7 @@ LATENT_STAGES = (
 
 def sample_members(index: ShardSetIndex, sample: int) -> tuple[dict, dict[str, bytes]]:
     """(metadata, members) of one indexed sample, read the loader's way."""
-    location = index.locations[index.shard[sample]]
-    _, members = split_members(read_range(location, int(index.start[sample]), int(index.length[sample])))
+    _, members = split_members(read_range(*index.sample_range(sample)))
     meta, _ = read_captioned(members)
     return meta, members
 

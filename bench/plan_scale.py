@@ -30,7 +30,10 @@ from sora_train.data.plan import EpochPlanner
 n, weights = int(sys.argv[2]), tuple(json.loads(sys.argv[3]))
 def planner():
     buckets = (np.arange(n) % len(weights)).astype(np.int16)
-    return EpochPlanner(0, np.repeat(np.arange(1000), n // 1000), buckets, (1,) * len(weights), weights, 0, 256)
+    shards = np.arange(0, n + 1, n // 1000)  # 1000 shards: their bounds, or (older trees) each sample's
+    if "shard_bounds" not in EpochPlanner.__dataclass_fields__:
+        shards = np.repeat(np.arange(1000), n // 1000)
+    return EpochPlanner(0, shards, buckets, (1,) * len(weights), weights, 0, 256)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
 planner().batch(0)
