@@ -34,10 +34,10 @@ import numpy as np
 import torch
 
 from .buckets import BucketTable
-from .decode import DecoderName, clip_stride, resolve_decoder
+from .decode import DecoderName, resolve_decoder
 from .index import ShardSetIndex, shard_indexes
+from .placement import Placer
 from .plan import EpochPlanner, Mixture, PlannedBatch, RankCursor, merge_cursors
-from .sample_index import KINDS, SampleIndex
 from .samples import Example, SampleSettings, SampleTask, load_example, single_threaded
 from .storage import ShardError
 from .supervised import supervised_map
@@ -45,7 +45,6 @@ from .supervised import supervised_map
 Batch = dict[str, Any]
 STATE_VERSION = 2
 PLAN_VERSION = 2  # the planning rule (plan.py); a state saved under another cannot be continued
-SHAPE_FIELDS = ("kind", "width", "height", "frames", "fps", "latent_bucket")  # what places a sample
 
 
 @dataclass(frozen=True)
@@ -127,6 +126,7 @@ class VideoLoader:
         self.decoder = settings.decoder if latents else resolve_decoder(settings.decoder)
         self.rejected: Counter = Counter()  # unusable from metadata, over the whole corpus
         self.bucket_counts: Counter = Counter()
+        self.placer = Placer(settings.table, settings.target_fps, settings.max_upscale)
         digest = hashlib.sha1()
         self.indexes: list[ShardSetIndex] = []
         planners = [self._index_and_plan(position, urls, digest) for position, urls in enumerate(sources)]
@@ -140,10 +140,10 @@ class VideoLoader:
     def _index_and_plan(self, position: int, urls: list[str], digest: hashlib._Hash) -> EpochPlanner:
         """Index one shard set, place each sample in a bucket (shard by shard: only the buckets stay
         in memory), and make its planner."""
-        index, parts, placements = ShardSetIndex(urls), [], {}
+        index, parts = ShardSetIndex(urls), []
         for location, index_file, shard in shard_indexes(urls, self.settings.cache_dir):
             index.add(location, index_file, shard)
-            parts.append(self._place(shard, placements))
+            parts.append(self.placer.place(shard, self.rejected))
             digest.update(f"{Path(location).name}|{shard.tar_bytes}|{len(shard)}|{shard.checksum};".encode())
         self.indexes.append(index)
         bucket_of = np.concatenate(parts) if parts else np.zeros(0, np.int16)  # (N,)
@@ -171,37 +171,6 @@ class VideoLoader:
             settings.seed,
             settings.shuffle_window,
         )
-
-    def _place(self, shard: SampleIndex, placements: dict) -> np.ndarray:
-        """(samples,) int16 bucket of each of a shard's samples, -1 where rejected (counted by
-        reason). Each distinct shape is placed once: `placements` maps it to a bucket or a reason."""
-        if not len(shard):
-            return np.zeros(0, np.int16)
-        shapes, inverse = np.unique(shard.records[list(SHAPE_FIELDS)], return_inverse=True)
-        codes = np.full(len(shapes), -1, np.int16)
-        for u, (shape, count) in enumerate(zip(shapes.tolist(), np.bincount(inverse), strict=True)):
-            kind, latent = shape[0], shape[-1]
-            key = ("latent", shard.latent_buckets[latent]) if KINDS[kind] == "latent" else shape
-            if key not in placements:
-                placements[key] = self._bucket_for(key)
-            if isinstance(placements[key], str):
-                self.rejected[placements[key]] += int(count)
-            else:
-                codes[u] = placements[key]
-        return codes[inverse.reshape(-1)]
-
-    def _bucket_for(self, shape: tuple) -> int | str:
-        """The bucket a sample of this shape goes to, or why it goes nowhere."""
-        settings, table = self.settings, self.settings.table
-        if shape[0] == "latent":
-            try:
-                return table.index(shape[1])
-            except KeyError:
-                return "wrong_bucket"
-        _, width, height, frames, fps, _ = shape
-        stride = clip_stride(fps, settings.target_fps, table.stride)
-        placed = table.place(width, height, frames, stride, settings.max_upscale)
-        return placed if isinstance(placed, str) else table.buckets.index(placed)
 
     def _plan_id(self) -> str:
         settings = self.settings
