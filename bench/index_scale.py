@@ -1,5 +1,7 @@
-"""Whether the training loader starts on corpora of 10M and 100M samples: the time to its first batch,
-from the compact per-shard indexes alone, and the memory that takes.
+"""Time to the training loader's first batch, and its memory, on corpora of 10M and 100M samples.
+
+Only the compact per-shard indexes are read (no media): does the loader start, and resume into a
+late epoch, within the targets at that scale?
 
 A synthetic corpus of N samples is written first (`--samples`, default 10M and 100M;
 `--samples-per-shard`, default 10000): per shard a sparse `shard-NNNNNN.tar` of the right size
@@ -21,14 +23,16 @@ Then, for each corpus, three starts, each in a fresh process (so peak RSS is per
     from the cold start's loader after its measurement), and the batch checked to be of epoch 5.
 "first batch s" runs from just before the loader is constructed (imports excluded) to having the
 first batch's byte ranges. RSS is VmRSS at that point; peak RSS is `ru_maxrss` once the block the
-planner plans ahead in the background is done (imports included: torch alone is ~300 MiB).
+planner plans ahead in the background is done (imports included: ~225 MiB, torch most of it).
+The loader is given `decoder="pyav"` (nothing is decoded here); `auto`, where it picks decord,
+imports decord too, another ~115 MiB in the same process on the machine this was written on.
 The index files are in the page cache from being written: "cold" is the loader's cache, not the
 disk's. Targets, for every corpus size: first batch <= 30 s, peak RSS <= 1024 MiB, and the
 epoch-5 start within 1.1x of the warm epoch-0 start (medians of `--repeats` starts).
 `--profile` prints, from each measured process, the functions taking most of its time (cProfile).
 
     python bench/index_scale.py [--samples 10000000 100000000] [--samples-per-shard 10000]
-        [--repeats 1] [--dir DIR] [--keep] [--profile]
+        [--repeats 3] [--dir DIR] [--keep] [--profile]
 """
 
 from __future__ import annotations
@@ -36,11 +40,13 @@ from __future__ import annotations
 import argparse
 import cProfile
 import datetime
+import hashlib
 import json
 import os
 import platform
 import pstats
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -121,9 +127,10 @@ class Corpus:
     index_bytes: int
     seconds: float  # to write it
 
-    def urls(self) -> list[str]:
-        """Its shard paths, in order."""
-        return [str(self.directory / f"shard-{s:06d}.tar") for s in range(self.shards)]
+
+def shard_urls(directory: Path, shards: int) -> list[str]:
+    """The paths of a corpus's shards, in order."""
+    return [str(directory / f"shard-{s:06d}.tar") for s in range(shards)]
 
 
 def build_corpus(directory: Path, samples: int, per_shard: int, threads: int = 8) -> Corpus:
@@ -190,7 +197,7 @@ def child(args: argparse.Namespace) -> None:
     """One measured start (in its own process); prints its figures as one JSON line."""
     import sora_train.data.loader  # noqa: F401  imported before the clock starts
 
-    urls = [str(args.corpus / f"shard-{s:06d}.tar") for s in range(args.shards)]
+    urls = shard_urls(args.corpus, args.shards)
     figures: dict = {"import_rss_mib": rss_mib()}
     profile = cProfile.Profile() if args.profile else None
     if profile:
@@ -223,7 +230,8 @@ def run_child(corpus: Corpus, cache: Path, position: int | None, profile: bool) 
 
 
 def measure(corpus: Corpus, cache: Path, repeats: int, profile: bool) -> dict[str, list[dict]]:
-    """The cold start, then `repeats` warm epoch-0 and epoch-5 starts, interleaved."""
+    """The cold start (into an empty cache), then `repeats` warm epoch-0 and epoch-5 starts, interleaved."""
+    shutil.rmtree(cache, ignore_errors=True)
     runs: dict[str, list[dict]] = {
         "cold": [run_child(corpus, cache, None, profile)],
         "warm": [],
@@ -279,27 +287,44 @@ def details(corpus: Corpus, runs: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
-def machine_lines() -> list[str]:
+def source_version() -> str:
+    """The commit of this checkout, whether `sora_train/` differs from it (read-only git), and a
+    digest of its sources, so a change during the run shows."""
+
+    def git(*command: str) -> str:
+        return subprocess.run(["git", *command], cwd=REPO, capture_output=True, text=True, check=False).stdout
+
+    digest = hashlib.sha1()
+    for path in sorted((REPO / "sora_train").rglob("*.py")):
+        digest.update(path.read_bytes())
+    dirty = " + uncommitted changes" * bool(git("status", "--porcelain", "--", "sora_train").strip())
+    return f"{git('rev-parse', '--short', 'HEAD').strip() or 'unknown'}{dirty} (sora_train/ {digest.hexdigest()[:8]})"
+
+
+def machine_lines(version: str) -> list[str]:
     """The machine, the date and the commit."""
     model = next(
         (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
          if line.startswith("model name")),
         platform.processor() or platform.machine(),
     )  # fmt: skip
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False
-    ).stdout.strip()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return [
         f"machine: {os.cpu_count()} CPUs ({model}), {memory:.0f} GiB, Python {platform.python_version()}, "
         f"numpy {np.__version__}",
-        f"date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, commit {commit or 'unknown'}",
+        f"started: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, commit {version}",
     ]
 
 
-def report(results: list[tuple[Corpus, dict[str, list[dict]]]], repeats: int) -> bool:
-    """Print the tables; whether every corpus met every target."""
-    print(*machine_lines(), sep="\n")
+def report(
+    results: list[tuple[Corpus, dict[str, list[dict]]]], repeats: int, header: list[str], version: str
+) -> bool:
+    """Print the tables (after `header`, the machine as it started); whether every corpus met every target."""
+    print(*header, sep="\n")
+    if source_version() != version:
+        print(
+            f"WARNING: sora_train changed during the run (now {source_version()}): the figures mix versions"
+        )
     print(f"buckets {[b.name for b in TABLE.buckets]} stride {TABLE.stride}, batch sizes {BATCH_SIZES}; "
           f"warm and epoch-5 figures are medians of {repeats} starts")  # fmt: skip
     for corpus, runs in results:
@@ -322,10 +347,11 @@ def report(results: list[tuple[Corpus, dict[str, list[dict]]]], repeats: int) ->
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Write each corpus, measure its starts, print the tables; 1 when a target is missed."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, nargs="+", default=[10_000_000, 100_000_000])
     parser.add_argument("--samples-per-shard", type=int, default=10_000)
-    parser.add_argument("--repeats", type=int, default=1, help="warm epoch-0 and epoch-5 starts per corpus")
+    parser.add_argument("--repeats", type=int, default=3, help="warm epoch-0 and epoch-5 starts per corpus")
     parser.add_argument(
         "--dir", type=Path, default=None, help="where to write (default: a temporary directory)"
     )
@@ -340,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         child(args)
         return 0
+    version = source_version()
+    header = machine_lines(version)
     names = [f"{kind}-{n}" for n in args.samples for kind in ("corpus", "cache")]
     results = []
     with scratch_dir(args.dir, args.keep, "index_scale-", names) as root:
@@ -349,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"wrote {samples:,} samples in {corpus.shards:,} shards in {corpus.seconds:.1f} s", flush=True
             )
             results.append((corpus, measure(corpus, root / f"cache-{samples}", args.repeats, args.profile)))
-    return 0 if report(results, args.repeats) else 1
+    return 0 if report(results, args.repeats, header, version) else 1
 
 
 if __name__ == "__main__":

@@ -138,30 +138,30 @@ class VideoLoader:
         self.plan_id = self._plan_id()
 
     def _index_and_plan(self, position: int, urls: list[str], digest: hashlib._Hash) -> EpochPlanner:
-        """Index one shard set, place each sample in a bucket (shard by shard: only the buckets stay
-        in memory), and make its planner."""
+        """Index one shard set, place each sample in a bucket shard by shard (of the records, only
+        the (N,) int16 buckets are kept), and make its planner."""
+        table, settings = self.settings.table, self.settings
         index, parts = ShardSetIndex(urls), []
-        for location, index_file, shard in shard_indexes(urls, self.settings.cache_dir):
+        counts = np.zeros(len(table.buckets), np.int64)
+        for location, index_file, shard in shard_indexes(urls, settings.cache_dir):
             index.add(location, index_file, shard)
-            parts.append(self.placer.place(shard, self.rejected))
+            buckets = self.placer.place(shard, self.rejected)
+            counts += np.bincount(buckets + 1, minlength=len(table.buckets) + 1)[1:]
             digest.update(f"{Path(location).name}|{shard.tar_bytes}|{len(shard)}|{shard.checksum};".encode())
+            digest.update(buckets)
+            parts.append(buckets)
         self.indexes.append(index)
         bucket_of = np.concatenate(parts) if parts else np.zeros(0, np.int16)  # (N,)
-        digest.update(bucket_of.tobytes())
+        del parts
         self.rejected.update(index.rejected)
         if index.corrupt_shards:
             self.rejected["corrupt_shard"] += index.corrupt_shards
-        table = self.settings.table
-        counts = np.bincount(bucket_of[bucket_of >= 0], minlength=len(table.buckets))
-        self.bucket_counts.update(
-            {bucket.name: int(n) for bucket, n in zip(table.buckets, counts, strict=True) if n}
-        )
+        self.bucket_counts.update({b.name: int(n) for b, n in zip(table.buckets, counts, strict=True) if n})
         if not counts.any():
             raise ShardError(
                 f"no usable sample in {len(urls)} shards (e.g. {urls[0]}); rejected by reason: {dict(self.rejected)}"
             )
         weights = tuple(bucket.weight for bucket in table.buckets)
-        settings = self.settings
         return EpochPlanner(
             position,
             index.bounds,

@@ -74,14 +74,14 @@ class Placer:
         records = shard.records
         buckets = np.full(len(records), -1, np.int16)
         latent = records["kind"] == LATENT
-        media = np.flatnonzero(~latent)
-        if len(media):
-            keys, first, inverse = np.unique(
-                self.shape_keys(records[media]), return_index=True, return_inverse=True
-            )
-            codes = [self._bucket_of(int(key), records[media[i]]) for key, i in zip(keys, first, strict=True)]
+        has_latents = bool(latent.any())
+        media = np.flatnonzero(~latent) if has_latents else slice(None)
+        videos = records[media] if has_latents else records  # (M,) no copy when there is no latent
+        if len(videos):
+            keys, first, inverse = np.unique(self.shape_keys(videos), return_index=True, return_inverse=True)
+            codes = [self._bucket_of(int(key), videos[i]) for key, i in zip(keys, first, strict=True)]
             self._assign(buckets, media, codes, inverse.reshape(-1), rejected)
-        if latent.any():
+        if has_latents:
             where = np.flatnonzero(latent)
             codes = [self._bucket_of(name, None) for name in shard.latent_buckets]
             self._assign(buckets, where, codes, records["latent_bucket"][where].astype(np.int64), rejected)
@@ -89,7 +89,11 @@ class Placer:
 
     @staticmethod
     def _assign(
-        buckets: np.ndarray, where: np.ndarray, codes: list[int | str], choice: np.ndarray, rejected: Counter
+        buckets: np.ndarray,
+        where: np.ndarray | slice,
+        codes: list[int | str],
+        choice: np.ndarray,
+        rejected: Counter,
     ) -> None:
         """buckets[where] = codes[choice] for bucket codes; reasons counted, their samples left at -1."""
         table = np.array([code if isinstance(code, int) else -1 for code in codes], np.int16)

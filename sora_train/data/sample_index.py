@@ -2,8 +2,8 @@
 
 `sora-prep` writes it beside each shard it finishes (`NAME.tar` -> `NAME.idx`; `sora-prep index`
 adds it to shards made elsewhere), and the loader keeps the same format for the shards it has to
-scan itself, in its cache. A corpus of 100M samples is then 39 bytes per sample on disk and
-nothing per sample in memory but the bucket each sample falls in.
+scan itself, in its cache. A corpus of 100M samples is then 39 bytes per sample on disk; in
+memory, once indexed, each sample costs the 2 bytes of the bucket it falls in.
 
 Layout of the file:
   - 8 bytes: `MAGIC`;
