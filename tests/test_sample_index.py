@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import shutil
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,12 @@ from sora_train.data_prep.cli import main as prep_main
 
 from sora_train.data import index
 from sora_train.data.loader import LoaderSettings, VideoLoader
-from sora_train.data.sample_index import SampleIndexInvalid, read_sample_index, side_index_path
+from sora_train.data.sample_index import (
+    SampleIndexInvalid,
+    read_sample_index,
+    side_index_path,
+    write_sample_index,
+)
 from sora_train.data.storage import resolve_shards
 
 from .test_loader import TABLE
@@ -169,3 +175,24 @@ def test_an_object_store_shard_index_is_fetched_once_and_used(corpus, tmp_path, 
     assert loader.index_digest == scanned.index_digest
     assert first_batches(loader) == first_batches(scanned)
     assert len(list((cache / "index").glob("*.side.idx"))) == 8
+
+
+@pytest.mark.parametrize("shift", ["all_by_a_block", "last_to_the_end"])
+def test_a_well_formed_index_with_wrong_offsets_is_caught(corpus, tmp_path, scanned, shift, capfd):
+    """Checksums that agree do not make offsets right: the probe reads the shard where the index
+    says samples start."""
+    copy = tmp_path / "copy"
+    shutil.copytree(corpus / "train", copy)
+    shard = sorted(copy.glob("*.tar"))[2]
+    side = Path(side_index_path(str(shard)))
+    clean = read_sample_index(side)
+    records = np.array(clean.records)
+    if shift == "all_by_a_block":
+        records["start"] += tarfile.BLOCKSIZE
+        records["length"] -= tarfile.BLOCKSIZE
+    else:
+        records["start"][-1], records["length"][-1] = clean.tar_bytes - 100, 100
+    write_sample_index(side, replace(clean, records=records))
+    loader = loader_for(str(copy), tmp_path / "cache")
+    assert f"scanning the shard instead of using its index: {side}" in capfd.readouterr().err
+    assert loader.index_digest == scanned.index_digest

@@ -221,7 +221,11 @@ def probe_checksum(location: str, starts: np.ndarray) -> int:
 def check_probe(location: str, side: str, index: SampleIndex) -> None:
     """Raise SampleIndexInvalid when the shard's bytes where the index says its first and last
     samples start are not the ones it was made from."""
-    if probe_checksum(location, index.records["start"]) != index.probe:
+    try:
+        matches = probe_checksum(location, index.records["start"]) == index.probe
+    except OSError as error:  # a sample said to start too near the end to hold a header
+        raise SampleIndexInvalid(f"{side}: {error}") from error
+    if not matches:
         raise SampleIndexInvalid(f"{side}: its shard's bytes changed since the index was made")
 
 
