@@ -192,7 +192,10 @@ def test_generation_is_deterministic(tmp_path: Path) -> None:
 def test_regenerating_removes_stale_shards(tmp_path: Path) -> None:
     generate_corpus(tmp_path, num_train=3, num_val=1, samples_per_shard=1, min_frames=2, max_frames=2)
     generate_corpus(tmp_path, num_train=1, num_val=1, samples_per_shard=1, min_frames=2, max_frames=2)
-    assert sorted(path.name for path in (tmp_path / "train").iterdir()) == ["shard-000000.idx", "shard-000000.tar"]
+    assert sorted(path.name for path in (tmp_path / "train").iterdir()) == [
+        "shard-000000.idx",
+        "shard-000000.tar",
+    ]
 
 
 def test_generate_corpus_rejects_bad_arguments(tmp_path: Path) -> None:
