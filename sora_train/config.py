@@ -41,6 +41,7 @@ from .parallel.checkpointing import ActivationCheckpointPolicy
 DataSource = Literal["synthetic", "shards", "latents"]  # `data.name`; latents: see DataConfig.precomputed
 Precision = Literal["auto", "fp32", "bf16"]
 CheckpointVerification = Literal["checksum", "size"]
+AbandonedCheckpoints = Literal["keep", "delete"]
 ZeroStage = Literal[1, 2, 3]
 OverlapComm = Literal["auto", "true", "false"]
 WandbMode = Literal["auto", "online", "offline", "disabled"]
@@ -461,6 +462,9 @@ class CheckpointConfig(Section):
     verify: CheckpointVerification = "checksum"  # how resume checks files against the manifest (size: faster)
     requeue: bool = False  # on preemption under SLURM, also run `scontrol requeue $SLURM_JOB_ID`
     async_commit: bool = True  # flush, checksum and commit periodic saves on a thread while training goes on
+    # checkpoints newer than the one a run resumes from (all of them when it starts over): `keep`
+    # moves them to RUN_DIR/checkpoints/abandoned-<time>/, `delete` removes them
+    abandoned: AbandonedCheckpoints = "keep"
 
     def check(self) -> None:
         """Cadence and retention are counts (raises ConfigError)."""

@@ -193,6 +193,7 @@ def prepare_resume(cfg: TrainConfig, dist_info: DistInfo) -> ResumePoint:
     """Pick the checkpoint (verified by all ranks), derive the gradient accumulation that keeps its
     micro batch on a new number of ranks, and convert it for them (on rank 0)."""
     selection = find_checkpoint(cfg, dist_info.rank, dist_info.world_size, all_gather_objects)
+    selection.set_aside = leave_abandoned_branch(cfg, selection, dist_info)
     if selection.directory is None:
         return ResumePoint(selection, None, None, batch_layout(cfg, dist_info.data_world))
     trainer_state = read_trainer_state(selection.directory)
@@ -210,6 +211,18 @@ def prepare_resume(cfg: TrainConfig, dist_info: DistInfo) -> ResumePoint:
         convert_to_universal(selection.directory, universal)
     barrier()
     return ResumePoint(selection, trainer_state, universal, layout)
+
+
+def leave_abandoned_branch(cfg: TrainConfig, selection: Selection, dist_info: DistInfo) -> list[str]:
+    """Rank 0 takes this run's checkpoints newer than the one it resumes from (all of them when it
+    starts over) out of the run (`checkpoint.abandoned`), so pruning and `resume=auto` follow the
+    branch the run continues. Returns their names (the same on every rank)."""
+    names: list[str] = []
+    if dist_info.is_main:
+        step = read_trainer_state(selection.directory)["step"] if selection.directory is not None else 0
+        store = CheckpointStore(checkpoint_root(cfg.run_dir))
+        names = store.set_aside_newer(step, delete=cfg.checkpoint.abandoned == "delete")
+    return all_gather_objects(names)[0]
 
 
 def build_model(cfg: TrainConfig, dist_info: DistInfo, resume: ResumePoint) -> tuple[VideoDenoiser, int]:
@@ -291,6 +304,7 @@ def restore(state: TrainState, resume: ResumePoint, cfg: TrainConfig, dist_info:
             resume.selection.directory, resume.trainer_state, resume.universal, cfg, dist_info
         )
     resumed.passed_over = resume.selection.passed_over
+    resumed.set_aside = resume.selection.set_aside
     return resumed
 
 

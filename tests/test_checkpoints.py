@@ -208,6 +208,55 @@ def test_retention_keeps_the_newest_complete_checkpoints_and_every_mth(tmp_path)
     assert store.prune(keep_last=0, keep_every=0) == []  # keep_last=0 keeps everything
 
 
+def test_pruning_spares_the_save_just_written_and_the_one_latest_names(tmp_path):
+    store = CheckpointStore(tmp_path)
+    for step in range(1, 6):
+        _fake_checkpoint(tmp_path, step)
+    store.point_latest(tag_for(2))
+    deleted = store.prune(keep_last=1, keep_every=0, keep=(tag_for(3),))
+    assert sorted(p.name for p in deleted) == [tag_for(1), tag_for(4)]
+    assert [p.name for p in store.committed()] == [tag_for(s) for s in (5, 3, 2)]
+
+
+@pytest.mark.parametrize("delete", [False, True])
+def test_going_back_takes_the_newer_checkpoints_out_of_the_run(tmp_path, delete):
+    store = CheckpointStore(tmp_path)
+    for step in range(1, 6):
+        _fake_checkpoint(tmp_path, step)
+    store.universal_dir(5).mkdir()
+    store.point_latest(tag_for(5))
+    assert store.set_aside_newer(3, delete=delete) == [tag_for(4), tag_for(5)]
+    assert [p.name for p in store.committed()] == [tag_for(s) for s in (3, 2, 1)]
+    assert store.latest_name() == tag_for(3) and not store.universal_dir(5).exists()
+    aside = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("abandoned-*/*"))
+    expected = [] if delete else [tag_for(4), tag_for(5), f"{tag_for(5)}.universal"]
+    assert [name.split("/", 1)[1] for name in aside] == expected
+    assert store.set_aside_newer(0, delete=True) == [tag_for(s) for s in (1, 2, 3)]
+    assert store.latest_name() is None and store.committed() == []
+
+
+def test_a_rollback_keeps_its_saves_and_auto_resume_follows_it(single_run, corpus, tmp_path):
+    """resume=PATH back to step 2 while step 4 exists, keeping one checkpoint: the new step 3 is
+    not pruned for the abandoned step 4, which is moved aside, and resume=auto continues from 3."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(single_run, run_dir)
+    root = run_dir / "checkpoints"
+    back = run_train(
+        *single_args(corpus), "train.max_steps=3", "checkpoint.every=1", "checkpoint.keep_last=1",
+        f"resume={root / STEP2}", f"run_dir={run_dir}",
+    )  # fmt: skip
+    assert_ok(back)
+    assert "checkpoints newer than step 2, from the branch this run left, taken out of it" in back.stdout
+    assert [p.name for p in CheckpointStore(root).committed()] == [tag_for(3)]
+    assert (root / "latest").read_text().strip() == tag_for(3)
+    assert [p.name for p in root.glob("abandoned-*/*")] == [STEP4]
+    events = [r for r in read_metrics(run_dir) if r.get("event") == "checkpoints_set_aside"]
+    assert [e["checkpoints"] for e in events] == [[STEP4]]
+    onward = run_train(*single_args(corpus), "train.max_steps=4", f"run_dir={run_dir}")
+    assert_ok(onward)
+    assert f"resumed from {root / tag_for(3)} at step 3" in onward.stdout
+
+
 def test_guards_count_skips_stop_after_k_and_flag_spikes():
     guards = TrainingGuards(max_consecutive_skips=2, spike_zscore=4.0, spike_warmup=20)
     for i in range(30):

@@ -38,6 +38,7 @@ class Selection:
 
     directory: Path | None
     passed_over: list[str] = field(default_factory=list)
+    set_aside: list[str] = field(default_factory=list)  # newer checkpoints of an abandoned branch
 
 
 def verify_checkpoint(

@@ -22,7 +22,7 @@ import torch
 from ..parallel.dist import DistInfo, all_gather_objects, barrier
 from ..pretrained import EMA_WEIGHTS, InferenceConfig, save_weights, write_config
 from .manifest import PART_PREFIX, describe_files, fsync_path, list_files, write_manifest
-from .store import CheckpointStore, checkpoint_root
+from .store import CheckpointStore, checkpoint_root, tag_for
 
 TRAINER_STATE = "trainer_state.json"
 
@@ -128,7 +128,7 @@ def _commit(
 ) -> None:
     write_manifest(store.staging_dir(step), files, step=step, world_size=world_size)
     store.commit(step)
-    store.prune(keep_last, keep_every)
+    store.prune(keep_last, keep_every, keep=(tag_for(step),))
 
 
 def write_part(staging: Path, rank: int, files: dict) -> None:

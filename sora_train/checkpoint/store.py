@@ -5,6 +5,7 @@ RUN_DIR/checkpoints/
   .staging-step_XXXXXXX/     a save in progress; left behind only by a crash, never resumed from
   step_XXXXXXX.universal/    a checkpoint converted for a different number of ranks
   latest                     the newest committed checkpoint's name, replaced atomically
+  abandoned-YYYYmmdd-HHMMSS/ checkpoints newer than the one a run went back to, moved aside
 
 A save becomes visible in one rename; deletion renames first too, so no committed
 checkpoint is ever seen half-written or half-deleted.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 from .manifest import CheckpointInvalid, file_problems, fsync_path, read_manifest
@@ -23,6 +25,7 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STAGING_PREFIX = ".staging-"
 TRASH_PREFIX = ".trash-"
+ABANDONED_PREFIX = "abandoned-"
 UNIVERSAL_SUFFIX = ".universal"
 _STEP_NAME = re.compile(r"^step_(\d{7,})$")
 
@@ -108,16 +111,25 @@ class CheckpointStore:
         os.replace(pointer, self.root / LATEST)
         fsync_path(self.root)
 
-    def prune(self, keep_last: int, keep_every: int) -> list[Path]:
+    def latest_name(self) -> str | None:
+        """The name `latest` points at, if any."""
+        try:
+            return (self.root / LATEST).read_text().strip() or None
+        except OSError:
+            return None
+
+    def prune(self, keep_last: int, keep_every: int, keep: tuple[str, ...] = ()) -> list[Path]:
         """Delete committed checkpoints beyond the newest `keep_last` complete ones (0: keep all),
-        except those at multiples of `keep_every`. Incomplete ones never count towards
-        `keep_last`, and the newest complete one is never deleted. Returns what was deleted."""
+        except those at multiples of `keep_every`, those named in `keep` (the save just written)
+        and the one `latest` names. Incomplete ones never count towards `keep_last`, and the newest
+        complete one is never deleted. Returns what was deleted."""
         if keep_last <= 0:
             return []
+        spared = {*keep, self.latest_name()}
         complete = [directory for directory in self.committed() if _looks_complete(directory)]
         doomed = [
             directory for directory in complete[keep_last:]
-            if not (keep_every and step_of(directory) % keep_every == 0)
+            if not (keep_every and step_of(directory) % keep_every == 0) and directory.name not in spared
         ]  # fmt: skip
         for directory in doomed:
             self._discard(directory)
@@ -125,6 +137,39 @@ class CheckpointStore:
             if universal.exists():
                 self._discard(universal)
         return doomed
+
+    def set_aside_newer(self, step: int, delete: bool = False) -> list[str]:
+        """Take the committed checkpoints saved after `step` (a branch the run went back from) out of
+        the run: moved into `abandoned-<time>/` with their universal conversions, or deleted. `latest`
+        then names the newest checkpoint left, if any. Returns the names taken out, oldest first."""
+        newer = sorted((d for d in self.committed() if step_of(d) > step), key=step_of)
+        if not newer:
+            return []
+        aside = self._unused(f"{ABANDONED_PREFIX}{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+        for directory in newer:
+            for moved in (directory, self.universal_dir(step_of(directory))):
+                if not moved.exists():
+                    continue
+                if delete:
+                    self._discard(moved)
+                else:
+                    aside.mkdir(exist_ok=True)
+                    os.replace(moved, aside / moved.name)
+        left = self.committed()
+        if left:
+            self.point_latest(left[0].name)
+        else:
+            (self.root / LATEST).unlink(missing_ok=True)
+        fsync_path(self.root)
+        return [directory.name for directory in newer]
+
+    def _unused(self, name: str) -> Path:
+        """RUN_DIR/checkpoints/NAME, or NAME-2, NAME-3... if it is taken."""
+        path, number = self.root / name, 1
+        while path.exists():
+            number += 1
+            path = self.root / f"{name}-{number}"
+        return path
 
     def _discard(self, directory: Path) -> None:
         trash = self.root / f"{TRASH_PREFIX}{directory.name}"

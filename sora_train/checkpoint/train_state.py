@@ -24,6 +24,7 @@ class Resumed:
     step: int = 0
     wandb_id: str | None = None
     passed_over: list[str] = field(default_factory=list)
+    set_aside: list[str] = field(default_factory=list)  # newer checkpoints of an abandoned branch
     config_changes: list[tuple[str, object, object]] = field(default_factory=list)
 
 

@@ -111,6 +111,13 @@ def report_start(
         print(f"checkpoint passed over: {problem}", flush=True)
     if resumed.passed_over:
         logger.log_event("checkpoints_passed_over", resumed.step, {"problems": resumed.passed_over})
+    if resumed.set_aside:
+        print(
+            f"checkpoints newer than step {resumed.step}, from the branch this run left, taken out of it "
+            f"(checkpoint.abandoned: moved to checkpoints/abandoned-*/ or deleted): {', '.join(resumed.set_aside)}",
+            flush=True,
+        )
+        logger.log_event("checkpoints_set_aside", resumed.step, {"checkpoints": resumed.set_aside})
     if checkpoint is not None:
         print(f"resumed from {checkpoint} at step {resumed.step}", flush=True)
         for key, old, new in resumed.config_changes:
