@@ -455,6 +455,23 @@ def test_data_parallel_ranks_hold_identical_weights(two_process_run):
     assert torch.equal(checksums[0], checksums[1])
 
 
+def test_ranks_that_cannot_see_each_others_files_still_describe_every_file(corpus, tmp_path):
+    """Each rank's listing of the staging directory misses the files the other rank wrote (as on a
+    network filesystem whose attribute cache lags): every file is still in the manifest, because
+    each rank describes the files it wrote, and the checkpoint verifies."""
+    from sora_train.checkpoint import verify_checkpoint
+    from sora_train.checkpoint.manifest import list_files, read_manifest
+
+    run_dir = tmp_path / "lagging"
+    args = [*run_args(corpus), "train.max_steps=2", "checkpoint.every=2", f"run_dir={run_dir}"]
+    assert_ok(run_torchrun(2, SCRIPTS / "faulty_train.py", "lagging_listing", *args))
+    checkpoint = run_dir / "checkpoints" / tag_for(2)
+    files = list_files(checkpoint)
+    assert sorted(read_manifest(checkpoint)["files"]) == files
+    assert any("rank_1_" in name for name in files) and "rank_00001.pt" in files
+    assert verify_checkpoint(checkpoint) == []
+
+
 def test_weights_drifting_on_one_rank_stop_the_run(corpus, tmp_path):
     run_dir = tmp_path / "desync"
     args = [*run_args(corpus), "train.max_steps=3", "checkpoint.every=2", f"run_dir={run_dir}"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,23 @@ from .manifest import PART_PREFIX, describe_files, fsync_path, list_files, write
 from .store import CheckpointStore, checkpoint_root, tag_for
 
 TRAINER_STATE = "trainer_state.json"
+
+
+_RANK_MARK = re.compile(r"(?:^|_)zero_pp_rank_(\d+)_|^rank_(\d{5})\.pt$")
+
+
+def file_writer(name: str) -> int:
+    """The rank that writes a checkpoint file: the one its name carries (DeepSpeed's
+    `zero_pp_rank_R_`, our `rank_RRRRR.pt`), else rank 0 (model states, EMA, config, trainer state)."""
+    match = _RANK_MARK.search(Path(name).name)
+    return int(match[1] or match[2]) if match else 0
+
+
+def files_written_by(rank: int, listing: list[str]) -> list[str]:
+    """The files of a staging directory's `listing` that `rank` wrote. Each rank describes only
+    these, from its own listing: on a network filesystem a rank sees its own files at once, while
+    its view of the others' may lag (attribute caching), so no file goes undescribed."""
+    return [name for name in listing if file_writer(name) == rank]
 
 
 def rank_file(rank: int) -> str:
@@ -77,8 +95,8 @@ def save_checkpoint(
     """Save on every rank (collective). `frozen_excluded`: leave out parameters that do not train
     (LoRA's base weights, which the run reads from `model.init_from`).
 
-    Every rank writes into a staging directory; each then flushes and checksums its share of
-    the files; rank 0 writes the manifest, renames the directory into place, moves `latest`
+    Every rank writes into a staging directory; each then flushes and checksums the files it
+    wrote (`files_written_by`); rank 0 writes the manifest, renames the directory into place, moves `latest`
     and prunes old checkpoints. A crash at any point leaves the previous checkpoints intact.
 
     The writing is done when this returns. With `background`, the flush, checksums and commit
@@ -99,7 +117,7 @@ def save_checkpoint(
         write_config(staging, inference)
         (staging / TRAINER_STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=2) + "\n")
     barrier()
-    share = list_files(staging)[dist_info.rank :: dist_info.world_size]
+    share = files_written_by(dist_info.rank, list_files(staging))
     pending = PendingSave(store.final_dir(step))
     if not background:
         shares = all_gather_objects(describe_files(staging, share))

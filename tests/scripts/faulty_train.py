@@ -4,6 +4,9 @@ python faulty_train.py nan RANK STEPS [overrides]    RANK's loss is NaN at STEPS
 python faulty_train.py crash_in_save STEP [overrides] SIGKILL this process halfway through the save
                                                      at STEP: every file written, none checksummed
 python faulty_train.py desync RANK STEP [overrides]  change one weight on RANK after the update of STEP
+python faulty_train.py lagging_listing [overrides]   each rank's listing of a staging directory misses
+                                                     the files the other ranks wrote (a network
+                                                     filesystem's attribute cache)
 """
 
 from __future__ import annotations
@@ -59,6 +62,20 @@ def desync(rank: int, step: int) -> None:
     EMA.update = update
 
 
+def lagging_listing() -> None:
+    """Hide from each rank's listings the files whose names carry another rank's number."""
+    import sora_train.checkpoint.saving as saving
+
+    real_list, rank, world = saving.list_files, int(os.environ.get("RANK", 0)), int(os.environ["WORLD_SIZE"])
+    others = [r for r in range(world) if r != rank]
+
+    def list_files(directory: Path) -> list[str]:
+        hidden = [f"rank_{r}_" for r in others] + [f"rank_{r:05d}" for r in others]
+        return [name for name in real_list(directory) if not any(mark in name for mark in hidden)]
+
+    saving.list_files = list_files
+
+
 def main() -> None:
     fault, *rest = sys.argv[1:]
     if fault == "nan":
@@ -70,6 +87,9 @@ def main() -> None:
     elif fault == "desync":
         rank, step, *overrides = rest
         desync(int(rank), int(step))
+    elif fault == "lagging_listing":
+        overrides = rest
+        lagging_listing()
     else:
         raise SystemExit(f"unknown fault {fault!r}")
     from sora_train.cli import main as cli
