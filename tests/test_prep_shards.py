@@ -285,6 +285,18 @@ def test_supervised_map_turns_hangs_and_crashes_into_failures_and_keeps_order():
     assert results[4][1].reason == "decoder_crash" and "-11" in results[4][1].detail
 
 
+def _signalled(item: int) -> int:
+    """Sends this worker the signals SLURM and torchrun send a whole process group, then answers."""
+    os.kill(os.getpid(), (signal.SIGUSR1, signal.SIGTERM)[item % 2])
+    time.sleep(0.05)
+    return item * 10
+
+
+def test_workers_ignore_the_preemption_signals_sent_to_their_process_group():
+    results = list(supervised_map(_signalled, range(6), workers=2, timeout=20))
+    assert results == [(item, item * 10) for item in range(6)]
+
+
 def test_bad_shard_size_is_one_clear_error(tmp_path, capsys):
     assert (
         prep_main(["shards", "--src", str(tmp_path), "--out", str(tmp_path / "o"), "--shard-size", "1TB"])

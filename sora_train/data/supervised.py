@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import multiprocessing
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -30,13 +31,25 @@ class WorkerFailure:
     detail: str
 
 
+OWNER_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # what SLURM and torchrun send a whole process group
+
+
 def _serve(fn: Callable[[Any], Any], conn: Connection, setup: Callable[[], None] | None) -> None:
-    """Worker loop: set up, say ready (imports done), then receive (index, item), send (index, fn(item))."""
+    """Worker loop: set up, say ready (imports done), then receive (index, item), send (index, fn(item)).
+
+    A preemption signal sent to the whole process group is ignored: the owner decides when its
+    workers stop (it may finish a checkpoint first). A worker whose owner is gone sees its pipe
+    close and leaves."""
+    for number in OWNER_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
     if setup is not None:
         setup()
     conn.send(None)
     while True:
-        message = conn.recv()
+        try:
+            message = conn.recv()
+        except EOFError:  # the owner died
+            return
         if message is None:
             return
         index, item = message
