@@ -46,9 +46,14 @@ class PreemptionWatch:
         self._previous.clear()
 
 
-def mark_preempted(run_dir: str | Path, step: int, checkpoint: Path) -> None:
-    """Leave RUN_DIR/preempted.json for the launcher (torchrun reports any worker exit as 1)."""
-    marker = {"step": step, "checkpoint": str(checkpoint), "time": time.time()}
+def mark_preempted(run_dir: str | Path, step: int, checkpoint: Path | None) -> None:
+    """Leave RUN_DIR/preempted.json for the launcher (torchrun reports any worker exit as 1);
+    `checkpoint` None: stopped before a fresh run's first step."""
+    marker = {
+        "step": step,
+        "checkpoint": None if checkpoint is None else str(checkpoint),
+        "time": time.time(),
+    }
     (Path(run_dir) / MARKER).write_text(json.dumps(marker) + "\n")
 
 

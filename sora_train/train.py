@@ -45,7 +45,7 @@ from .parallel.compile import apply_block_compile
 from .parallel.dist import DistInfo, all_gather_objects, barrier, init_distributed, shutdown_distributed
 from .parallel.sequence import apply_sequence_parallel
 from .parallel.zero import copy_from_rank0, full_numel, partitioned_construction, use_bf16
-from .preemption import clear_preempted
+from .preemption import PreemptionWatch, clear_preempted
 from .pretrained import load_pretrained
 from .run_info import write_run_info
 from .throughput import layout_summary
@@ -85,9 +85,10 @@ def train(cfg: TrainConfig) -> bool:
 
     Returns False when the run stopped early on a preemption signal (after checkpointing).
     """
+    watch = PreemptionWatch().install()  # before any long start-up work: a signal then only sets a flag
     dist_info = init_distributed(cfg.parallel.sequence_parallel)
     try:
-        run = build_run(cfg, dist_info)
+        run = build_run(cfg, dist_info, watch)
         finished = run_loop(run)
     except BaseException:
         shutdown_distributed(wait_for_peers=False)
@@ -106,6 +107,8 @@ def run_loop(run: Run) -> bool:
     """Train from the run's start step to `train.max_steps`, then finish: last checkpoint,
     validation, data totals, samples and evaluation. False when stopped by a preemption signal."""
     step, max_steps = run.start_step, run.cfg.train.max_steps
+    if run.checkpointer.preempted(step):  # signalled during start-up: nothing new to save
+        return False
     while step < max_steps:
         step += 1
         outcome = run.stepper.train_step(run.batches, step)
@@ -127,9 +130,10 @@ def run_loop(run: Run) -> bool:
     return True
 
 
-def build_run(cfg: TrainConfig, dist_info: DistInfo) -> Run:
+def build_run(cfg: TrainConfig, dist_info: DistInfo, watch: PreemptionWatch | None = None) -> Run:
     """Everything the loop needs, built in a fixed order (collective): the corpus and the resume
-    point, the model in its engine, the loader, the restored state, then the loop's components."""
+    point, the model in its engine, the loader, the restored state, then the loop's components.
+    `watch`: the preemption watch installed before start-up (the checkpointer installs one if None)."""
     start_run(cfg, dist_info)
     resume = prepare_resume(cfg, dist_info)
     if dist_info.is_main:
@@ -169,7 +173,7 @@ def build_run(cfg: TrainConfig, dist_info: DistInfo) -> Run:
     return Run(
         cfg=cfg, start_step=resumed.step, batches=batches, stepper=stepper, logger=logger,
         reporter=StepReporter(logger, dist_info, engine, loader, guards, cfg.train.log_keys),
-        checkpointer=Checkpointer(cfg, dist_info, state, resume.layout.accumulation, logger, resumed.step),
+        checkpointer=Checkpointer(cfg, dist_info, state, resume.layout.accumulation, logger, resumed.step, watch),
         validator=Validator(cfg, dist_info, ema, prompts, latent_space, resume.layout.micro_batch, dtype, logger),
         sampler=Sampler(cfg, dist_info, ema, dtype, logger),
     )  # fmt: skip

@@ -19,7 +19,7 @@ from sora_train.checkpoint.store import tag_for
 from sora_train.config import ConfigError, TrainConfig
 from sora_train.guards import TrainingGuards
 from sora_train.metrics import read_metrics
-from sora_train.preemption import PreemptionWatch, requeue_slurm_job
+from sora_train.preemption import EXIT_PREEMPTED, MARKER, PreemptionWatch, requeue_slurm_job
 
 from .conftest import FAST, assert_ok, run_module, run_script, run_train
 
@@ -206,6 +206,29 @@ def test_retention_keeps_the_newest_complete_checkpoints_and_every_mth(tmp_path)
     assert [p.name for p in store.committed()] == [tag_for(s) for s in (6, 5, 4, 3)]
     assert not list(tmp_path.glob(".trash-*"))
     assert store.prune(keep_last=0, keep_every=0) == []  # keep_last=0 keeps everything
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_a_preemption_signal_during_start_up_exits_75_with_nothing_new(single_run, corpus, tmp_path, resumed):
+    """SIGUSR1 while the run picks its checkpoint: start-up finishes, no step runs, nothing is saved,
+    the marker is left and the exit code asks for a requeue."""
+    run_dir = tmp_path / "run"
+    if resumed:
+        shutil.copytree(single_run, run_dir)
+    before = sorted(p.name for p in (run_dir / "checkpoints").glob("*"))  # none for a fresh run
+    result = run_script(
+        SCRIPTS / "faulty_train.py", "signal_at_start", "0", *single_args(corpus), "train.max_steps=6",
+        f"run_dir={run_dir}",
+    )  # fmt: skip
+    assert result.returncode == EXIT_PREEMPTED, result.stderr[-2000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*")) == before
+    marker = json.loads((run_dir / MARKER).read_text())
+    step = 4 if resumed else 0
+    assert marker["step"] == step
+    assert marker["checkpoint"] == (str(run_dir / "checkpoints" / STEP4) if resumed else None)
+    events = [r for r in read_metrics(run_dir) if r.get("event") == "preempted"]
+    assert [(e["step"], e["signals_by_rank"]) for e in events] == [(step, [int(signal.SIGUSR1)])]
+    assert not [r for r in read_metrics(run_dir) if "loss" in r and r["step"] > step]
 
 
 def test_pruning_spares_the_save_just_written_and_the_one_latest_names(tmp_path):

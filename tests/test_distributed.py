@@ -472,6 +472,19 @@ def test_ranks_that_cannot_see_each_others_files_still_describe_every_file(corpu
     assert verify_checkpoint(checkpoint) == []
 
 
+def test_a_signal_to_one_rank_during_start_up_stops_every_rank_before_a_step(corpus, tmp_path):
+    run_dir = tmp_path / "signalled"
+    args = [*run_args(corpus), f"run_dir={run_dir}"]
+    result = run_torchrun(2, SCRIPTS / "faulty_train.py", "signal_at_start", "1", *args)
+    assert result.returncode != 0 and "exitcode  : 75" in result.stderr + result.stdout, result.stderr[-3000:]
+    events = [r for r in read_metrics(run_dir) if r.get("event") == "preempted"]
+    assert [(e["step"], e["signals_by_rank"]) for e in events] == [(0, [None, int(signal.SIGUSR1)])]
+    assert (
+        not (run_dir / "checkpoints").exists()
+        and json.loads((run_dir / "preempted.json").read_text())["step"] == 0
+    )
+
+
 def test_weights_drifting_on_one_rank_stop_the_run(corpus, tmp_path):
     run_dir = tmp_path / "desync"
     args = [*run_args(corpus), "train.max_steps=3", "checkpoint.every=2", f"run_dir={run_dir}"]

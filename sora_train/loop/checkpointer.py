@@ -18,18 +18,19 @@ from ..pretrained import inference_config
 
 class Checkpointer:
     """Owns the checkpoint store, the save still committing in the background (at most one), the
-    save cadence and the preemption watch (installed on construction). Every method is collective."""
+    save cadence and the preemption watch (installed before start-up, or on construction). Every
+    method is collective."""
 
     def __init__(
         self, cfg: TrainConfig, dist_info: DistInfo, state: TrainState, accumulation: int,
-        logger: MetricsLogger | None, step: int,
+        logger: MetricsLogger | None, step: int, watch: PreemptionWatch | None = None,
     ):  # fmt: skip
         self.cfg, self.dist_info, self.state, self.accumulation = cfg, dist_info, state, accumulation
         self.logger = logger
         self.store = CheckpointStore(checkpoint_root(cfg.run_dir))
         self.pending: list[PendingSave] = []
         self.last_saved = step
-        self.watch = PreemptionWatch().install()
+        self.watch = watch if watch is not None else PreemptionWatch().install()
 
     def maybe_save(self, step: int) -> None:
         """Log a background save that has finished; save when `step` is on the cadence."""
@@ -47,8 +48,11 @@ class Checkpointer:
         signals = all_gather_objects(self.watch.signal)  # which ranks were told, for the record
         self.finish_saving()
         saved = self.store.final_dir(step) if self.last_saved == step else self.save(step)
+        saved = saved if saved.is_dir() else None  # signalled before a fresh run's first step
         if self.logger:
-            self.logger.log_event("preempted", step, {"signals_by_rank": signals, "checkpoint": str(saved)})
+            self.logger.log_event(
+                "preempted", step, {"signals_by_rank": signals, "checkpoint": saved and str(saved)}
+            )
             mark_preempted(self.cfg.run_dir, step, saved)
             if self.cfg.checkpoint.requeue:
                 self.logger.log_event("requeue", step, {"requested": requeue_slurm_job()})

@@ -4,6 +4,8 @@ python faulty_train.py nan RANK STEPS [overrides]    RANK's loss is NaN at STEPS
 python faulty_train.py crash_in_save STEP [overrides] SIGKILL this process halfway through the save
                                                      at STEP: every file written, none checksummed
 python faulty_train.py desync RANK STEP [overrides]  change one weight on RANK after the update of STEP
+python faulty_train.py signal_at_start RANK [overrides]  SIGUSR1 to RANK while it picks the checkpoint
+                                                     to resume from (start-up, before the model exists)
 python faulty_train.py lagging_listing [overrides]   each rank's listing of a staging directory misses
                                                      the files the other ranks wrote (a network
                                                      filesystem's attribute cache)
@@ -76,6 +78,20 @@ def lagging_listing() -> None:
     saving.list_files = list_files
 
 
+def signal_at_start(rank: int) -> None:
+    """Send SIGUSR1 to this process, on `rank`, as start-up begins choosing its checkpoint."""
+    import sora_train.train as train
+
+    real_prepare = train.prepare_resume
+
+    def prepare_resume(cfg, dist_info):
+        if dist_info.rank == rank:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real_prepare(cfg, dist_info)
+
+    train.prepare_resume = prepare_resume
+
+
 def main() -> None:
     fault, *rest = sys.argv[1:]
     if fault == "nan":
@@ -87,6 +103,9 @@ def main() -> None:
     elif fault == "desync":
         rank, step, *overrides = rest
         desync(int(rank), int(step))
+    elif fault == "signal_at_start":
+        rank, *overrides = rest
+        signal_at_start(int(rank))
     elif fault == "lagging_listing":
         overrides = rest
         lagging_listing()
