@@ -142,11 +142,9 @@ class VideoLoader:
         the (N,) int16 buckets are kept), and make its planner."""
         table, settings = self.settings.table, self.settings
         index, parts = ShardSetIndex(urls), []
-        counts = np.zeros(len(table.buckets), np.int64)
         for location, index_file, shard in shard_indexes(urls, settings.cache_dir):
             index.add(location, index_file, shard)
             buckets = self.placer.place(shard, self.rejected)
-            counts += np.bincount(buckets + 1, minlength=len(table.buckets) + 1)[1:]
             digest.update(f"{Path(location).name}|{shard.tar_bytes}|{len(shard)}|{shard.checksum};".encode())
             digest.update(buckets)
             parts.append(buckets)
@@ -156,13 +154,12 @@ class VideoLoader:
         self.rejected.update(index.rejected)
         if index.corrupt_shards:
             self.rejected["corrupt_shard"] += index.corrupt_shards
-        self.bucket_counts.update({b.name: int(n) for b, n in zip(table.buckets, counts, strict=True) if n})
-        if not counts.any():
+        if not (bucket_of >= 0).any():
             raise ShardError(
                 f"no usable sample in {len(urls)} shards (e.g. {urls[0]}); rejected by reason: {dict(self.rejected)}"
             )
         weights = tuple(bucket.weight for bucket in table.buckets)
-        return EpochPlanner(
+        planner = EpochPlanner(
             position,
             index.bounds,
             bucket_of,
@@ -171,6 +168,9 @@ class VideoLoader:
             settings.seed,
             settings.shuffle_window,
         )
+        counts = planner.shard_counts.sum(axis=0)  # (B,) usable samples per bucket
+        self.bucket_counts.update({b.name: int(n) for b, n in zip(table.buckets, counts, strict=True) if n})
+        return planner
 
     def _plan_id(self) -> str:
         settings = self.settings

@@ -135,7 +135,7 @@ class EpochPlanner:
         self.blocks = max(1, -(-len(self.bucket_of) // self.block))  # per epoch
         self.keep = np.asarray(self.weights, np.float64) / max(self.weights)  # (B,) fraction kept
         self._sizes = np.diff(self.shard_bounds)
-        self._shard_counts = np.stack(  # (shards, B) usable samples of each bucket in each shard
+        self.shard_counts = np.stack(  # (shards, B) usable samples of each bucket in each shard
             [
                 self._bucket_counts(lo, hi)
                 for lo, hi in zip(self.shard_bounds[:-1], self.shard_bounds[1:], strict=True)
@@ -176,7 +176,7 @@ class EpochPlanner:
         counts = np.zeros(len(self.batch_sizes), np.int64)
         for shard, lo, hi in self._pieces(epoch, block):
             counts += (
-                self._shard_counts[shard] if hi - lo == self._sizes[shard] else self._bucket_counts(lo, hi)
+                self.shard_counts[shard] if hi - lo == self._sizes[shard] else self._bucket_counts(lo, hi)
             )
         rng = np.random.default_rng([self.seed, self.source, epoch, block])
         kept = np.floor(counts * self.keep + rng.random(len(counts))).astype(np.int64)
