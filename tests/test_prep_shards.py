@@ -171,6 +171,25 @@ def test_interrupted_run_finishes_with_the_same_shards(tmp_path):
     assert len(long_clips) == 3 and all(k.rsplit("-", 1)[1] in {"0000", "0001", "0002"} for k in long_clips)
 
 
+# sora-prep that stops, alive, once its third shard is committed: the kill below then lands at that
+# point whatever the machine's load (a run left alone finishes all 8 one-clip shards in seconds).
+HOLD_AFTER_THIRD_SHARD = """
+import sys, time
+import sora_train.data_prep.build_shards as build_shards
+from sora_train.data_prep.cli import main
+
+commit = build_shards.SplitWriter.commit
+
+def commit_then_hold(self, next_position):
+    commit(self, next_position)
+    if len(self.state.shards) == 3:
+        time.sleep(3600)
+
+build_shards.SplitWriter.commit = commit_then_hold
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_a_killed_run_is_finished_by_a_rerun(tmp_path):
     """A real SIGKILL mid-run, then the same command again: same shards as an uninterrupted run."""
     import subprocess
@@ -194,8 +213,8 @@ def test_a_killed_run_is_finished_by_a_rerun(tmp_path):
     prep(*args, "--out", str(tmp_path / "whole"))
     command = [
         sys.executable,
-        "-m",
-        "sora_train.data_prep.cli",
+        "-c",
+        HOLD_AFTER_THIRD_SHARD,
         "shards",
         *args,
         "--out",
