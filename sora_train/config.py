@@ -511,10 +511,15 @@ class ParallelConfig(Section):
         100_000  # parameters smaller than this stay whole on every rank (ZeRO-3)
     )
     max_live_parameters: int = 1_000_000_000  # gathered parameter elements kept at once (ZeRO-3)
+    collective_timeout_s: int = 1800  # a collective not joined by every rank in this long fails the run
 
     def check(self) -> None:
         """Offloading matches the ZeRO stage (raises ConfigError); the grid is checked against the world
         size by `validate`."""
+        if self.collective_timeout_s < 1:
+            raise ConfigError(
+                f"parallel.collective_timeout_s must be at least 1, got {self.collective_timeout_s}"
+            )
         if self.offload_params and self.zero_stage != 3:
             raise ConfigError(
                 "parallel.offload_params needs parallel.zero_stage=3 (use parallel=zero3_offload)"

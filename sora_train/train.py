@@ -86,7 +86,7 @@ def train(cfg: TrainConfig) -> bool:
     Returns False when the run stopped early on a preemption signal (after checkpointing).
     """
     watch = PreemptionWatch().install()  # before any long start-up work: a signal then only sets a flag
-    dist_info = init_distributed(cfg.parallel.sequence_parallel)
+    dist_info = init_distributed(cfg.parallel.sequence_parallel, cfg.parallel.collective_timeout_s)
     try:
         run = build_run(cfg, dist_info, watch)
         finished = run_loop(run)

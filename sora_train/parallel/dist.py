@@ -12,6 +12,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import NoReturn
 
@@ -86,9 +87,10 @@ def clear_stale_build_lock(name: str = SHM_OP_NAME, max_age_s: float = STALE_BUI
     return lock
 
 
-def init_distributed(sequence_parallel: int = 1) -> DistInfo:
+def init_distributed(sequence_parallel: int = 1, timeout_s: float = 1800) -> DistInfo:
     """Join (or create) the default process group (NCCL with CUDA, gloo on CPU) and this rank's
-    sequence-parallel group of `sequence_parallel` consecutive ranks."""
+    sequence-parallel group of `sequence_parallel` consecutive ranks. A collective that some rank
+    does not join within `timeout_s` seconds raises instead of waiting for ever."""
     import deepspeed
 
     from .sequence import sequence_groups
@@ -106,7 +108,7 @@ def init_distributed(sequence_parallel: int = 1) -> DistInfo:
         device, backend = torch.device("cpu"), "gloo"
         clear_stale_build_lock()
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timedelta(seconds=timeout_s))
     _joined_groups.append(backend)
     return DistInfo(
         rank=dist.get_rank(),
