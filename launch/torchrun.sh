@@ -10,9 +10,11 @@
 # One of several nodes (launch/slurm.sbatch runs this on each): NNODES and RDZV_ENDPOINT=host:port
 # of the first node (RDZV_ID names the job) switch from --standalone to a c10d rendezvous.
 #
-# Signals: SIGUSR1 (SLURM's warning ahead of the time limit) is passed to the training
-# processes, which checkpoint at the next step and stop; SIGTERM and SIGINT go to torchrun,
-# which passes them on. Exit code 75 means "stopped on a signal after checkpointing: requeue".
+# Signals: SIGUSR1 (SLURM's warning ahead of the time limit) and SIGTERM (preemption) go to the
+# launcher, torchrun with the two relayed (sora_train/launcher.py): the training processes
+# checkpoint at the next step and stop, whether the signal reached this script, the launcher or
+# every process of the step. SIGINT stops them at once. Exit code 75 means "stopped on a signal
+# after checkpointing: requeue".
 set -euo pipefail
 
 PYTHON=${PYTHON:-python3}
@@ -33,18 +35,18 @@ else
   echo "run dir ${SORA_RUN_DIR}: ${NPROC} processes" >&2
 fi
 started=$(date +%s)
-"${PYTHON}" -m torch.distributed.run "${rendezvous[@]}" --nproc-per-node "${NPROC}" -m sora_train.cli "$@" &
-torchrun=$!
-# torchrun itself would die of SIGUSR1, so it goes to its children, the training processes.
-trap 'pkill -USR1 -P "${torchrun}" || true' USR1
-trap 'kill -TERM "${torchrun}" 2>/dev/null || true' TERM INT
+"${PYTHON}" -m sora_train.launcher "${rendezvous[@]}" --nproc-per-node "${NPROC}" -m sora_train.cli "$@" &
+launcher=$!
+trap 'kill -USR1 "${launcher}" 2>/dev/null || true' USR1
+trap 'kill -TERM "${launcher}" 2>/dev/null || true' TERM
+trap 'kill -INT "${launcher}" 2>/dev/null || true' INT
 code=0
 while :; do
-  wait "${torchrun}" && code=0 || code=$?  # a trapped signal interrupts the wait (status > 128)
-  kill -0 "${torchrun}" 2>/dev/null || break
+  wait "${launcher}" && code=0 || code=$?  # a trapped signal interrupts the wait (status > 128)
+  kill -0 "${launcher}" 2>/dev/null || break
 done
-if [[ ${code} -gt 128 ]]; then  # interrupted just as torchrun ended: fetch its own status
-  wait "${torchrun}" && code=0 || code=$?
+if [[ ${code} -gt 128 ]]; then  # interrupted just as the launcher ended: fetch its own status
+  wait "${launcher}" && code=0 || code=$?
 fi
 # torchrun reports any worker's exit as 1; a preempted run leaves RUN_DIR/preempted.json.
 if [[ ${code} -ne 0 ]] && "${PYTHON}" -m sora_train.preemption "${SORA_RUN_DIR}" "${started}"; then

@@ -26,6 +26,7 @@ from .compose import compose_config
 from .config import ConfigError, TrainConfig, register_schema, to_train_config, validate
 from .data.storage import ShardError
 from .guards import TrainingDiverged
+from .launcher import hold_and_relay_signals
 from .metrics import final_validation_loss
 from .parallel.dist import leave_process
 from .parallel.replicas import ReplicasDiverged
@@ -59,14 +60,16 @@ def job_config(dict_cfg: DictConfig) -> TrainConfig:
 
 
 def launch_local(cfg: TrainConfig) -> int:
-    """Start launch.nproc_per_node processes with torchrun on this machine; returns their exit code
+    """Start launch.nproc_per_node processes with torchrun on this machine (`sora_train.launcher`,
+    which relays the preemption signals, as this process does from now on); returns their exit code
     (EXIT_PREEMPTED when they stopped on a preemption signal, which torchrun reports as 1)."""
     overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("run_dir=")]
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.launch.nproc_per_node}",
+        sys.executable, "-m", "sora_train.launcher", "--standalone", f"--nproc-per-node={cfg.launch.nproc_per_node}",
         "-m", "sora_train.cli", *overrides, f"run_dir={cfg.run_dir}",
     ]  # fmt: skip
     print(f"run dir {cfg.run_dir}: starting {cfg.launch.nproc_per_node} processes", flush=True)
+    hold_and_relay_signals()
     started = time.time()
     code = subprocess.run(command, env={**os.environ, "SORA_RUN_DIR": cfg.run_dir}).returncode
     return EXIT_PREEMPTED if code and was_preempted(cfg.run_dir, started) else code

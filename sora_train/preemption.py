@@ -1,8 +1,8 @@
 """Cooperative preemption: a signal only sets a flag; the ranks agree at a step boundary,
 save, and exit with a code a job script can requeue on.
 
-SLURM sends `--signal=B:USR1@N` ahead of the time limit and SIGTERM on preemption; torchrun
-forwards SIGTERM to its workers. The exit code is EX_TEMPFAIL (75): "try again later".
+SLURM sends `--signal=B:USR1@N` ahead of the time limit and SIGTERM on preemption;
+`sora_train.launcher` (torchrun with the signals relayed) passes both on to the training processes. The exit code is EX_TEMPFAIL (75): "try again later".
 """
 
 from __future__ import annotations
@@ -28,8 +28,12 @@ class PreemptionWatch:
         self._previous = {}
 
     def install(self) -> PreemptionWatch:
+        """Handle PREEMPT_SIGNALS from now on, and unblock them in this thread: a process that
+        `sora_train.launcher` started holds them blocked until then, so one that arrived during its
+        start-up is delivered now rather than lost or fatal."""
         for number in PREEMPT_SIGNALS:
             self._previous[number] = signal.signal(number, self._handle)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, PREEMPT_SIGNALS)
         return self
 
     def _handle(self, number: int, frame) -> None:

@@ -20,6 +20,7 @@ from sora_train.checkpoint.safe_load import weights_only_loads
 from sora_train.checkpoint.store import tag_for
 from sora_train.config import ModelConfig
 from sora_train.flops import sample_flops
+from sora_train.launcher import child_pids
 from sora_train.metrics import read_metrics
 from sora_train.options import dataclass_from_dict
 from sora_train.parallel.dist import free_port
@@ -229,16 +230,56 @@ def test_sigusr1_to_the_launch_script_checkpoints_at_the_next_step_requeues_and_
     assert_same_training(run_dir, two_process_run, range(stopped + 1, 9))
 
 
-def test_slurm_script_on_two_fake_nodes_preempts_requeues_once_and_the_requeued_job_resumes(
-    two_process_run, corpus, tmp_path
-):
-    """launch/slurm.sbatch under stand-ins for sbatch, srun and scontrol: 2 "nodes" × 1 process here."""
-    log = tmp_path / "slurm.log"
-    env = {
-        **os.environ, "PATH": f"{FAKE_SLURM}{os.pathsep}{os.environ['PATH']}", "FAKE_SLURM_LOG": str(log),
+def slurm_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a job under the stand-ins for sbatch, srun and scontrol (job id 777)."""
+    return {
+        **os.environ, "PATH": f"{FAKE_SLURM}{os.pathsep}{os.environ['PATH']}", "FAKE_SLURM_LOG": str(tmp_path / "slurm.log"),
         "FAKE_SLURM_JOB_ID": "777", "PYTHON": sys.executable, "NPROC": "1", "RDZV_PORT": str(free_port()),
         "SORA_LAUNCHER": str(REPO / "launch" / "torchrun.sh"),
     }  # fmt: skip
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, breadth first."""
+    found, queue = [], child_pids(pid)
+    while queue:
+        found.append(queue.pop(0))
+        queue.extend(child_pids(found[-1]))
+    return found
+
+
+def deliver(job: subprocess.Popen, delivery: str, number: int) -> list[int]:
+    """Send `number` the way SLURM would: to the batch shell (`--signal=B:`, which passes it to srun),
+    to every process of the step (`--signal=` without B:, and preemption), or to the launchers only.
+    Returns the pids signalled."""
+    (srun,) = child_pids(job.pid)
+    if delivery == "batch shell":
+        pids = [job.pid]
+    elif delivery == "every process of the step":
+        pids = descendants(srun)
+    else:
+        pids = [
+            p for p in descendants(srun) if b"sora_train.launcher" in Path(f"/proc/{p}/cmdline").read_bytes()
+        ]
+    for pid in pids:
+        os.kill(pid, number)
+    return pids
+
+
+@pytest.mark.parametrize(
+    "delivery, number",
+    [("batch shell", signal.SIGUSR1), ("every process of the step", signal.SIGUSR1),
+     ("launchers only", signal.SIGUSR1), ("every process of the step", signal.SIGTERM)],
+)  # fmt: skip
+def test_slurm_job_on_two_fake_nodes_checkpoints_requeues_once_and_exits_75_however_the_signal_arrives(
+    two_process_run, corpus, tmp_path, delivery, number
+):
+    """launch/slurm.sbatch under stand-ins for sbatch, srun and scontrol: 2 "nodes" × 1 process here.
+
+    Each node runs launch/torchrun.sh → the launcher → a training process → its decode worker. The
+    requeued job of the first case resumes exactly.
+    """
+    env, log = slurm_env(tmp_path), tmp_path / "slurm.log"
     # one thread per process, as in the reference (2 processes on 2 cores): the same arithmetic, bit for bit
     overrides = [*run_args(corpus), "train.threads_per_rank=1"]
     command = ["sbatch", "--nodes=2", str(REPO / "launch" / "slurm.sbatch"), *overrides]
@@ -246,16 +287,24 @@ def test_slurm_script_on_two_fake_nodes_preempts_requeues_once_and_the_requeued_
     with (tmp_path / "job.out").open("w") as out:
         job = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
         wait_for_step(run_dir, 2, job)
-        job.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@N does: the batch script gets it
-        assert job.wait(timeout=180) == EXIT_PREEMPTED, (tmp_path / "job.out").read_text()[-3000:]
+        signalled = deliver(job, delivery, number)
+        code = job.wait(timeout=180)
+    output = (tmp_path / "job.out").read_text()
+    assert code == EXIT_PREEMPTED, output[-3000:]
+    if delivery == "every process of the step":  # 2 × (torchrun.sh, launcher, trainer, decode worker)
+        assert len(signalled) >= 8, signalled
+    assert "shutting down workers" not in output  # torchrun's own SIGTERM handling never ran
     (preempted,) = [r for r in read_metrics(run_dir) if r.get("event") == "preempted"]
     stopped = preempted["step"]
-    assert preempted["signals_by_rank"] == [signal.SIGUSR1] * 2 and max(by_step(run_dir)) == stopped
+    assert preempted["signals_by_rank"] == [number] * 2 and max(by_step(run_dir)) == stopped
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == tag_for(stopped)
+    assert json.loads((run_dir / "preempted.json").read_text())["step"] == stopped
     calls = log.read_text().splitlines()
     assert calls[:2] == [f"sbatch --nodes=2 {REPO / 'launch' / 'slurm.sbatch'}", calls[1]]
     assert calls[1].startswith("srun 2 tasks: bash -c")
     assert [c for c in calls if c.startswith("scontrol")] == ["scontrol requeue 777"]  # exactly one
-
+    if delivery != "batch shell" or number != signal.SIGUSR1:
+        return
     requeued = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert requeued.returncode == 0, requeued.stdout[-3000:] + requeued.stderr[-3000:]
     assert f"at step {stopped}" in requeued.stdout
