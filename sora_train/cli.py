@@ -28,7 +28,7 @@ from .data.storage import ShardError
 from .guards import TrainingDiverged
 from .launcher import hold_and_relay_signals
 from .metrics import final_validation_loss
-from .parallel.dist import leave_process
+from .parallel.dist import WaitForMainFailed, leave_process
 from .parallel.replicas import ReplicasDiverged
 from .parallel.sequence import GroupBatchesDiffer
 from .preemption import EXIT_PREEMPTED, was_preempted
@@ -37,7 +37,7 @@ from .recipes import config_dir
 EXIT_CODES: tuple[tuple[tuple[type[BaseException], ...], int], ...] = (
     ((ConfigError, ShardError, CheckpointInvalid, UnsafeCheckpoint), 2),  # fix the input and run again
     ((TrainingDiverged, ReplicasDiverged), 3),  # the run itself went wrong
-    ((CheckpointSaveFailed, GroupBatchesDiffer), 1),  # a rerun resumes
+    ((CheckpointSaveFailed, GroupBatchesDiffer, WaitForMainFailed), 1),  # a rerun resumes
 )
 KNOWN_ERRORS = tuple(kind for kinds, _ in EXIT_CODES for kind in kinds)
 

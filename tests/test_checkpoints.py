@@ -16,6 +16,7 @@ from sora_train.checkpoint import CheckpointStore, find_checkpoint, verify_check
 from sora_train.checkpoint.manifest import MANIFEST, describe_files, list_files, read_manifest, write_manifest
 from sora_train.checkpoint.resuming import config_changes, resumed_accumulation
 from sora_train.checkpoint.store import tag_for
+from sora_train.checkpoint.universal import conversion_seconds, conversion_workers
 from sora_train.config import ConfigError, TrainConfig
 from sora_train.guards import TrainingGuards
 from sora_train.metrics import read_metrics
@@ -354,3 +355,15 @@ def test_export_takes_the_newest_valid_checkpoint_of_a_run(single_run, tmp_path)
     exported = load_file(out / "model.safetensors")
     saved = load_file(single_run / "checkpoints" / STEP4 / "ema.safetensors")
     assert exported.keys() == saved.keys() and all(torch.equal(exported[k], saved[k]) for k in saved)
+
+
+def test_a_conversion_may_take_as_long_as_its_bytes_at_the_slowest_filesystem_and_uses_half_the_cpus(
+    tmp_path,
+):
+    checkpoint = tmp_path / tag_for(4)
+    (checkpoint / "global_step4").mkdir(parents=True)
+    (checkpoint / "global_step4" / "optim_states.pt").write_bytes(bytes(30_000_000))
+    (checkpoint / "manifest.json").write_bytes(bytes(10_000_000))
+    # read and written once each at 20 MB/s, after 600 s for a fresh process
+    assert conversion_seconds(checkpoint) == pytest.approx(600 + 2 * 40_000_000 / 20e6)
+    assert [conversion_workers(cpus) for cpus in (1, 2, 8, 64, 256)] == [2, 2, 4, 16, 16]

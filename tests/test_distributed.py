@@ -544,3 +544,19 @@ def test_weights_drifting_on_one_rank_stop_the_run(corpus, tmp_path):
         in (result.stderr)
     )
     assert not (run_dir / "checkpoints" / tag_for(2)).exists()
+
+
+@pytest.mark.parametrize("work_s, limit_s", [(1.0, 60.0), (30.0, 3.0)])
+def test_ranks_wait_for_rank_0_as_long_as_its_work_may_take_and_no_longer(tmp_path, work_s, limit_s):
+    """Within the limit both ranks go on; past it the waiting rank fails at the limit (not at the
+    process group's 30 minutes) with an error naming the work."""
+    out = tmp_path / "wait"
+    result = run_torchrun(2, SCRIPTS / "wait_check.py", str(work_s), str(limit_s), str(out))
+    waited, outcome = Path(f"{out}.1").read_text().split(" ", 1)
+    if work_s < limit_s:
+        assert_ok(result)
+        assert outcome.strip() == "ok" and work_s - 0.5 < float(waited) < limit_s
+    else:
+        assert result.returncode != 0
+        assert limit_s <= float(waited) < limit_s + 10, waited
+        assert outcome.startswith("failed rank 1 waited for rank 0 to finish its work (allowed 3s)"), outcome

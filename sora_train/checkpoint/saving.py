@@ -97,7 +97,7 @@ def save_checkpoint(
 
     Every rank writes into a staging directory; each then flushes and checksums the files it
     wrote (`files_written_by`); rank 0 writes the manifest, renames the directory into place, moves `latest`
-    and prunes old checkpoints. A crash at any point leaves the previous checkpoints intact.
+    and, once the other ranks have moved on, prunes old checkpoints. A crash at any point leaves the previous checkpoints intact.
 
     The writing is done when this returns. With `background`, the flush, checksums and commit
     continue on a thread while training goes on (ranks hand their checksums to rank 0 through
@@ -123,8 +123,10 @@ def save_checkpoint(
         shares = all_gather_objects(describe_files(staging, share))
         if dist_info.is_main:
             files = {name: entry for part in shares for name, entry in part.items()}
-            _commit(store, step, files, dist_info.world_size, keep_last, keep_every)
+            _commit(store, step, files, dist_info.world_size)
         barrier()
+        if dist_info.is_main:  # after the barrier: no rank waits for the deletions
+            store.prune(keep_last, keep_every, keep=(tag_for(step),))
         return pending
 
     def finish() -> None:
@@ -132,7 +134,8 @@ def save_checkpoint(
             write_part(staging, dist_info.rank, describe_files(staging, share))
             if dist_info.is_main:
                 files = gather_parts(staging, dist_info.world_size)
-                _commit(store, step, files, dist_info.world_size, keep_last, keep_every)
+                _commit(store, step, files, dist_info.world_size)
+                store.prune(keep_last, keep_every, keep=(tag_for(step),))
         except BaseException as error:  # reported by wait(), on the training thread
             pending.errors.append(error)
 
@@ -141,12 +144,9 @@ def save_checkpoint(
     return pending
 
 
-def _commit(
-    store: CheckpointStore, step: int, files: dict, world_size: int, keep_last: int, keep_every: int
-) -> None:
+def _commit(store: CheckpointStore, step: int, files: dict, world_size: int) -> None:
     write_manifest(store.staging_dir(step), files, step=step, world_size=world_size)
     store.commit(step)
-    store.prune(keep_last, keep_every, keep=(tag_for(step),))
 
 
 def write_part(staging: Path, rank: int, files: dict) -> None:

@@ -58,6 +58,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+_wait_group: list = []  # a gloo group for `wait_for_main` when the default group is NCCL
 _joined_groups: list[str] = []  # the backend of each process group this process joined
 
 
@@ -110,6 +111,8 @@ def init_distributed(sequence_parallel: int = 1, timeout_s: float = 1800) -> Dis
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timedelta(seconds=timeout_s))
     _joined_groups.append(backend)
+    if backend != "gloo" and dist.get_world_size() > 1:  # waits with their own timeout need gloo
+        _wait_group.append(dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)))
     return DistInfo(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
@@ -147,6 +150,30 @@ def barrier() -> None:
     dist.barrier()
 
 
+class WaitForMainFailed(RuntimeError):
+    """A rank stopped waiting for the main rank's work: it took longer than it may, or rank 0 died."""
+
+
+def wait_for_main(work: str, timeout_s: float) -> None:
+    """Every rank waits here until the main rank arrives after `work`, for at most `timeout_s`
+    seconds (sized from that work, instead of the process group's timeout); raises
+    WaitForMainFailed naming the work. Collective."""
+    if dist.get_world_size() == 1:
+        return
+    group = _wait_group[0] if _wait_group else None
+    token = torch.zeros(1)
+    try:
+        if dist.get_rank() == 0:  # each send completes once that rank is waiting
+            for rank in range(1, dist.get_world_size()):
+                dist.send(token, dst=rank, group=group)
+        else:  # a gloo receive honours its own timeout (a barrier's send waits for the peer)
+            dist.irecv(token, src=0, group=group).wait(timedelta(seconds=timeout_s))
+    except RuntimeError as error:
+        raise WaitForMainFailed(
+            f"rank {dist.get_rank()} waited for rank 0 to {work} (allowed {timeout_s:.0f}s) and gave up: {error}"
+        ) from error
+
+
 def shutdown_distributed(wait_for_peers: bool = True) -> None:
     """Leave the process group, by default once every rank is done with it.
 
@@ -160,6 +187,7 @@ def shutdown_distributed(wait_for_peers: bool = True) -> None:
         if wait_for_peers:
             dist.barrier()
     finally:
+        _wait_group.clear()
         dist.destroy_process_group()
 
 
