@@ -10,6 +10,7 @@ by a preemption signal after checkpointing (requeue and run again).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ from .compose import compose_config
 from .config import ConfigError, TrainConfig, register_schema, to_train_config, validate
 from .data.storage import ShardError
 from .guards import TrainingDiverged
-from .launcher import hold_and_relay_signals
+from .launcher import RELAYED_SIGNALS, hold_and_relay_signals
 from .metrics import final_validation_loss
 from .parallel.dist import WaitForMainFailed, leave_process
 from .parallel.replicas import ReplicasDiverged
@@ -61,7 +62,8 @@ def job_config(dict_cfg: DictConfig) -> TrainConfig:
 
 def launch_local(cfg: TrainConfig) -> int:
     """Start launch.nproc_per_node processes with torchrun on this machine (`sora_train.launcher`,
-    which relays the preemption signals, as this process does from now on); returns their exit code
+    which relays the preemption signals, as this process does from now on with those nothing else
+    here handles: a SLURM sweep job's own handlers stay); returns their exit code
     (EXIT_PREEMPTED when they stopped on a preemption signal, which torchrun reports as 1)."""
     overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("run_dir=")]
     command = [
@@ -69,7 +71,7 @@ def launch_local(cfg: TrainConfig) -> int:
         "-m", "sora_train.cli", *overrides, f"run_dir={cfg.run_dir}",
     ]  # fmt: skip
     print(f"run dir {cfg.run_dir}: starting {cfg.launch.nproc_per_node} processes", flush=True)
-    hold_and_relay_signals()
+    hold_and_relay_signals(tuple(s for s in RELAYED_SIGNALS if signal.getsignal(s) == signal.SIG_DFL))
     started = time.time()
     code = subprocess.run(command, env={**os.environ, "SORA_RUN_DIR": cfg.run_dir}).returncode
     return EXIT_PREEMPTED if code and was_preempted(cfg.run_dir, started) else code

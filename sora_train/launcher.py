@@ -56,9 +56,9 @@ def relay(number: int) -> list[int]:
     return reached
 
 
-def _relay_forever() -> None:
+def _relay_forever(signals: tuple[int, ...]) -> None:
     while True:
-        number = signal.sigwait(RELAYED_SIGNALS)
+        number = signal.sigwait(signals)
         reached = relay(number)
         print(
             f"launcher: {signal.Signals(number).name} passed on to the training processes {reached}",
@@ -67,22 +67,23 @@ def _relay_forever() -> None:
         )
 
 
-def hold_and_relay_signals() -> None:
-    """From now on this process passes RELAYED_SIGNALS on to its children instead of acting on them.
+def hold_and_relay_signals(signals: tuple[int, ...] = RELAYED_SIGNALS) -> None:
+    """From now on this process passes `signals` (some of RELAYED_SIGNALS) on to its children
+    instead of acting on them.
 
     Call first, before any thread starts: the signals are blocked here and in every thread and
     child started later (children inherit the block), and one thread takes them with sigwait.
     A Python handler relays too, for a signal that reaches a thread started before the block.
     Only the first call does anything.
     """
-    if any(thread.name == RELAY_THREAD for thread in threading.enumerate()):
+    if not signals or any(thread.name == RELAY_THREAD for thread in threading.enumerate()):
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, RELAYED_SIGNALS)
-    for number in RELAYED_SIGNALS:
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    for number in signals:
         signal.signal(number, lambda received, _frame: relay(received))
     handled = os.environ.get(TORCHRUN_HANDLED, "SIGTERM,SIGINT,SIGHUP,SIGQUIT").split(",")
     os.environ[TORCHRUN_HANDLED] = ",".join(s for s in handled if s.strip() not in ("SIGTERM", "SIGUSR1"))
-    threading.Thread(target=_relay_forever, name=RELAY_THREAD, daemon=True).start()
+    threading.Thread(target=_relay_forever, args=(signals,), name=RELAY_THREAD, daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> None:
