@@ -553,12 +553,23 @@ class EvalConfig(Section):
     synthetic: bool = False
     num_prompts: int = 48
     batch_size: int = 16
+    # What evaluating the EMA weights may cost (sora_train/eval/affordable.py); 0: no limit. Below
+    # ZeRO-3 validation, samples and eval.synthetic build a whole EMA model in the compute dtype
+    # (ZeRO-3 evaluates in the sharded layout, except eval.synthetic): each is skipped when that
+    # replica is larger than this many GiB.
+    max_replica_gib: float = 8.0
+    # Samples are skipped when one round of them costs a rank more compute than this many training steps.
+    max_sample_cost_steps: float = 100.0
 
     def check(self) -> None:
         """Cadence and batch counts are >= 0 and the timesteps inside (0, 1) (raises ConfigError)."""
         if self.val_every < 0 or self.val_batches < 0 or not all(0 < t < 1 for t in self.val_timesteps):
             raise ConfigError(
                 "eval.val_every and eval.val_batches must be >= 0, eval.val_timesteps in (0, 1)"
+            )
+        if self.max_replica_gib < 0 or self.max_sample_cost_steps < 0:
+            raise ConfigError(
+                "eval.max_replica_gib and eval.max_sample_cost_steps must be >= 0 (0: no limit)"
             )
 
 

@@ -49,6 +49,22 @@ def peak_memory_bytes(device: torch.device) -> int:
     """The most memory this process has held: allocated CUDA memory on a GPU, resident memory on a CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    return peak_resident_bytes()
+
+
+def peak_resident_bytes() -> int:
+    """This process' peak resident set: VmHWM on Linux, else ru_maxrss.
+
+    Linux's ru_maxrss also keeps the peak of the process that started this one (it survives the
+    exec), so a small process started by a big one reports the big one's peak; VmHWM starts afresh.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 

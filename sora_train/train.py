@@ -20,13 +20,15 @@ import torch
 from .checkpoint import CheckpointStore, Selection, checkpoint_root, find_checkpoint
 from .checkpoint.resuming import check_model_fits, read_trainer_state, resumed_accumulation
 from .checkpoint.train_state import Resumed, TrainState
-from .checkpoint.universal import convert_to_universal
+from .checkpoint.universal import conversion_seconds, conversion_workers, convert_to_universal
 from .config import ConfigError, TrainConfig
 from .data.loader import Batch, VideoLoader
 from .data.recipe import build_loader
-from .data.synthetic import ensure_corpus
+from .data.synthetic import CORPUS_WRITE_SECONDS, ensure_corpus
 from .ema import EMA
+from .eval.affordable import plan_evaluation, report_evaluation
 from .guards import TrainingDiverged, TrainingGuards
+from .loop.averaged import AveragedWeights
 from .loop.checkpointer import Checkpointer
 from .loop.engine import BatchLayout, batch_layout, engine_config, training_engine
 from .loop.reporting import StepReporter, report_start, tokens_per_step
@@ -42,7 +44,14 @@ from .models.vae import LatentSpace, build_latent_space
 from .parallel.attention_backend import apply_attention_backend
 from .parallel.checkpointing import apply_activation_checkpointing
 from .parallel.compile import apply_block_compile
-from .parallel.dist import DistInfo, all_gather_objects, barrier, init_distributed, shutdown_distributed
+from .parallel.dist import (
+    DistInfo,
+    all_gather_objects,
+    barrier,
+    init_distributed,
+    shutdown_distributed,
+    wait_for_main,
+)
 from .parallel.sequence import apply_sequence_parallel
 from .parallel.zero import copy_from_rank0, full_numel, partitioned_construction, use_bf16
 from .preemption import PreemptionWatch, clear_preempted
@@ -154,6 +163,10 @@ def build_run(cfg: TrainConfig, dist_info: DistInfo, watch: PreemptionWatch | No
     state = TrainState(engine, ema, guards, loader)
     resumed = restore(state, resume, cfg, dist_info)
     logger = start_logging(cfg, dist_info, resume, resumed, loader, latent_space, parameters)
+    evaluation = plan_evaluation(cfg, parameters, dist_info.world_size, dtype.itemsize)
+    if logger:
+        report_evaluation(logger, evaluation, resumed.step)
+    averaged = AveragedWeights(ema, engine, cfg, dist_info, dtype)  # sharded under ZeRO-3, else a replica
     prompts = PromptEncoder(cfg.model, dist_info.device, dtype)
     if logger and (frozen := frozen_encoders(latent_space, prompts)):
         logger.log_event("frozen_encoders", resumed.step, frozen)
@@ -174,14 +187,16 @@ def build_run(cfg: TrainConfig, dist_info: DistInfo, watch: PreemptionWatch | No
         cfg=cfg, start_step=resumed.step, batches=batches, stepper=stepper, logger=logger,
         reporter=StepReporter(logger, dist_info, engine, loader, guards, cfg.train.log_keys),
         checkpointer=Checkpointer(cfg, dist_info, state, resume.layout.accumulation, logger, resumed.step, watch),
-        validator=Validator(cfg, dist_info, ema, prompts, latent_space, resume.layout.micro_batch, dtype, logger),
-        sampler=Sampler(cfg, dist_info, ema, dtype, logger),
+        validator=Validator(
+            cfg, dist_info, averaged, prompts, latent_space, resume.layout.micro_batch, logger, evaluation.validate
+        ),
+        sampler=Sampler(cfg, dist_info, averaged, logger, evaluation),
     )  # fmt: skip
 
 
 def start_run(cfg: TrainConfig, dist_info: DistInfo) -> None:
     """Check that all ranks share one run dir, size this process' CPU threads, and write the
-    synthetic corpus on rank 0 when the recipe asks for it (the others wait in the next collective)."""
+    synthetic corpus on rank 0 when the recipe asks for it (the others wait for it)."""
     run_dirs = set(all_gather_objects(str(Path(cfg.run_dir).resolve())))
     if len(run_dirs) > 1:
         raise ConfigError(
@@ -189,8 +204,10 @@ def start_run(cfg: TrainConfig, dist_info: DistInfo) -> None:
         )
     threads = cfg.train.threads_per_rank or max(1, (os.cpu_count() or 1) // dist_info.local_world_size)
     torch.set_num_threads(threads)
-    if dist_info.is_main and cfg.data.generate_if_missing and cfg.data.name == "synthetic":
-        ensure_corpus(cfg.data.train)
+    if cfg.data.generate_if_missing and cfg.data.name == "synthetic":
+        if dist_info.is_main:
+            ensure_corpus(cfg.data.train)
+        wait_for_main("write the synthetic corpus", CORPUS_WRITE_SECONDS)
 
 
 def prepare_resume(cfg: TrainConfig, dist_info: DistInfo) -> ResumePoint:
@@ -212,8 +229,11 @@ def prepare_resume(cfg: TrainConfig, dist_info: DistInfo) -> ResumePoint:
             f"{dist_info.world_size} (grad_accum_steps={accumulation})",
             flush=True,
         )
-        convert_to_universal(selection.directory, universal)
-    barrier()
+        convert_to_universal(selection.directory, universal, conversion_workers())
+    wait_for_main(
+        f"convert {selection.directory.name} to a universal checkpoint",
+        conversion_seconds(selection.directory),
+    )
     return ResumePoint(selection, trainer_state, universal, layout)
 
 
