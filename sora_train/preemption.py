@@ -50,6 +50,11 @@ class PreemptionWatch:
         self._previous.clear()
 
 
+def signal_name(number: int | None) -> str:
+    """SIGUSR1 for 10, and so on."""
+    return "no signal" if number is None else signal.Signals(number).name
+
+
 def mark_preempted(run_dir: str | Path, step: int, checkpoint: Path | None) -> None:
     """Leave RUN_DIR/preempted.json for the launcher (torchrun reports any worker exit as 1);
     `checkpoint` None: stopped before a fresh run's first step."""

@@ -44,6 +44,27 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def two_process_run(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted reference: 8 steps on 2 processes with ZeRO-2, a checkpoint every 4 steps."""
+    run_dir = tmp_path_factory.mktemp("run") / "uninterrupted"
+    assert_ok(run_train(*run_args(corpus), f"run_dir={run_dir}", "launch.nproc_per_node=2"))
+    return run_dir
+
+
+def run_args(corpus: Path) -> list[str]:
+    """The 2-process runs' overrides, except where its run dir is and how its processes start.
+
+    Three buckets with a 96-token budget: batches of 3 square clips (32 tokens each) or 2
+    landscape or portrait ones (48 tokens each).
+    """
+    return [
+        *FAST, f"data.train={corpus / 'train'}", f"data.val={corpus / 'val'}", "parallel.zero_stage=2", "train.max_steps=8", "checkpoint.every=4",
+        "train.global_batch_size=4", "train.sample_prompts=[a red square moving left on a black background]",
+        f"data.buckets={Path(__file__).parent / 'buckets_tiny.yaml'}", "data.tokens_per_batch=96", "train.log_keys=true", "eval.val_every=4",
+    ]  # fmt: skip
+
+
 def run_python(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python args` in a fresh process from the repository root, output captured."""
     return subprocess.run(

@@ -26,32 +26,11 @@ from sora_train.options import dataclass_from_dict
 from sora_train.parallel.dist import free_port
 from sora_train.preemption import EXIT_PREEMPTED
 
-from .conftest import FAST, REPO, assert_ok, run_module, run_python, run_torchrun, run_train
+from .conftest import REPO, assert_ok, run_args, run_module, run_python, run_torchrun, run_train
 
 pytestmark = pytest.mark.distributed
 SCRIPTS = Path(__file__).parent / "scripts"
 FAKE_SLURM = Path(__file__).parent / "fake_slurm"  # sbatch, srun, scontrol stand-ins
-
-
-@pytest.fixture(scope="module")
-def two_process_run(corpus, tmp_path_factory) -> Path:
-    """8 steps on 2 processes with ZeRO-2, a checkpoint every 4 steps."""
-    run_dir = tmp_path_factory.mktemp("run") / "uninterrupted"
-    assert_ok(run_train(*run_args(corpus), f"run_dir={run_dir}", "launch.nproc_per_node=2"))
-    return run_dir
-
-
-def run_args(corpus: Path) -> list[str]:
-    """The run's overrides, except where its run dir is and how its processes start.
-
-    Three buckets with a 96-token budget: batches of 3 square clips (32 tokens each) or 2
-    landscape or portrait ones (48 tokens each).
-    """
-    return [
-        *FAST, f"data.train={corpus / 'train'}", f"data.val={corpus / 'val'}", "parallel.zero_stage=2", "train.max_steps=8", "checkpoint.every=4",
-        "train.global_batch_size=4", "train.sample_prompts=[a red square moving left on a black background]",
-        f"data.buckets={Path(__file__).parent / 'buckets_tiny.yaml'}", "data.tokens_per_batch=96", "train.log_keys=true", "eval.val_every=4",
-    ]  # fmt: skip
 
 
 def test_two_process_run_checkpoints(two_process_run):
@@ -519,19 +498,6 @@ def test_ranks_that_cannot_see_each_others_files_still_describe_every_file(corpu
     assert sorted(read_manifest(checkpoint)["files"]) == files
     assert any("rank_1_" in name for name in files) and "rank_00001.pt" in files
     assert verify_checkpoint(checkpoint) == []
-
-
-def test_a_signal_to_one_rank_during_start_up_stops_every_rank_before_a_step(corpus, tmp_path):
-    run_dir = tmp_path / "signalled"
-    args = [*run_args(corpus), f"run_dir={run_dir}"]
-    result = run_torchrun(2, SCRIPTS / "faulty_train.py", "signal_at_start", "1", *args)
-    assert result.returncode != 0 and "exitcode  : 75" in result.stderr + result.stdout, result.stderr[-3000:]
-    events = [r for r in read_metrics(run_dir) if r.get("event") == "preempted"]
-    assert [(e["step"], e["signals_by_rank"]) for e in events] == [(0, [None, int(signal.SIGUSR1)])]
-    assert (
-        not (run_dir / "checkpoints").exists()
-        and json.loads((run_dir / "preempted.json").read_text())["step"] == 0
-    )
 
 
 def test_weights_drifting_on_one_rank_stop_the_run(corpus, tmp_path):

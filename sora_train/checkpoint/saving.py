@@ -51,7 +51,7 @@ def rank_file(rank: int) -> str:
 
 
 class CheckpointSaveFailed(RuntimeError):
-    """The background part of a save failed; the checkpoint was not committed."""
+    """A save failed (writing its files, or its background part); the checkpoint was not committed."""
 
 
 @dataclass
@@ -108,14 +108,19 @@ def save_checkpoint(
     if dist_info.is_main:
         store.begin(step)
     barrier()
-    engine.save_checkpoint(
-        str(store.root), tag=staging.name, save_latest=False, exclude_frozen_parameters=frozen_excluded
-    )
-    torch.save(rank_state, staging / rank_file(dist_info.rank))
-    if dist_info.is_main:
-        save_weights(staging / EMA_WEIGHTS, ema_weights)
-        write_config(staging, inference)
-        (staging / TRAINER_STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=2) + "\n")
+    try:
+        engine.save_checkpoint(
+            str(store.root), tag=staging.name, save_latest=False, exclude_frozen_parameters=frozen_excluded
+        )
+        torch.save(rank_state, staging / rank_file(dist_info.rank))
+        if dist_info.is_main:
+            save_weights(staging / EMA_WEIGHTS, ema_weights)
+            write_config(staging, inference)
+            (staging / TRAINER_STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=2) + "\n")
+    except OSError as error:  # a full disk, a quota, a lost mount: the older checkpoints are intact
+        raise CheckpointSaveFailed(
+            f"saving {tag_for(step)} failed on rank {dist_info.rank}: {error}"
+        ) from error
     barrier()
     share = files_written_by(dist_info.rank, list_files(staging))
     pending = PendingSave(store.final_dir(step))

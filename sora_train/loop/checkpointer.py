@@ -61,9 +61,8 @@ class Checkpointer:
         return True
 
     def finish(self, step: int) -> None:
-        """At the end of training: stop watching for signals, let the last background save commit,
-        and save the final step unless it just was (and `checkpoint.save_final`)."""
-        self.watch.uninstall()
+        """At the end of training: let the last background save commit, and save the final step unless
+        it just was (and `checkpoint.save_final`). A signal from now on is recorded, not acted on."""
         self.finish_saving()
         if self.cfg.checkpoint.save_final and self.last_saved != step:
             self.save(step)

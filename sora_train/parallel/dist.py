@@ -18,6 +18,7 @@ from typing import NoReturn
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 
 @dataclass(frozen=True)
@@ -108,11 +109,15 @@ def init_distributed(sequence_parallel: int = 1, timeout_s: float = 1800) -> Dis
     else:
         device, backend = torch.device("cpu"), "gloo"
         clear_stale_build_lock()
+    timeout = timedelta(seconds=timeout_s)
+    # Groups made later without a timeout (DeepSpeed's ZeRO data-parallel group, sequence_groups)
+    # get torch's backend default (30 min gloo, 10 min NCCL), not the default group's: set both.
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timedelta(seconds=timeout_s))
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
     _joined_groups.append(backend)
     if backend != "gloo" and dist.get_world_size() > 1:  # waits with their own timeout need gloo
-        _wait_group.append(dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)))
+        _wait_group.append(dist.new_group(backend="gloo", timeout=timeout))
     return DistInfo(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
