@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .metrics import final_validation_loss, read_metrics
+from .plots import sweep_png
 from .run_info import RUN_INFO
 
 
@@ -56,37 +57,8 @@ def table(summaries: list[dict], keys: list[str]) -> str:
 
 
 def plot(summaries: list[dict], keys: list[str], path: Path) -> None:
-    """Final validation loss against the one numeric swept setting (log axis when it spans 10×),
-    or one bar per run labelled with its settings."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 4))
-    values = [_number(s["settings"].get(keys[0])) for s in summaries] if len(keys) == 1 else []
-    if values and all(value is not None for value in values):
-        order = sorted(range(len(values)), key=values.__getitem__)
-        axes.plot([values[i] for i in order], [summaries[i]["val_loss"] for i in order], marker="o")
-        if min(values) > 0 and max(values) >= 10 * min(values):
-            axes.set_xscale("log")
-        axes.set_xlabel(keys[0])
-    else:
-        labels = [", ".join(f"{k}={s['settings'].get(k)}" for k in keys) or s["run"] for s in summaries]
-        axes.bar(range(len(summaries)), [s["val_loss"] for s in summaries])
-        axes.set_xticks(range(len(summaries)), labels, rotation=30, ha="right", fontsize=8)
-    axes.set_ylabel("final validation loss")
-    axes.set_title(f"{len(summaries)} runs")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-def _number(text: str | None) -> float | None:
-    try:
-        return float(text) if text is not None else None
-    except ValueError:
-        return None
+    """Write the sweep's figure (`plots.sweep_png`: final validation loss per run) to `path`."""
+    path.write_bytes(sweep_png(summaries, keys))
 
 
 def main(argv: list[str] | None = None) -> int:

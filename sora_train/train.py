@@ -12,6 +12,7 @@ import gc
 import os
 import warnings
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,8 +55,9 @@ from .parallel.dist import (
 )
 from .parallel.sequence import apply_sequence_parallel
 from .parallel.zero import copy_from_rank0, full_numel, partitioned_construction, use_bf16
-from .preemption import PreemptionWatch, clear_preempted
+from .preemption import PreemptionWatch, clear_preempted, signal_name
 from .pretrained import load_pretrained
+from .report import report_run
 from .run_info import write_run_info
 from .throughput import layout_summary
 
@@ -98,10 +100,18 @@ def train(cfg: TrainConfig) -> bool:
     dist_info = init_distributed(cfg.parallel.sequence_parallel, cfg.parallel.collective_timeout_s)
     try:
         run = build_run(cfg, dist_info, watch)
-        finished = run_loop(run)
+        with closing(run.reporter):  # ends rank 0's live progress line however the loop stops
+            finished = run_loop(run)
     except BaseException:
         shutdown_distributed(wait_for_peers=False)
         raise
+    finally:
+        watch.uninstall()
+    if finished and watch.requested:  # the final save, validation or samples ran on
+        print(
+            f"rank {dist_info.rank}: {signal_name(watch.signal)} came after the last step: the run finished",
+            flush=True,
+        )
     # Free the engine and everything that refers to the process groups (ZeRO-3 parameters keep
     # theirs) while the interpreter is whole: a gloo group destroyed only at interpreter exit can
     # abort the process ("terminate called without an active exception") after a finished run.
@@ -109,6 +119,8 @@ def train(cfg: TrainConfig) -> bool:
     del run
     gc.collect()
     shutdown_distributed()
+    if finished and dist_info.is_main:
+        report_run(cfg.run_dir)  # RUN_DIR/report.html; a failure is a warning, never the run's
     return finished
 
 

@@ -1,10 +1,12 @@
-"""What the loop reports: rank 0's metrics row for every step (gathered from all ranks), the
-start-of-run events and banner, and the data totals at the end."""
+"""What the loop reports: rank 0's metrics row for every step (gathered from all ranks), a live
+progress line when its console is a terminal, the start-of-run events and banner, and the data
+totals at the end."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TextIO
 
 from ..checkpoint.train_state import Resumed
 from ..config import TrainConfig
@@ -29,6 +31,57 @@ class RankReport(NamedTuple):
     peak_memory: int  # bytes
 
 
+class LiveProgress:
+    """A live line for a terminal (tqdm): step, loss, clips/s, a bar and the ETA, redrawn each step.
+
+    It shows only when `stream` is a terminal; elsewhere (SLURM logs, CI, captured output) it does
+    nothing and the periodic lines of `train.log_every` are the console's record. While it shows on
+    `sys.stdout`, the process' prints go through tqdm (`DummyTqdmFile`), which draws them above it.
+    `close()` ends it (idempotent): at the last step, or when the loop stops early.
+    """
+
+    def __init__(self, max_steps: int, stream: TextIO | None = None):
+        self.stream = stream if stream is not None else sys.stdout
+        self.enabled = self.stream.isatty()
+        self.max_steps = max_steps
+        self.bar = None
+        self.stdout: TextIO | None = None  # the sys.stdout replaced while the bar shows
+
+    def update(self, step: int, loss: float, clips_per_s: float) -> None:
+        """Show `step` done, with its loss and throughput; the bar starts at the first step shown."""
+        if not self.enabled:
+            return
+        description = f"step {step}/{self.max_steps}  loss {loss:.4f}  {clips_per_s:.1f} clips/s"
+        if self.bar is None:
+            self.start(step, description)
+        else:
+            self.bar.set_description_str(description, refresh=False)
+            self.bar.update(step - self.bar.n)
+        if step >= self.max_steps:
+            self.close()
+
+    def start(self, step: int, description: str) -> None:
+        """Draw the bar at `step` (its ETA counts from here) and route prints above it."""
+        from tqdm import tqdm
+        from tqdm.contrib import DummyTqdmFile
+
+        self.bar = tqdm(
+            total=self.max_steps, initial=step, desc=description, file=self.stream, dynamic_ncols=True,
+            bar_format="{desc}  {bar}  ETA {remaining}", leave=True,
+        )  # fmt: skip
+        if self.stream is sys.stdout:
+            self.stdout, sys.stdout = sys.stdout, DummyTqdmFile(sys.stdout)
+
+    def close(self) -> None:
+        """Leave the bar's last state on its line and give prints back their stream."""
+        if self.stdout is not None:
+            sys.stdout.flush()
+            sys.stdout, self.stdout = self.stdout, None
+        if self.bar is not None:
+            self.bar.close()
+        self.enabled = False
+
+
 def data_reports(dist_info: DistInfo, value: object) -> list:
     """`value` from each data-parallel rank, in order (collective): the ranks of a sequence-parallel
     group hold the same samples, so only the first one of each group is counted."""
@@ -39,7 +92,8 @@ def data_reports(dist_info: DistInfo, value: object) -> list:
 class StepReporter:
     """Gathers each step's figures from every rank (collective) and logs them on rank 0 (`logger`
     is None elsewhere): the metrics row with the engine's LR and gradient norm, sample keys when
-    asked, and guard events."""
+    asked, and guard events; in a terminal rank 0 also shows a live progress line (`LiveProgress`,
+    ended by `close()`)."""
 
     def __init__(
         self, logger: MetricsLogger | None, dist_info: DistInfo, engine, loader: VideoLoader,
@@ -48,6 +102,7 @@ class StepReporter:
         self.logger, self.dist_info, self.engine = logger, dist_info, engine
         self.loader, self.guards, self.log_keys = loader, guards, log_keys
         self.peak_flops = device_peak_flops(dist_info.device)
+        self.progress = LiveProgress(logger.max_steps) if logger is not None else None
 
     def log_step(self, step: int, outcome: StepOutcome) -> None:
         """The step's metrics row (collective: every rank's keys, tokens, FLOPs, skips and memory)."""
@@ -72,11 +127,18 @@ class StepReporter:
             "skipped": sum(merge_counts([r.skips for r in gathered]).values()),
             "skipped_steps": guards.skipped_steps, "loss_spikes": guards.loss_spikes,
         })  # fmt: skip
+        if self.progress is not None:
+            self.progress.update(step, outcome.loss, len(keys) / elapsed)
         if self.log_keys:
             self.logger.log_event("keys", step, {"keys": keys})
         if outcome.verdict.skipped or outcome.verdict.spike:
             kind = "nonfinite_step_skipped" if outcome.verdict.skipped else "loss_spike"
             self.logger.log_event(kind, step, {"loss": outcome.loss, **self.guards.state_dict()})
+
+    def close(self) -> None:
+        """End the live progress line, if any (the loop has stopped)."""
+        if self.progress is not None:
+            self.progress.close()
 
     def log_data_totals(self, step: int) -> None:
         """Skipped samples by reason over all data-parallel ranks, and rejected ones (collective)."""

@@ -19,7 +19,14 @@ from torch import nn
 
 from ..config import TrainConfig
 from ..eval.affordable import Evaluation
-from ..eval.synthetic_eval import evaluate_prompts, held_out_prompts
+from ..eval.synthetic_eval import (
+    RESULTS_DIR,
+    ClipResult,
+    count_correct,
+    evaluate_clips,
+    held_out_prompts,
+    save_clip_results,
+)
 from ..generate import generate_videos, prompt_slug
 from ..metrics import MetricsLogger
 from ..parallel.dist import DistInfo, all_gather_objects, wait_for_main
@@ -68,12 +75,19 @@ def sharded_samples(model: nn.Module, cfg: TrainConfig, info: DistInfo, step: in
     return [path for _, path in sorted(pair for pairs in all_gather_objects(written) for pair in pairs)]
 
 
-def synthetic_scores(model: nn.Module, cfg: TrainConfig, dist_info: DistInfo) -> dict:
-    """Prompt-following accuracy on held-out prompts, split over the ranks (collective)."""
-    prompts = held_out_prompts(cfg.data.val, cfg.eval.num_prompts)[dist_info.rank :: dist_info.world_size]
-    counts = evaluate_prompts(model, inference_config(cfg), prompts, cfg.eval.batch_size, seed=cfg.seed)
-    color, motion, clips = (sum(values) for values in zip(*all_gather_objects(counts), strict=True))
-    return {"color_acc": color / max(1, clips), "motion_acc": motion / max(1, clips), "num_clips": clips}
+def synthetic_scores(
+    model: nn.Module, cfg: TrainConfig, dist_info: DistInfo
+) -> tuple[dict, list[ClipResult]]:
+    """Prompt-following accuracy on held-out prompts, split over the ranks (collective), and every
+    clip's result in prompt order (the clips are gathered from all ranks: small synthetic clips)."""
+    world = dist_info.world_size
+    prompts = held_out_prompts(cfg.data.val, cfg.eval.num_prompts)[dist_info.rank :: world]
+    local = evaluate_clips(model, inference_config(cfg), prompts, cfg.eval.batch_size, seed=cfg.seed)
+    per_rank = all_gather_objects(local)  # rank r holds prompts r, r + world, ...
+    results = [per_rank[i % world][i // world] for i in range(sum(map(len, per_rank)))]
+    color, motion, clips = count_correct(results)
+    scores = {"color_acc": color / max(1, clips), "motion_acc": motion / max(1, clips), "num_clips": clips}
+    return scores, results
 
 
 class Sampler:
@@ -122,17 +136,19 @@ class Sampler:
         return paths
 
     def finish(self, step: int) -> None:
-        """The final samples (a `samples` event), with `eval.synthetic` the `eval_synthetic` scores,
-        then every rank's peak memory (a `peak_memory` event)."""
+        """The final samples (a `samples` event), with `eval.synthetic` the `eval_synthetic` scores
+        and each clip's result (RUN_DIR/eval_synthetic/), then every rank's peak memory (a
+        `peak_memory` event)."""
         cfg = self.cfg
         paths = self.sample(step)
         if self.logger:
             self.logger.log_videos(step, paths, cfg.train.sample_prompts)
             self.logger.log_event("samples", step, {"paths": [str(p) for p in paths]})
         if self.synthetic_allowed:
-            scores = synthetic_scores(self.averaged.replica(everywhere=True), cfg, self.dist_info)
+            scores, results = synthetic_scores(self.averaged.replica(everywhere=True), cfg, self.dist_info)
             if self.logger:
                 self.logger.log_event("eval_synthetic", step, scores)
+                save_clip_results(results, Path(cfg.run_dir) / RESULTS_DIR)
         peaks = all_gather_objects(peak_memory_bytes(self.dist_info.device))
         if self.logger:
             kind = "cuda_allocated" if self.dist_info.device.type == "cuda" else "host_resident"
