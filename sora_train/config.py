@@ -124,6 +124,9 @@ class ModelConfig(Section):
     text_dim: int = 128
     text_depth: int = 2
     text_heads: int = 4
+    # Initial std of the learned text encoder's word embeddings (models/text.py: 1.0 keeps each word
+    # distinct from the start; the tiny preset uses it). Initialisation only: loading ignores it
+    text_embed_std: float = 0.02
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def check(self) -> None:
@@ -161,6 +164,8 @@ class ModelConfig(Section):
             raise ConfigError(
                 f"model.text_dim={self.text_dim} is not divisible by model.text_heads={self.text_heads}"
             )
+        if self.text_embed_std <= 0:
+            raise ConfigError(f"model.text_embed_std must be > 0, got {self.text_embed_std}")
         if self.latent_space == "wan" and not _holds_config_json(self.vae_path):
             raise ConfigError(
                 f"model.latent_space=wan needs model.vae_path= a local VAE directory, got {self.vae_path}"

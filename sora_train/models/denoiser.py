@@ -146,7 +146,12 @@ def build_denoiser(cfg: ModelConfig) -> VideoDenoiser:
     """A freshly initialised denoiser (seed torch's RNG first for a reproducible init)."""
     if cfg.text_encoder == "learned":
         text_encoder = TinyTextEncoder(
-            cfg.text_vocab_size, cfg.text_max_length, cfg.text_dim, cfg.text_depth, cfg.text_heads
+            cfg.text_vocab_size,
+            cfg.text_max_length,
+            cfg.text_dim,
+            cfg.text_depth,
+            cfg.text_heads,
+            embed_std=cfg.text_embed_std,
         )
     elif cfg.variant == "wan":  # the frozen encoder's width is model.text_dim (checked by ModelConfig)
         text_encoder = FrozenTextEmbeddings()
