@@ -16,12 +16,21 @@ import webdataset as wds
 from einops import rearrange
 from sora_train.data_prep import cli
 
-from sora_train.data.synthetic import FRAME_SIZES, generate_corpus, render_clip, shard_urls
+from sora_train.data.synthetic import (
+    CORPUS_VERSION,
+    FRAME_SIZES,
+    ensure_corpus,
+    generate_corpus,
+    render_clip,
+    shard_urls,
+)
 from sora_train.data.synthetic_captions import (
     COLORS,
     COMBINATIONS,
     DIRECTIONS,
+    HELD_OUT_COMBINATIONS,
     SHAPES,
+    TRAINING_COMBINATIONS,
     caption_for,
     parse_caption,
 )
@@ -153,13 +162,48 @@ def test_corpus_shards_and_manifest(corpus: tuple[Path, dict]) -> None:
     assert len(all_keys) == len(set(all_keys)) == NUM_TRAIN + NUM_VAL
 
 
-def test_val_covers_every_combination(corpus: tuple[Path, dict]) -> None:
-    root, _ = corpus
-    seen = set()
-    for url in shard_urls(root, "val"):
-        for members in read_shard(url).values():
-            seen.add(parse_caption(json.loads(members["json"])["caption"]))
-    assert seen == set(COMBINATIONS)
+def split_combinations(root: Path, split: str) -> list[tuple[str, str, str]]:
+    """(color, shape, direction) of every sample of `split`, read from the shards' captions."""
+    return [
+        parse_caption(json.loads(members["json"])["caption"])
+        for url in shard_urls(root, split)
+        for members in read_shard(url).values()
+    ]
+
+
+def test_held_out_combinations_are_new_triples_of_trained_pairs() -> None:
+    held_out, trained = set(HELD_OUT_COMBINATIONS), set(TRAINING_COMBINATIONS)
+    assert len(held_out) == 18 and len(trained) == 54 and held_out | trained == set(COMBINATIONS)
+    for first, second in ((0, 1), (0, 2), (1, 2)):  # colour-shape, colour-direction, shape-direction
+        pairs = {(c[first], c[second]) for c in trained}
+        assert all((c[first], c[second]) in pairs for c in held_out), "a held-out pair was never trained"
+    assert {c[2] for c in held_out} == set(DIRECTIONS)
+
+
+def test_val_shows_only_combinations_no_training_clip_shows(corpus: tuple[Path, dict]) -> None:
+    root, manifest = corpus
+    val, train = split_combinations(root, "val"), split_combinations(root, "train")
+    assert val == list(HELD_OUT_COMBINATIONS) * (NUM_VAL // len(HELD_OUT_COMBINATIONS))
+    assert set(train) <= set(TRAINING_COMBINATIONS)
+    assert manifest["version"] == CORPUS_VERSION
+    assert manifest["held_out_captions"] == [caption_for(*c) for c in HELD_OUT_COMBINATIONS]
+
+
+def test_ensure_corpus_rewrites_an_older_corpus_and_leaves_other_data_alone(tmp_path: Path) -> None:
+    old = tmp_path / "old"
+    generate_corpus(old, num_train=2, num_val=1, samples_per_shard=1, min_frames=2, max_frames=2)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["version"]  # as written before held-out combinations
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert ensure_corpus(old / "train")
+    rewritten = json.loads((old / "manifest.json").read_text())
+    assert rewritten["version"] == CORPUS_VERSION and rewritten["splits"]["train"]["num_samples"] == 2048
+    assert set(split_combinations(old, "val")) == set(HELD_OUT_COMBINATIONS)
+    assert not ensure_corpus(old / "train"), "a current corpus is left alone"
+    own = tmp_path / "own"
+    (own / "train").mkdir(parents=True)
+    (own / "manifest.json").write_text(json.dumps({"name": "mine", "splits": {}}))
+    assert not ensure_corpus(own / "train") and not any((own / "train").iterdir())
 
 
 def test_corpus_reads_back_through_webdataset(corpus: tuple[Path, dict]) -> None:

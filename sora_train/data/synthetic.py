@@ -4,7 +4,8 @@ Every clip shows a filled square, circle or triangle in one of six saturated col
 constant speed left, right, up or down, captioned "a red square moving left on a black background"
 (the grammar lives in `synthetic_captions`, shared with the evaluation). The whole trajectory stays
 inside the central min(H, W) square, so the object and its motion remain visible after the trainer
-resizes the short side and centre-crops.
+resizes the short side and centre-crops. The held-out split shows only the 18 combinations that no
+training clip shows, so its captions are prompts the model never saw.
 
 `generate_corpus` writes webdataset tar shards (`KEY.mp4` + `KEY.json` per sample) for a train and a
 held-out val split plus `manifest.json`; the same arguments always produce byte-identical files.
@@ -23,7 +24,14 @@ import numpy as np
 
 from ..video_io import encode_mp4
 from .shard_writer import remove_shard, write_shard
-from .synthetic_captions import COLORS, COMBINATIONS, DIRECTIONS, SHAPES, caption_for
+from .synthetic_captions import (
+    COLORS,
+    DIRECTIONS,
+    HELD_OUT_COMBINATIONS,
+    SHAPES,
+    TRAINING_COMBINATIONS,
+    caption_for,
+)
 
 # (height, width), all sides even; decord cannot decode widths 16, 24, 48 or 72, so none are used.
 FRAME_SIZES: tuple[tuple[int, int], ...] = (
@@ -37,6 +45,9 @@ FRAME_SIZES: tuple[tuple[int, int], ...] = (
     (80, 40),  # 1:2 portrait
 )
 MANIFEST_NAME = "manifest.json"
+# 2: the held-out split shows only combinations that no training clip shows (1: every combination
+# captioned clips of both splits). `ensure_corpus` rewrites a corpus of an older version.
+CORPUS_VERSION = 2
 _SPLIT_STREAMS = {"train": 0, "val": 1}
 _UNIT_STEP = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}  # (dy, dx)
 _OBJECT_SIZE = (0.35, 0.45)  # fraction of min(H, W)
@@ -113,9 +124,9 @@ def _make_sample(
     """One webdataset sample: the clip as mp4 bytes plus its JSON metadata."""
     rng = _sample_rng(seed, split, index)
     if split == "val":
-        color, shape, direction = COMBINATIONS[index % len(COMBINATIONS)]
+        color, shape, direction = HELD_OUT_COMBINATIONS[index % len(HELD_OUT_COMBINATIONS)]
     else:
-        color, shape, direction = COMBINATIONS[rng.integers(len(COMBINATIONS))]
+        color, shape, direction = TRAINING_COMBINATIONS[rng.integers(len(TRAINING_COMBINATIONS))]
     height, width = FRAME_SIZES[rng.integers(len(FRAME_SIZES))]
     num_frames = int(rng.integers(frame_range[0], frame_range[1] + 1))
     frames = render_clip(color, shape, direction, height, width, num_frames, rng)
@@ -187,9 +198,9 @@ def generate_corpus(
 ) -> dict:
     """Write train/val webdataset shards and `manifest.json` under `out`; returns the manifest.
 
-    Train samples draw (color, shape, direction), frame size and length uniformly at random; val
-    samples cycle through all 72 combinations (so num_val >= 72 covers every one) from a separate
-    random stream. Shards are written atomically and are byte-identical for identical arguments.
+    Train samples draw one of the 54 training combinations of (color, shape, direction), a frame size
+    and a length uniformly at random; val samples cycle through the 18 held-out combinations (so
+    num_val = 72 shows each four times) from a separate random stream. Shards are written atomically and are byte-identical for identical arguments.
     The manifest is written last and lists the shards, so shard_urls only ever sees complete ones.
     Shards are written by `workers` processes (default: one per core).
     """
@@ -204,6 +215,7 @@ def generate_corpus(
         }
     manifest = {
         "name": "synthetic",
+        "version": CORPUS_VERSION,
         "seed": seed,
         "fps": fps,
         "min_frames": min_frames,
@@ -214,6 +226,7 @@ def generate_corpus(
         "shapes": list(SHAPES),
         "directions": list(DIRECTIONS),
         "caption_template": caption_for("{color}", "{shape}", "{direction}"),
+        "held_out_captions": [caption_for(*combination) for combination in HELD_OUT_COMBINATIONS],
     }
     partial = out / (MANIFEST_NAME + ".partial")
     partial.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -224,16 +237,36 @@ def generate_corpus(
 CORPUS_WRITE_SECONDS = 600.0  # `ensure_corpus` writes 2,120 short clips: 7.4 s on 2 CPU cores
 
 
+def _outdated_corpus(root: Path) -> int | None:
+    """The version of the synthetic corpus at `root` when it is older than `CORPUS_VERSION`."""
+    try:
+        manifest = json.loads((root / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("name") != "synthetic":
+        return None
+    version = manifest.get("version", 1)
+    return version if isinstance(version, int) and version < CORPUS_VERSION else None
+
+
 def ensure_corpus(train_split: str | Path) -> bool:
     """Write the corpus (default arguments) into the parent of `train_split` when that split is
-    missing or half-written; returns whether it wrote. A complete corpus (its manifest is there) and
-    any existing directory without an interrupted write are left alone, even if empty (the loader
-    then refuses it), so a user's own path is never written into."""
+    missing or half-written, or when it holds a synthetic corpus of an older version; returns
+    whether it wrote. A current corpus and any other existing directory without an interrupted
+    write are left alone, even if empty (the loader then refuses it), so a user's own path is never
+    written into."""
     train_dir = Path(train_split)
     root = train_dir.parent
-    if (root / MANIFEST_NAME).exists() or (train_dir.exists() and not any(train_dir.glob("*.partial"))):
+    old_version = _outdated_corpus(root)
+    if old_version is not None:
+        print(
+            f"rewriting the synthetic corpus at {root}: it is version {old_version}, this is {CORPUS_VERSION}",
+            flush=True,
+        )
+    elif (root / MANIFEST_NAME).exists() or (train_dir.exists() and not any(train_dir.glob("*.partial"))):
         return False
-    print(f"writing the synthetic corpus to {root}", flush=True)
+    else:
+        print(f"writing the synthetic corpus to {root}", flush=True)
     generate_corpus(root)
     return True
 

@@ -1,8 +1,9 @@
 """The caption grammar of the synthetic corpus: "a red square moving left on a black background".
 
-The one place that names the colours, shapes and directions of the embedded moving-shapes corpus.
-The generator (`sora_train.data.synthetic`) writes captions with `caption_for`; the prompt-following
-evaluation (`sora_train.eval`) reads them back with `parse_caption`.
+The one place that names the colours, shapes and directions of the embedded moving-shapes corpus,
+and which of their combinations are held out of training. The generator (`sora_train.data.synthetic`)
+writes captions with `caption_for`; the prompt-following evaluation (`sora_train.eval`) reads them
+back with `parse_caption`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,19 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("square", "circle", "triangle")
 DIRECTIONS = ("left", "right", "up", "down")
 COMBINATIONS: tuple[tuple[str, str, str], ...] = tuple(itertools.product(COLORS, SHAPES, DIRECTIONS))
+
+
+def _held_out(color: str, shape: str, direction: str) -> bool:
+    """Colour i and shape j are held out moving in direction (i + j) mod 4: one direction per
+    (colour, shape) pair, a different one for each of a colour's shapes, so every colour and every
+    shape is still trained moving every way and only the triple is new."""
+    turn = (list(COLORS).index(color) + SHAPES.index(shape)) % len(DIRECTIONS)
+    return DIRECTIONS[turn] == direction
+
+
+# The captions of the held-out split: 18 combinations that no training clip shows.
+HELD_OUT_COMBINATIONS = tuple(c for c in COMBINATIONS if _held_out(*c))
+TRAINING_COMBINATIONS = tuple(c for c in COMBINATIONS if not _held_out(*c))
 
 _CAPTION_RE = re.compile(r"a (\w+) (\w+) moving (\w+) on a black background")
 

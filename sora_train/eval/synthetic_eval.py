@@ -29,15 +29,16 @@ from .synthetic_metrics import measure_clip
 
 
 def held_out_prompts(val_source: str | None, limit: int) -> list[str]:
-    """The first `limit` distinct captions of the validation shards."""
+    """The captions of the first `limit` held-out clips, in shard order: one generated clip per
+    held-out clip, so a caption shared by several held-out clips is asked for that many times (with
+    other noise). In the synthetic corpus these are combinations no training clip shows."""
     if val_source is None:
         raise ValueError("the synthetic evaluation needs held-out prompts: set data.val")
     prompts: list[str] = []
     for _, caption in read_captions(val_source):
-        if caption not in prompts:
-            prompts.append(caption)
         if len(prompts) == limit:
             break
+        prompts.append(caption)
     return prompts
 
 
