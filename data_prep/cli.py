@@ -60,7 +60,10 @@ def _add_synthetic(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="output directory (train/, val/, manifest.json)")
     parser.add_argument("--num-train", type=int, default=2048, help="train clips (default 2048)")
     parser.add_argument(
-        "--num-val", type=int, default=72, help="held-out val clips (default 72: every combination once)"
+        "--num-val",
+        type=int,
+        default=72,
+        help="held-out val clips, cycling through the 18 combinations kept out of training (default 72)",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--samples-per-shard", type=int, default=128, help="clips per tar (default 128)")

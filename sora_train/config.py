@@ -557,8 +557,8 @@ class EvalConfig(Section):
     val_every: int = 0  # also every this many steps (0: only at the end)
     val_batches: int = 0  # batches per rank per validation (0: the whole split)
     val_timesteps: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
-    synthetic: bool = False
-    num_prompts: int = 48
+    synthetic: bool = False  # generate a clip for each held-out clip's caption and score colour and motion
+    num_prompts: int = 48  # how many held-out clips' captions (a caption repeats with other noise)
     batch_size: int = 16
     # What evaluating the EMA weights may cost (sora_train/eval/affordable.py); 0: no limit. Below
     # ZeRO-3 validation, samples and eval.synthetic build a whole EMA model in the compute dtype

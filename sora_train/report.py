@@ -107,9 +107,9 @@ def verdict(measured: str | None, expected: str, ok: bool) -> str:
     return f'<span class="bad">{reading} ✗ (asked {escape(expected)})</span>'
 
 
-def clip_figure(result: ClipResult) -> str:
-    """One evaluated clip: its enlarged strip, prompt, and measured colour and motion."""
-    image = data_uri_img(strip_png(result.clip), f"generated clip: {result.prompt}")
+def clip_figure(number: int, result: ClipResult) -> str:
+    """Evaluated clip `number`: its enlarged strip, prompt, and measured colour and motion."""
+    image = data_uri_img(strip_png(result.clip), f"generated clip {number}: {result.prompt}")
     return (
         f'<figure class="eval-clip">{image}<figcaption>“{escape(result.prompt)}” — '
         f"colour: {verdict(result.color, result.expected_color, result.color_ok)}; "
@@ -122,11 +122,12 @@ def evaluation_section(results: list[ClipResult]) -> str:
     if not results:
         return ""
     colour, motion = sum(r.color_ok for r in results), sum(r.motion_ok for r in results)
-    clips = len(results)
+    clips, prompts = len(results), len({r.prompt for r in results})
     return (
         "<h2>Prompt following (eval.synthetic)</h2>"
-        f"<p>{clips} held-out prompts, one clip each: colour right for {colour}/{clips}, "
-        f"motion right for {motion}/{clips}.</p>" + "".join(clip_figure(r) for r in results)
+        f"<p>{clips} clips for {prompts} held-out prompts: colour right for {colour}/{clips}, "
+        f"motion right for {motion}/{clips}.</p>"
+        + "".join(clip_figure(n, r) for n, r in enumerate(results, 1))
     )
 
 

@@ -130,7 +130,8 @@ def test_the_report_shows_every_evaluated_clip_enlarged_with_what_was_measured(t
     figures = re.findall(r'<figure class="eval-clip">(.*?)</figure>', page)
     assert len(figures) == EVAL_PROMPTS
     images = embedded_images(page)
-    for figure, result in zip(figures, results, strict=True):
+    assert f"{EVAL_PROMPTS} clips for {len({r.prompt for r in results})} held-out prompts" in page
+    for number, (figure, result) in enumerate(zip(figures, results, strict=True), 1):
         caption = re.search(r"<figcaption>(.*)</figcaption>", figure).group(1)
         assert result.prompt in caption
         assert (
@@ -140,7 +141,7 @@ def test_the_report_shows_every_evaluated_clip_enlarged_with_what_was_measured(t
             f'motion: <span class="{"ok" if result.motion_ok else "bad"}">{result.motion or "none"}'
             in caption
         )
-        strip = np.asarray(images[f"generated clip: {result.prompt}"].convert("RGB"))
+        strip = np.asarray(images[f"generated clip {number}: {result.prompt}"].convert("RGB"))
         np.testing.assert_array_equal(strip, plots.frame_strip(result.clip, 6))  # 16×16 → 96×96, 4 frames
 
 

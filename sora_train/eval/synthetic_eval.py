@@ -134,7 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="an export (sora-export) or a checkpoint directory")
     parser.add_argument("--val", required=True, help="validation shards of the synthetic corpus")
-    parser.add_argument("--num-prompts", type=int, default=48)
+    parser.add_argument(
+        "--num-prompts",
+        type=int,
+        default=72,
+        help="how many held-out clips' captions to generate (default 72)",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
