@@ -260,9 +260,8 @@ class DataConfig(Section):
     name: DataSource = "synthetic"
     train: str = MISSING  # a shard directory (with manifest.json or *.tar), a .tar file, or a brace pattern
     val: str | None = None
-    generate_if_missing: bool = (
-        False  # synthetic corpus only: write it when `train` does not exist or is an older version
-    )
+    # synthetic corpus only: write it when `train` does not exist or holds an older version of it
+    generate_if_missing: bool = False
     num_frames: int = 8
     frame_stride: int = 2
     fps: float = 8.0  # source frame rate; clips play back at fps / frame_stride

@@ -198,10 +198,11 @@ def generate_corpus(
 ) -> dict:
     """Write train/val webdataset shards and `manifest.json` under `out`; returns the manifest.
 
-    Train samples draw one of the 54 training combinations of (color, shape, direction), a frame size
-    and a length uniformly at random; val samples cycle through the 18 held-out combinations (so
-    num_val = 72 shows each four times) from a separate random stream. Shards are written atomically and are byte-identical for identical arguments.
-    The manifest is written last and lists the shards, so shard_urls only ever sees complete ones.
+    Train samples draw one of the 54 training combinations of (color, shape, direction), a frame
+    size and a length uniformly at random; val samples cycle through the 18 held-out combinations
+    (so num_val = 72 shows each four times) from a separate random stream. Shards are written
+    atomically and are byte-identical for identical arguments. The manifest is written last and
+    lists the shards, so shard_urls only ever sees complete ones.
     Shards are written by `workers` processes (default: one per core).
     """
     _check_args(num_train, num_val, samples_per_shard, fps, min_frames, max_frames)
