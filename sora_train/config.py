@@ -160,6 +160,10 @@ class ModelConfig(Section):
                 f"model.single_stream_blocks={self.single_stream_blocks} must be in [0, model.depth] "
                 "and needs model.variant=mmdit"
             )
+        if min(self.text_depth, self.text_heads) < 1:
+            raise ConfigError(
+                f"model.text_depth and model.text_heads must be >= 1, got {self.text_depth} and {self.text_heads}"
+            )
         if self.text_dim % self.text_heads:
             raise ConfigError(
                 f"model.text_dim={self.text_dim} is not divisible by model.text_heads={self.text_heads}"

@@ -40,6 +40,8 @@ from sora_train.planning.cli import compose_config
     ("overrides", "message"),
     [
         (["model.variant=unet"], "model.variant must be cross_attention, mmdit or wan, got 'unet'"),
+        (["model.text_depth=0"], "model.text_depth and model.text_heads must be >= 1, got 0 and"),
+        (["model.text_heads=0"], "model.text_depth and model.text_heads must be >= 1, got 2 and 0"),
         (
             ["model.variant=mmdit", "model.shared_modulation=true"],
             "model.shared_modulation is for model.variant=cross",

@@ -45,9 +45,11 @@ class Checkpointer:
         marker, ask SLURM to requeue, and close the logger: the run then stops."""
         if not any_rank(self.watch.requested, self.dist_info.device):
             return False
-        signals = all_gather_objects(self.watch.signal)  # which ranks were told, for the record
         self.finish_saving()
         saved = self.store.final_dir(step) if self.last_saved == step else self.save(step)
+        # which ranks were told, for the record: asked once the save is done, so that a signal sent
+        # to every node at once but relayed a little later to some is not missed
+        signals = all_gather_objects(self.watch.signal)
         saved = saved if saved.is_dir() else None  # signalled before a fresh run's first step
         if self.logger:
             self.logger.log_event(
