@@ -199,6 +199,7 @@ def test_ensure_corpus_rewrites_an_older_corpus_and_leaves_other_data_alone(tmp_
     rewritten = json.loads((old / "manifest.json").read_text())
     assert rewritten["version"] == CORPUS_VERSION and rewritten["splits"]["train"]["num_samples"] == 2048
     assert set(split_combinations(old, "val")) == set(HELD_OUT_COMBINATIONS)
+    assert set(split_combinations(old, "train")) == set(TRAINING_COMBINATIONS)  # 2,048 clips, none held out
     assert not ensure_corpus(old / "train"), "a current corpus is left alone"
     own = tmp_path / "own"
     (own / "train").mkdir(parents=True)
