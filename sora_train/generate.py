@@ -14,6 +14,7 @@ clip re-noised there.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -86,14 +87,15 @@ def generate_videos(
     prompts: list[str],
     shape: tuple[int, int, int],
     diffusion: DiffusionConfig,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     first_frames: np.ndarray | None = None,
     last_frames: np.ndarray | None = None,
     reference: torch.Tensor | None = None,
 ) -> np.ndarray:
     """Sample one clip per prompt at (F, H, W) pixels: (B, F, H, W, 3) uint8 frames.
 
-    Noise comes from a generator seeded with `seed`, so the same seed gives the same clips.
+    Noise comes from a generator seeded with `seed`, so the same seed gives the same clips; with one
+    seed per prompt, each clip's noise comes from its own seed (see `initial_noise`).
     The unconditional branch of classifier-free guidance uses the empty caption.
     `first_frames` / `last_frames` ((P, H, W, 3) uint8) condition every clip on its start / end
     (see `conditioning_latents`); the model must have been built with frame_conditioning.
@@ -127,8 +129,7 @@ def generate_videos(
         return model(x, t, text, text_mask, frame_mask)  # t stays float32 (the models embed it so)
 
     latent_shape = (len(prompts), *latent_space.latent_shape(*shape))  # (B, C, f, h, w)
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(latent_shape, generator=generator).to(device=device, dtype=dtype)
+    noise = initial_noise(latent_shape, seed).to(device=device, dtype=dtype)
     reference = clean if reference is None else reference.to(device, dtype)  # clean: the given frames' clip
     latents = euler_sample(
         velocity, noise, diffusion.sample_steps, diffusion.cfg_scale, clean, frame_mask,
@@ -137,6 +138,17 @@ def generate_videos(
     pixels = latent_space.decode(latents.float())  # (B, 3, F, H, W) in [-1, 1]
     video = ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     return rearrange(video, "b c f h w -> b f h w c").cpu().numpy()
+
+
+def initial_noise(shape: tuple[int, ...], seed: int | Sequence[int]) -> torch.Tensor:
+    """Standard normal float32 noise of `shape` ((B, ...)): from one generator seeded with `seed`, or,
+    given B seeds, item i from a generator of its own seeded with `seed[i]`, so that it does not
+    depend on the batch it is drawn in (item i equals a batch of one drawn with `seed[i]`)."""
+    if isinstance(seed, int):
+        return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    if len(seed) != shape[0]:
+        raise ValueError(f"{len(seed)} seeds for a batch of {shape[0]}")
+    return torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(s)) for s in seed])
 
 
 def prompt_slug(prompt: str, limit: int = 60) -> str:

@@ -13,7 +13,7 @@ from sora_train.diffusion.flow import interpolate, velocity_target
 from sora_train.diffusion.sampler import euler_sample, sample_times
 from sora_train.diffusion.timesteps import TimestepRange, timestep_range, training_timesteps
 from sora_train.eval.validation import loss_sums, validation_timesteps
-from sora_train.generate import generate_videos
+from sora_train.generate import generate_videos, initial_noise
 from sora_train.models.denoiser import build_denoiser
 from sora_train.models.prompts import PromptEncoder
 from sora_train.planning.cli import compose_config
@@ -357,6 +357,17 @@ def tiny_model():
         for param in model.parameters():
             param.normal_(0.0, 0.1)
     return model, cfg
+
+
+def test_with_a_seed_per_prompt_a_clip_does_not_depend_on_its_batch():
+    model, cfg = tiny_model()
+    sampling = DiffusionConfig(sample_steps=3, cfg_scale=2.0)
+    batch = generate_videos(model, cfg, ["a", "b", "c"], (5, 16, 16), sampling, seed=[7, 8, 9])
+    alone = generate_videos(model, cfg, ["b"], (5, 16, 16), sampling, seed=8)  # a batch of one
+    np.testing.assert_array_equal(batch[1], alone[0])
+    assert not np.array_equal(batch[1], generate_videos(model, cfg, ["a", "b"], (5, 16, 16), sampling, 8)[1])
+    with pytest.raises(ValueError, match="2 seeds for a batch of 3"):
+        initial_noise((3, 4), [1, 2])
 
 
 @pytest.mark.parametrize("expert", ["none", "high_noise", "low_noise"])

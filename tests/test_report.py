@@ -19,13 +19,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from sora_train import plots
-from sora_train.eval.synthetic_eval import RESULTS_DIR, held_out_prompts, load_clip_results
+from sora_train.eval.synthetic_eval import RESULTS_DIR, evaluate_clips, held_out_prompts, load_clip_results
 from sora_train.eval.synthetic_metrics import measure_clip
+from sora_train.export import resolve_checkpoint
 from sora_train.loop.reporting import LiveProgress
 from sora_train.metrics import read_metrics
+from sora_train.pretrained import load_model
 from sora_train.report import REPORT_FILE, report_run
 from sora_train.sweep import main as sweep_main
 
@@ -143,6 +146,22 @@ def test_the_report_shows_every_evaluated_clip_enlarged_with_what_was_measured(t
         )
         strip = np.asarray(images[f"generated clip {number}: {result.prompt}"].convert("RGB"))
         np.testing.assert_array_equal(strip, plots.frame_strip(result.clip, 6))  # 16×16 → 96×96, 4 frames
+
+
+@pytest.mark.distributed
+def test_each_evaluated_clip_is_the_one_a_single_process_makes_from_the_same_weights(terminal_run, corpus):
+    """Prompt i's noise is seed + i on any layout: the run's evaluation (2 ranks, batches of 2) gives
+    the clips of one process evaluating the final checkpoint's EMA weights in a single batch."""
+    run_dir, _ = terminal_run
+    model, config = load_model(resolve_checkpoint(run_dir))
+    seed = json.loads((run_dir / "run_info.json").read_text())["config"]["seed"]
+    prompts = held_out_prompts(str(corpus / "val"), EVAL_PROMPTS)
+    with torch.inference_mode():
+        alone = evaluate_clips(model, config, prompts, EVAL_PROMPTS, range(seed, seed + EVAL_PROMPTS))
+    in_run = load_clip_results(run_dir / RESULTS_DIR)
+    assert [r.prompt for r in in_run] == prompts
+    for single, distributed in zip(alone, in_run, strict=True):
+        np.testing.assert_array_equal(single.clip, distributed.clip)
 
 
 @pytest.mark.distributed

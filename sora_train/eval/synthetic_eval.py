@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,15 +67,20 @@ class ClipResult:
 
 
 def evaluate_clips(
-    model: VideoDenoiser, config: InferenceConfig, prompts: list[str], batch_size: int, seed: int = 0
+    model: VideoDenoiser, config: InferenceConfig, prompts: list[str], batch_size: int, seeds: Sequence[int]
 ) -> list[ClipResult]:
-    """Generate one clip per prompt, `batch_size` at a time (each batch's noise seeded by `seed` plus
-    the index of its first prompt), and measure each clip."""
+    """Generate one clip per prompt, `batch_size` at a time, prompt i's noise seeded by `seeds[i]`
+    (so a clip does not depend on the batch or the rank it is generated in), and measure each clip."""
     results = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         clips = generate_videos(
-            model, config.model, chunk, config.clip_shape, config.diffusion, seed=seed + start
+            model,
+            config.model,
+            chunk,
+            config.clip_shape,
+            config.diffusion,
+            seed=seeds[start : start + batch_size],
         )
         for clip, prompt in zip(clips, chunk, strict=True):
             color, _, direction = parse_caption(prompt)
@@ -85,13 +91,6 @@ def evaluate_clips(
 def count_correct(results: list[ClipResult]) -> tuple[int, int, int]:
     """(colour correct, motion correct, clips) over `results`."""
     return sum(r.color_ok for r in results), sum(r.motion_ok for r in results), len(results)
-
-
-def evaluate_prompts(
-    model: VideoDenoiser, config: InferenceConfig, prompts: list[str], batch_size: int, seed: int = 0
-) -> tuple[int, int, int]:
-    """Generate one clip per prompt; returns (colour correct, motion correct, clips)."""
-    return count_correct(evaluate_clips(model, config, prompts, batch_size, seed))
 
 
 RESULTS_DIR = "eval_synthetic"  # in a run dir
@@ -150,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     with torch.inference_mode():
-        color, motion, clips = evaluate_prompts(model, config, prompts, args.batch_size, args.seed)
+        seeds = range(args.seed, args.seed + len(prompts))
+        color, motion, clips = count_correct(evaluate_clips(model, config, prompts, args.batch_size, seeds))
     print(json.dumps({"color_acc": color / clips, "motion_acc": motion / clips, "num_clips": clips}))
     return 0
 

@@ -81,8 +81,15 @@ def synthetic_scores(
     """Prompt-following accuracy on held-out prompts, split over the ranks (collective), and every
     clip's result in prompt order (the clips are gathered from all ranks: small synthetic clips)."""
     world = dist_info.world_size
-    prompts = held_out_prompts(cfg.data.val, cfg.eval.num_prompts)[dist_info.rank :: world]
-    local = evaluate_clips(model, inference_config(cfg), prompts, cfg.eval.batch_size, seed=cfg.seed)
+    prompts = held_out_prompts(cfg.data.val, cfg.eval.num_prompts)
+    mine = range(dist_info.rank, len(prompts), world)  # prompt i's noise: seed + i, on any layout
+    local = evaluate_clips(
+        model,
+        inference_config(cfg),
+        [prompts[i] for i in mine],
+        cfg.eval.batch_size,
+        [cfg.seed + i for i in mine],
+    )
     per_rank = all_gather_objects(local)  # rank r holds prompts r, r + world, ...
     results = [per_rank[i % world][i // world] for i in range(sum(map(len, per_rank)))]
     color, motion, clips = count_correct(results)
