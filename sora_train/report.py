@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import sys
 from dataclasses import dataclass
 from html import escape
@@ -27,7 +26,7 @@ import numpy as np
 from .eval.synthetic_eval import RESULTS_DIR, ClipResult, load_clip_results
 from .metrics import read_metrics
 from .plots import loss_png, strip_png, throughput_png
-from .run_info import RUN_INFO
+from .run_info import read_run_info
 
 REPORT_FILE = "report.html"
 MAX_SAMPLE_STEPS = 12  # sample steps shown at most, evenly spaced (first and last included)
@@ -57,14 +56,16 @@ def data_uri_img(png: bytes, alt: str, title: str | None = None) -> str:
     return f'<img src="data:image/png;base64,{encoded}" alt="{escape(alt)}"{title_attr}>'
 
 
-def summary_section(run_dir: Path, rows: list[dict]) -> str:
-    """The run's name, commit, steps, final losses and evaluation scores, as a small table."""
-    info_path = run_dir / RUN_INFO
-    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+def validation_rows(rows: list[dict]) -> list[dict]:
+    """The `validation` events of metrics rows that carry a loss."""
+    return [row for row in rows if row.get("event") == "validation" and row.get("val_loss") is not None]
+
+
+def summary_section(run_dir: Path, info: dict, rows: list[dict]) -> str:
+    """The run's name, commit (from its run info), steps, final losses and evaluation scores, as a
+    small table."""
     steps = [row for row in rows if "loss" in row]
-    validations = [
-        row for row in rows if row.get("event") == "validation" and row.get("val_loss") is not None
-    ]
+    validations = validation_rows(rows)
     scores = [row for row in rows if row.get("event") == "eval_synthetic"]
     items = [("run dir", str(run_dir)), ("git SHA", info.get("git_sha", "unknown"))]
     if steps:
@@ -84,9 +85,7 @@ def curves_section(rows: list[dict]) -> str:
     steps = [row for row in rows if "loss" in row and "samples_per_s" in row]
     if not steps:
         return "<h2>Training</h2><p class='muted'>No training steps in metrics.jsonl.</p>"
-    validations = [
-        row for row in rows if row.get("event") == "validation" and row.get("val_loss") is not None
-    ]
+    validations = validation_rows(rows)
     loss = loss_png(
         [row["step"] for row in steps], [row["loss"] for row in steps],
         [row["step"] for row in validations], [row["val_loss"] for row in validations],
@@ -131,11 +130,9 @@ def evaluation_section(results: list[ClipResult]) -> str:
     )
 
 
-def find_samples(run_dir: Path) -> list[Sample]:
-    """The sample mp4s of the run, by step then prompt index; prompts from the run's config."""
-    info_path = run_dir / RUN_INFO
-    config = json.loads(info_path.read_text()).get("config", {}) if info_path.exists() else {}
-    prompts = config.get("train", {}).get("sample_prompts", [])
+def find_samples(run_dir: Path, prompts: list[str]) -> list[Sample]:
+    """The sample mp4s of the run, by step then prompt index; `prompts`: the run's sample prompts
+    (a file whose index has none is named by its file name)."""
     samples = []
     for step_dir in sorted((run_dir / "samples").glob("step_*")):
         if not step_dir.name.removeprefix("step_").isdigit():
@@ -161,9 +158,9 @@ def sample_figure(sample: Sample) -> str:
     return f'<figure class="sample">{image}<figcaption>{caption}</figcaption></figure>'
 
 
-def samples_section(run_dir: Path) -> str:
+def samples_section(run_dir: Path, prompts: list[str]) -> str:
     """The samples of up to MAX_SAMPLE_STEPS steps (evenly spaced); empty when there are none."""
-    samples = find_samples(run_dir)
+    samples = find_samples(run_dir, prompts)
     steps = sorted({sample.step for sample in samples})
     if not steps:
         return ""
@@ -177,13 +174,14 @@ def samples_section(run_dir: Path) -> str:
 def build_report(run_dir: str | Path) -> str:
     """The HTML of `run_dir`'s report."""
     run_dir = Path(run_dir).resolve()
-    rows = read_metrics(run_dir)
+    rows, info = read_metrics(run_dir), read_run_info(run_dir)
+    sample_prompts = info.get("config", {}).get("train", {}).get("sample_prompts", [])
     body = (
         f"<h1>Run {escape(run_dir.name)}</h1>"
-        + summary_section(run_dir, rows)
+        + summary_section(run_dir, info, rows)
         + curves_section(rows)
         + evaluation_section(load_clip_results(run_dir / RESULTS_DIR))
-        + samples_section(run_dir)
+        + samples_section(run_dir, sample_prompts)
     )
     title = f"sora_train report: {escape(run_dir.name)}"
     return (

@@ -101,3 +101,9 @@ def write_run_info(cfg: TrainConfig, world_size: int) -> None:
         "config": asdict(cfg),
     }
     (run_dir / RUN_INFO).write_text(json.dumps(info, indent=2, default=str) + "\n")
+
+
+def read_run_info(run_dir: str | Path) -> dict:
+    """RUN_DIR/run_info.json as `write_run_info` wrote it ({} when the run dir has none)."""
+    path = Path(run_dir) / RUN_INFO
+    return json.loads(path.read_text()) if path.exists() else {}

@@ -7,7 +7,6 @@ validation loss and throughput, as a Markdown table (sweep.md) and a plot (sweep
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 from .metrics import final_validation_loss, read_metrics
 from .plots import sweep_png
-from .run_info import RUN_INFO
+from .run_info import RUN_INFO, read_run_info
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -26,7 +25,7 @@ def find_runs(root: Path) -> list[Path]:
 
 def summarize(run: Path) -> dict:
     """What a run was told (its overrides as a dict) and what it measured."""
-    overrides = json.loads((run / RUN_INFO).read_text()).get("overrides", [])
+    overrides = read_run_info(run).get("overrides", [])
     rows = read_metrics(run)
     steps = [row for row in rows if "loss" in row]
     return {
