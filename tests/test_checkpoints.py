@@ -218,7 +218,7 @@ def test_a_preemption_signal_during_start_up_exits_75_with_nothing_new(single_ru
         shutil.copytree(single_run, run_dir)
     before = sorted(p.name for p in (run_dir / "checkpoints").glob("*"))  # none for a fresh run
     result = run_script(
-        SCRIPTS / "faulty_train.py", "signal_at_start", "0", *single_args(corpus), "train.max_steps=6",
+        SCRIPTS / "faulty_train.py", "signal_at", "start", "0", "0", *single_args(corpus), "train.max_steps=6",
         f"run_dir={run_dir}",
     )  # fmt: skip
     assert result.returncode == EXIT_PREEMPTED, result.stderr[-2000:]

@@ -4,8 +4,6 @@ python faulty_train.py nan RANK STEPS [overrides]    RANK's loss is NaN at STEPS
 python faulty_train.py crash_in_save STEP [overrides] SIGKILL this process halfway through the save
                                                      at STEP: every file written, none checksummed
 python faulty_train.py desync RANK STEP [overrides]  change one weight on RANK after the update of STEP
-python faulty_train.py signal_at_start RANK [overrides]  SIGUSR1 to RANK while it picks the checkpoint
-                                                     to resume from (start-up, before the model exists)
 python faulty_train.py lagging_listing [overrides]   each rank's listing of a staging directory misses
                                                      the files the other ranks wrote (a network
                                                      filesystem's attribute cache)
@@ -263,7 +261,6 @@ FAULTS: dict[str, tuple[Callable[..., None], int]] = {  # name: (install it from
     "nan": (lambda rank, steps: inject_nan(int(rank), {int(s) for s in steps.split(",")}), 2),
     "crash_in_save": (lambda step: crash_in_save(int(step)), 1),
     "desync": (lambda rank, step: desync(int(rank), int(step)), 2),
-    "signal_at_start": (lambda rank: signal_at("start", int(rank), 0), 1),
     "lagging_listing": (lagging_listing, 0),
     "kill_at": (lambda point, rank, step: kill_at(point, int(rank), int(step)), 3),
     "signal_at": (lambda phase, rank, step: signal_at(phase, int(rank), int(step)), 3),
